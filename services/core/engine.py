@@ -1,0 +1,328 @@
+"""The sans-IO dataplane: SAD keyed by (SPI, destination, protocol) (RFC 4301 §4.4.2), SPD
+decisions on outbound traffic (§5.1), inbound processing of nested AH/ESP (§5.2), ESP-in-UDP
+demultiplexing and NAT keepalives (RFC 3948 §2.2, §2.3), ACQUIRE and lifetime events.
+
+A worker feeds datagrams and ``now`` in and sends what comes back; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass
+from enum import Enum
+
+from services.core.ah import AhSa
+from services.core.esp import EspSa
+from services.core.events import Acquire, Drop, DropReason, Event
+from services.core.iana import IpProto
+from services.core.packet import MalformedPacket, build_ipv4, build_ipv6, flow_key, parse_ip
+from services.core.sa import ConfigError, Direction, Lifetime, SaConfig
+from services.core.spd import Action, Spd, SpdEntry
+
+SaKey = tuple[int, bytes, int]  # (spi, outer destination, protocol)
+AnySa = EspSa | AhSa
+
+NAT_KEEPALIVE = b"\xff"  # RFC 3948 §2.3
+NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2
+ACQUIRE_INTERVAL = 1.0  # at most one ACQUIRE per policy per interval
+MAX_NESTING = 3
+
+
+class UdpKind(Enum):
+    ESP = "esp"
+    IKE = "ike"
+    KEEPALIVE = "keepalive"
+    INVALID = "invalid"
+
+
+def classify_udp_encap(payload: bytes | memoryview) -> UdpKind:
+    """Demultiplex a datagram received on UDP 4500 (RFC 3948 §2.2, §2.3)."""
+    n = len(payload)
+    if n == 1 and payload[0] == 0xFF:
+        return UdpKind.KEEPALIVE
+    if n >= 4 and payload[:4] == NON_ESP_MARKER:
+        return UdpKind.IKE
+    if n >= 8:
+        return UdpKind.ESP
+    return UdpKind.INVALID
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """A datagram to put on the wire. When ``udp_offset`` is non-zero the packet is ESP-in-UDP
+    and ``packet[udp_offset:]`` is the UDP payload (for a worker that sends through its UDP 4500
+    socket); ``dport`` is then the peer's port."""
+
+    packet: bytes
+    udp_offset: int = 0
+    dport: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SaStatus:
+    """What list/status APIs may show about an SA: never keys."""
+
+    spi: int
+    protocol: int
+    direction: Direction
+    mode: str
+    src: bytes
+    dst: bytes
+    reqid: int
+    encr: str
+    integ: int
+    esn: bool
+    encap: bool
+    replay_window: int
+    packets: int
+    bytes: int
+    replay_drops: int
+    auth_drops: int
+    other_drops: int
+    next_seq: int
+    lease_end: int
+    replay_top: int
+    soft_expired: bool
+    hard_expired: bool
+    age: float
+
+
+class Dataplane:
+    """SAD + SPD + counters + events for one worker."""
+
+    def __init__(self) -> None:
+        self.spd = Spd()
+        self.inbound_sas: dict[SaKey, AnySa] = {}
+        self.outbound_sas: dict[int, dict[int, list[AnySa]]] = {}  # reqid -> proto -> SAs
+        self.events: deque[Event] = deque(maxlen=10000)
+        self.drops: Counter[DropReason] = Counter()
+        self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
+        self.bypass_packets = 0
+        self.keepalives = 0
+        self._acquire_at: dict[int, float] = {}
+
+    # --- events -------------------------------------------------------------------------------
+
+    def emit(self, event: Event) -> None:
+        self.events.append(event)
+
+    def next_event(self) -> Event | None:
+        return self.events.popleft() if self.events else None
+
+    # --- SAD management -----------------------------------------------------------------------
+
+    def install_sa(self, cfg: SaConfig, now: float) -> AnySa:
+        """Add an SA; raises ConfigError (no key material in the message) if invalid."""
+        sa: AnySa = (
+            EspSa(cfg, now, self.emit) if cfg.protocol == IpProto.ESP else AhSa(cfg, now, self.emit)
+        )
+        if cfg.direction == Direction.INBOUND:
+            key = (cfg.spi, cfg.dst, cfg.protocol)
+            if key in self.inbound_sas:
+                raise ConfigError("an inbound SA with this SPI, destination and protocol exists")
+            self.inbound_sas[key] = sa
+        else:
+            by_proto = self.outbound_sas.setdefault(cfg.reqid, {})
+            lst = by_proto.setdefault(cfg.protocol, [])
+            if any(s.spi == cfg.spi and s.cfg.dst == cfg.dst for s in lst):
+                raise ConfigError("an outbound SA with this SPI and destination exists")
+            lst.append(sa)  # newest last: make-before-break, the newest carries traffic
+            self._acquire_at.pop(cfg.reqid, None)
+        return sa
+
+    def find_sa(self, spi: int, dst: bytes, protocol: int, direction: Direction) -> AnySa | None:
+        if direction == Direction.INBOUND:
+            return self.inbound_sas.get((spi, dst, protocol))
+        for by_proto in self.outbound_sas.values():
+            for s in by_proto.get(protocol, ()):
+                if s.spi == spi and s.cfg.dst == dst:
+                    return s
+        return None
+
+    def update_sa(
+        self, spi: int, dst: bytes, protocol: int, direction: Direction, *,
+        lease_end: int | None = None, lifetime: Lifetime | None = None,
+    ) -> AnySa | None:
+        sa = self.find_sa(spi, dst, protocol, direction)
+        if sa is None:
+            return None
+        if lease_end is not None:
+            sa.extend_lease(lease_end)
+        if lifetime is not None:
+            new_cfg = _replace_lifetime(sa.cfg, lifetime)
+            new_cfg.validate()
+            sa.cfg = new_cfg
+            lt = lifetime
+            sa._soft_bytes = lt.soft_bytes or 1 << 64
+            sa._hard_bytes = lt.hard_bytes or 1 << 64
+            sa._soft_packets = lt.soft_packets or 1 << 64
+            sa._hard_packets = lt.hard_packets or 1 << 64
+        return sa
+
+    def delete_sa(self, spi: int, dst: bytes, protocol: int, direction: Direction) -> bool:
+        if direction == Direction.INBOUND:
+            return self.inbound_sas.pop((spi, dst, protocol), None) is not None
+        for by_proto in self.outbound_sas.values():
+            lst = by_proto.get(protocol, [])
+            for i, s in enumerate(lst):
+                if s.spi == spi and s.cfg.dst == dst:
+                    del lst[i]
+                    return True
+        return False
+
+    def all_sas(self) -> list[AnySa]:
+        out: list[AnySa] = list(self.inbound_sas.values())
+        for by_proto in self.outbound_sas.values():
+            for lst in by_proto.values():
+                out.extend(lst)
+        return out
+
+    def replace_spd(self, entries: list[SpdEntry], revision: int) -> None:
+        self.spd.replace(entries, revision)
+        self._acquire_at.clear()
+
+    def tick(self, now: float) -> None:
+        """Time-based lifetimes; call about once a second."""
+        for sa in self.all_sas():
+            sa.tick(now)
+
+    def status(self, sa: AnySa, now: float) -> SaStatus:
+        c = sa.cfg
+        return SaStatus(
+            spi=c.spi, protocol=c.protocol, direction=c.direction, mode=c.mode.name.lower(),
+            src=c.src, dst=c.dst, reqid=c.reqid,
+            encr=sa.alg.name if isinstance(sa, EspSa) else "", integ=c.integ_id, esn=c.esn,
+            encap=c.encap is not None, replay_window=c.replay_window, packets=sa.packets,
+            bytes=sa.bytes, replay_drops=sa.replay_drops, auth_drops=sa.auth_drops,
+            other_drops=sa.other_drops, next_seq=sa.next_seq, lease_end=sa.lease_end,
+            replay_top=sa.replay.top, soft_expired=sa.soft_fired, hard_expired=sa.dead,
+            age=now - sa.created,
+        )
+
+    # --- outbound: clear traffic from the TUN device ------------------------------------------
+
+    def outbound(self, pkt: bytes, now: float) -> Outbound | None:
+        """Apply the SPD to one clear datagram; return what to send, or None (counted drop)."""
+        try:
+            key = flow_key(pkt)
+        except MalformedPacket:
+            self.drops[DropReason.MALFORMED] += 1
+            return None
+        entry = self.spd.lookup(key)
+        if entry is None:
+            self.drops[DropReason.NO_POLICY] += 1
+            return None
+        if entry.action == Action.BYPASS:
+            self.bypass_packets += 1
+            return Outbound(pkt)
+        if entry.action == Action.DISCARD:
+            self.drops[DropReason.POLICY_DISCARD] += 1
+            return None
+        by_proto = self.outbound_sas.get(entry.reqid)
+        chain: list[AnySa] = []
+        if by_proto:
+            for proto in entry.protocols:
+                lst = by_proto.get(proto)
+                if not lst:
+                    chain = []
+                    break
+                chain.append(lst[-1])
+        if not chain:
+            self._acquire(entry, key, now)
+            self.drops[DropReason.NO_OUTBOUND_SA] += 1
+            return None
+        try:
+            out = pkt
+            for sa in chain:
+                out = sa.protect(out, now)
+        except Drop as d:
+            self.drops[d.reason] += 1
+            return None
+        self.tx_packets += 1
+        self.tx_bytes += len(out)
+        enc = chain[0].cfg.encap if len(chain) == 1 else None
+        if enc is not None:
+            hl = (out[0] & 0x0F) * 4 if out[0] >> 4 == 4 else _v6_l4(out)
+            return Outbound(out, hl + 8, enc.dport)
+        return Outbound(out)
+
+    def _acquire(self, entry: SpdEntry, key: tuple[int, bytes, bytes, int, int, int],
+                 now: float) -> None:
+        last = self._acquire_at.get(entry.policy_id)
+        if last is not None and now - last < ACQUIRE_INTERVAL:
+            return
+        self._acquire_at[entry.policy_id] = now
+        _, src, dst, proto, sport, dport = key
+        self.emit(Acquire(entry.policy_id, entry.reqid, src, dst, proto, sport, dport))
+
+    # --- inbound: ESP / AH from the wire ------------------------------------------------------
+
+    def inbound(self, pkt: bytes, now: float) -> bytes | None:
+        """Process one received ESP or AH datagram (full IP packet); return the clear datagram
+        to deliver, or None (the drop is counted)."""
+        self.rx_packets += 1
+        self.rx_bytes += len(pkt)
+        try:
+            for _ in range(MAX_NESTING):
+                info = parse_ip(pkt)
+                off = info.l4_offset
+                proto = info.proto
+                if proto == IpProto.UDP:
+                    # ESP-in-UDP: skip the UDP header (the worker checked the port)
+                    off += 8
+                    proto = IpProto.ESP
+                elif proto not in (IpProto.ESP, IpProto.AH):
+                    return pkt
+                if off + 8 > info.length:
+                    raise Drop(DropReason.MALFORMED)
+                spi_at = off if proto == IpProto.ESP else off + 4
+                spi = int.from_bytes(pkt[spi_at : spi_at + 4], "big")
+                sa = self.inbound_sas.get((spi, info.dst, proto))
+                if sa is None:
+                    raise Drop(DropReason.NO_SA)
+                pkt = sa.unprotect(pkt, info, off, now)
+                if sa.cfg.mode.name == "TUNNEL":
+                    return pkt
+            raise Drop(DropReason.UNSUPPORTED)
+        except MalformedPacket:
+            self.drops[DropReason.MALFORMED] += 1
+        except Drop as d:
+            self.drops[d.reason] += 1
+        return None
+
+    def inbound_udp(
+        self, src: bytes, dst: bytes, sport: int, dport: int, payload: bytes, now: float
+    ) -> tuple[UdpKind, bytes | None]:
+        """A datagram from the UDP 4500 socket. Returns (ESP, clear datagram or None),
+        (IKE, IKE message without the non-ESP marker), (KEEPALIVE, None) or (INVALID, None)."""
+        kind = classify_udp_encap(payload)
+        if kind is UdpKind.KEEPALIVE:
+            self.keepalives += 1
+            return kind, None
+        if kind is UdpKind.IKE:
+            return kind, payload[4:]
+        if kind is UdpKind.INVALID:
+            self.drops[DropReason.MALFORMED] += 1
+            return kind, None
+        udp = (sport.to_bytes(2, "big") + dport.to_bytes(2, "big")
+               + (8 + len(payload)).to_bytes(2, "big") + b"\x00\x00")
+        n = 8 + len(payload)
+        try:
+            if len(src) == 4:
+                hdr = build_ipv4(src, dst, IpProto.UDP, n)
+            else:
+                hdr = build_ipv6(src, dst, IpProto.UDP, n)
+        except MalformedPacket:
+            self.drops[DropReason.MALFORMED] += 1
+            return UdpKind.INVALID, None
+        return kind, self.inbound(hdr + udp + payload, now)
+
+
+def _v6_l4(pkt: bytes) -> int:
+    return parse_ip(pkt).l4_offset
+
+
+def _replace_lifetime(cfg: SaConfig, lifetime: Lifetime) -> SaConfig:
+    from dataclasses import replace
+
+    return replace(cfg, lifetime=lifetime)

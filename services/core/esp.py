@@ -1,0 +1,283 @@
+"""ESP packet processing: RFC 4303 §2 (format, padding §2.4, TFC §2.7), §3.1 (transport and
+tunnel placement, IPv6 extension headers §3.1.1), §3.3 (outbound), §3.4 (inbound, replay
+§3.4.3), §2.2.1 (64-bit ESN); combined-mode AAD per RFC 4106 §5 / RFC 7634 §3 / RFC 4543 §3;
+UDP encapsulation per RFC 3948 §2.1."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import replace
+
+from services.core.algorithms import (
+    AlgorithmError,
+    AuthenticationFailed,
+    encr_algorithm,
+    make_aead,
+    make_block_cipher,
+    make_mac,
+)
+from services.core.events import Drop, DropReason
+from services.core.iana import IpProto
+from services.core.packet import (
+    IpInfo,
+    MalformedPacket,
+    build_ipv6,
+    checksum,
+    fold,
+    ones_sum,
+    parse_ip,
+)
+from services.core.replay import ReplayError
+from services.core.sa import ConfigError, Direction, Emit, Mode, SaBase, SaConfig
+
+_II = struct.Struct("!II")
+_III = struct.Struct("!III")
+_UDP = struct.Struct("!HHHH")
+_PAD = bytes(range(1, 256))  # RFC 4303 §2.4 default padding contents 1, 2, 3, ...
+_M32 = 0xFFFFFFFF
+
+IvSource = Callable[[int], bytes]  # seq -> explicit IV; for published-vector tests
+
+
+class EspSa(SaBase):
+    """One ESP SA, inbound or outbound. Cipher contexts are keyed once, here."""
+
+    def __init__(
+        self, cfg: SaConfig, now: float, emit: Emit, *, iv_source: IvSource | None = None
+    ) -> None:
+        super().__init__(cfg, now, emit)
+        try:
+            alg = encr_algorithm(cfg.encr_id, allow_legacy=cfg.allow_legacy)
+        except AlgorithmError as e:
+            raise ConfigError(str(e)) from None
+        self.alg = alg
+        self.iv_len = alg.iv_len
+        self.align = max(alg.block_size, 4)
+        self._iv_source = iv_source
+        self._aead = None
+        self._cbc = None
+        self._mac = None
+        try:
+            if alg.aead:
+                if cfg.integ_id:
+                    raise ConfigError(f"{alg.name} is combined-mode: no integrity transform")
+                self._aead = make_aead(alg, cfg.encr_key)
+                self.icv_len = 16
+            else:
+                if alg.encrypts:
+                    self._cbc = make_block_cipher(alg, cfg.encr_key)
+                elif cfg.encr_key:
+                    raise ConfigError("NULL encryption takes no key")
+                if cfg.integ_id:
+                    self._mac = make_mac(cfg.integ_id, cfg.integ_key, allow_legacy=cfg.allow_legacy)
+                    self.icv_len = self._mac.icv_len
+                elif not alg.encrypts:
+                    raise ConfigError("ESP NULL needs an integrity algorithm (RFC 4303 §3.2)")
+                elif not cfg.allow_legacy:
+                    raise ConfigError("encryption without integrity is legacy and not enabled")
+                else:
+                    self.icv_len = 0
+        except AlgorithmError as e:
+            raise ConfigError(str(e)) from None
+        # smallest valid ESP: header, IV, one aligned block holding pad length + next header, ICV
+        self.min_len = 8 + self.iv_len + self.align + self.icv_len
+        self._spi_bytes = cfg.spi.to_bytes(4, "big")
+        self._v6 = len(cfg.src) == 16
+        self._out_proto = IpProto.UDP if cfg.encap else IpProto.ESP
+        self._ident = 0
+        if cfg.direction == Direction.OUTBOUND and cfg.mode == Mode.TUNNEL and not self._v6:
+            # IPv4 header template; the checksum is patched per packet from a precomputed sum
+            self._v4_head = bytes([0x45, 0])
+            self._v4_tail = bytes([cfg.ttl, self._out_proto])
+            self._v4_sum = ones_sum(bytes([0x45, 0, 0, 0, 0, 0, cfg.ttl, self._out_proto])
+                                    + cfg.src + cfg.dst)
+
+    # --- the ESP payload transform ------------------------------------------------------------
+
+    def seal(self, payload: bytes, next_header: int) -> bytes:
+        """SPI | Seq | IV | encrypted(payload | padding | pad length | next header) | ICV."""
+        seq = self.take_seq()
+        low = seq & _M32
+        hdr = self._spi_bytes + low.to_bytes(4, "big")
+        align = self.align
+        pad_len = -(len(payload) + 2) % align
+        trailer = _PAD[:pad_len] + bytes((pad_len, next_header))
+        aead = self._aead
+        if aead is not None:
+            aad = hdr if not self.cfg.esn else _III.pack(self.spi, seq >> 32, low)
+            iv = seq.to_bytes(8, "big") if self._iv_source is None else self._iv_source(seq)
+            return hdr + iv + aead.seal(iv, aad, payload + trailer)
+        cbc = self._cbc
+        if cbc is not None:
+            iv = None if self._iv_source is None else self._iv_source(seq)
+            body = hdr + cbc.encrypt(payload + trailer, iv)
+        else:
+            body = hdr + payload + trailer
+        mac = self._mac
+        if mac is None:
+            return body
+        if self.cfg.esn:
+            return body + mac.compute(body, (seq >> 32).to_bytes(4, "big"))
+        return body + mac.compute(body)
+
+    def open(self, esp: memoryview, now: float) -> tuple[int, bytes]:
+        """Verify and decrypt one ESP payload; return (next header, payload without trailer)."""
+        n = len(esp)
+        if n < self.min_len:
+            self.other_drops += 1
+            raise Drop(DropReason.MALFORMED)
+        seq_low = (esp[4] << 24) | (esp[5] << 16) | (esp[6] << 8) | esp[7]
+        try:
+            seq = self.replay.check(seq_low)
+        except ReplayError:
+            raise self.replay_failed(seq_low, now) from None
+        aead = self._aead
+        iv_end = 8 + self.iv_len
+        if aead is not None:
+            aad = bytes(esp[:8]) if not self.cfg.esn else _III.pack(self.spi, seq >> 32, seq_low)
+            try:
+                pt = aead.open(esp[8:iv_end], aad, esp[iv_end:])
+            except AuthenticationFailed:
+                raise self.auth_failed(now) from None
+        else:
+            icv_len = self.icv_len
+            end = n - icv_len
+            mac = self._mac
+            if mac is not None:
+                parts: tuple[memoryview | bytes, ...] = (esp[:end],)
+                if self.cfg.esn:
+                    parts = (esp[:end], (seq >> 32).to_bytes(4, "big"))
+                if not mac.verify(esp[end:], *parts):
+                    raise self.auth_failed(now)
+            cbc = self._cbc
+            if cbc is not None:
+                if (end - 8) % cbc.block_size:
+                    self.other_drops += 1
+                    raise Drop(DropReason.MALFORMED)
+                pt = cbc.decrypt(esp[8:end])
+            else:
+                pt = bytes(esp[8:end])
+        pad_len = pt[-2]
+        body_len = len(pt) - 2 - pad_len
+        if body_len < 0 or pt[body_len:-2] != _PAD[:pad_len]:
+            self.other_drops += 1
+            raise Drop(DropReason.PADDING)
+        self.replay.update(seq)
+        return pt[-1], pt[:body_len]
+
+    # --- modes (RFC 4303 §3.1) ----------------------------------------------------------------
+
+    def protect(self, pkt: bytes, now: float) -> bytes:
+        """Protect one clear IP datagram; return the outer IP datagram to send."""
+        self.check_alive()
+        cfg = self.cfg
+        if cfg.mode == Mode.TUNNEL:
+            v = pkt[0] >> 4 if pkt else 0
+            if v not in (4, 6):
+                raise Drop(DropReason.MALFORMED)
+            inner = pkt
+            if cfg.tfc_pad_to > len(pkt):
+                inner = pkt + bytes(cfg.tfc_pad_to - len(pkt))
+            esp = self.seal(inner, IpProto.IPV4 if v == 4 else IpProto.IPV6)
+            self.account(len(pkt))
+            if cfg.encap:
+                esp = self._udp(esp, cfg.src, cfg.dst)
+            return self._outer(len(esp)) + esp
+        try:
+            info = parse_ip(pkt)
+        except MalformedPacket:
+            raise Drop(DropReason.MALFORMED) from None
+        if info.fragment:
+            raise Drop(DropReason.FRAGMENT)
+        esp = self.seal(pkt[info.insert_at : info.length], info.next_proto)
+        self.account(info.length - info.insert_at)
+        if cfg.encap:
+            esp = self._udp(esp, info.src, info.dst)
+        return rebuild_header(pkt, info, self._out_proto, len(esp)) + esp
+
+    def _outer(self, payload_len: int) -> bytes:
+        cfg = self.cfg
+        if self._v6:
+            return build_ipv6(cfg.src, cfg.dst, self._out_proto, payload_len, hop_limit=cfg.ttl)
+        total = 20 + payload_len
+        if total > 0xFFFF:
+            raise Drop(DropReason.TOO_BIG)
+        self._ident = ident = (self._ident + 1) & 0xFFFF
+        c = ~fold(self._v4_sum + total + ident) & 0xFFFF
+        return b"".join((self._v4_head, total.to_bytes(2, "big"), ident.to_bytes(2, "big"),
+                         b"\x00\x00", self._v4_tail, c.to_bytes(2, "big"), cfg.src, cfg.dst))
+
+    def _udp(self, esp: bytes, src: bytes, dst: bytes) -> bytes:
+        enc = self.cfg.encap
+        assert enc is not None
+        length = 8 + len(esp)
+        if length > 0xFFFF:
+            raise Drop(DropReason.TOO_BIG)
+        csum = 0  # RFC 3948 §2.1: SHOULD be zero over IPv4
+        if self._v6:  # RFC 8200 §8.1: mandatory over IPv6
+            pseudo = src + dst + length.to_bytes(4, "big") + b"\x00\x00\x00\x11"
+            s = fold(ones_sum(pseudo) + ones_sum(_UDP.pack(enc.sport, enc.dport, length, 0))
+                     + ones_sum(esp))
+            csum = (~s & 0xFFFF) or 0xFFFF
+        return _UDP.pack(enc.sport, enc.dport, length, csum) + esp
+
+    def unprotect(self, pkt: bytes, info: IpInfo, esp_off: int, now: float) -> bytes:
+        """Process an inbound ESP datagram; return the clear IP datagram it carried."""
+        self.check_alive()
+        nh, payload = self.open(memoryview(pkt)[esp_off : info.length], now)
+        if nh == IpProto.IPV6_NONXT:  # RFC 4303 §2.6 dummy packet
+            raise Drop(DropReason.DUMMY)
+        if self.cfg.mode == Mode.TUNNEL:
+            inner = trim_inner(nh, payload)
+            self.check_selectors(inner)
+            self.account(len(inner))
+            return inner
+        keep = esp_off - 8 if info.proto == IpProto.UDP else esp_off
+        out_info = _with_proto_offset(info, keep)
+        self.account(len(payload))
+        return rebuild_header(pkt[:keep], out_info, nh, len(payload)) + payload
+
+
+def trim_inner(nh: int, payload: bytes) -> bytes:
+    """Validate the tunnelled datagram and drop TFC padding after it (RFC 4303 §2.7)."""
+    n = len(payload)
+    if nh == IpProto.IPV4:
+        if n < 20 or payload[0] >> 4 != 4:
+            raise Drop(DropReason.MALFORMED)
+        total = (payload[2] << 8) | payload[3]
+    elif nh == IpProto.IPV6:
+        if n < 40 or payload[0] >> 4 != 6:
+            raise Drop(DropReason.MALFORMED)
+        total = 40 + ((payload[4] << 8) | payload[5])
+    else:
+        raise Drop(DropReason.MALFORMED)
+    if total > n or total < 20:
+        raise Drop(DropReason.MALFORMED)
+    return payload if total == n else payload[:total]
+
+
+def _with_proto_offset(info: IpInfo, keep: int) -> IpInfo:
+    """Describe the received header as the part before ``keep`` whose last protocol byte is
+    the one that named ESP (or UDP)."""
+    return replace(info, insert_at=keep, proto_offset=info.l4_proto_offset)
+
+
+def rebuild_header(pkt: bytes, info: IpInfo, proto: int, payload_len: int) -> bytes:
+    """The first ``info.insert_at`` bytes of ``pkt`` with the protocol byte at
+    ``info.proto_offset`` set to ``proto`` and lengths (and IPv4 checksum) fixed."""
+    hdr = bytearray(pkt[: info.insert_at])
+    hdr[info.proto_offset] = proto
+    if info.version == 4:
+        total = len(hdr) + payload_len
+        if total > 0xFFFF:
+            raise Drop(DropReason.TOO_BIG)
+        hdr[2:4] = total.to_bytes(2, "big")
+        hdr[10:12] = b"\x00\x00"
+        hdr[10:12] = checksum(hdr).to_bytes(2, "big")
+    else:
+        plen = len(hdr) - 40 + payload_len
+        if plen > 0xFFFF:
+            raise Drop(DropReason.TOO_BIG)
+        hdr[4:6] = plen.to_bytes(2, "big")
+    return bytes(hdr)
