@@ -59,7 +59,7 @@ demo: setup
 	$(PY) -m services.dataplane.demo
 
 bench: setup
-	$(PY) -m scripts.bench
+	$(PY) scripts/bench.py
 
 clean:
 	rm -rf .venv services/pb $(APT_STAMP) .pytest_cache .mypy_cache .ruff_cache

@@ -9,16 +9,24 @@ import struct
 from collections.abc import Callable
 from dataclasses import replace
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
 from services.core.algorithms import (
+    Aead,
     AlgorithmError,
     AuthenticationFailed,
+    BlockCipher,
+    EncrAlgorithm,
+    Mac,
     encr_algorithm,
     make_aead,
     make_block_cipher,
     make_mac,
+    split_encr_key,
 )
 from services.core.events import Drop, DropReason
-from services.core.iana import IpProto
+from services.core.iana import Encr, IpProto
 from services.core.packet import (
     IpInfo,
     MalformedPacket,
@@ -31,13 +39,22 @@ from services.core.packet import (
 from services.core.replay import ReplayError
 from services.core.sa import ConfigError, Direction, Emit, Mode, SaBase, SaConfig
 
-_II = struct.Struct("!II")
+_U32 = struct.Struct("!I")
 _III = struct.Struct("!III")
 _UDP = struct.Struct("!HHHH")
 _PAD = bytes(range(1, 256))  # RFC 4303 §2.4 default padding contents 1, 2, 3, ...
 _M32 = 0xFFFFFFFF
 
 IvSource = Callable[[int], bytes]  # seq -> explicit IV; for published-vector tests
+
+
+def _primitive(
+    alg: EncrAlgorithm, key_material: bytes
+) -> tuple[Callable[[bytes, bytes, bytes], bytes], Callable[[bytes, bytes, bytes], bytes], bytes]:
+    """Bound encrypt/decrypt of the keyed AEAD and the salt, for the per-packet path."""
+    key, salt = split_encr_key(alg, key_material)
+    impl = ChaCha20Poly1305(key) if alg.transform_id == Encr.CHACHA20_POLY1305 else AESGCM(key)
+    return impl.encrypt, impl.decrypt, salt
 
 
 class EspSa(SaBase):
@@ -55,15 +72,26 @@ class EspSa(SaBase):
         self.iv_len = alg.iv_len
         self.align = max(alg.block_size, 4)
         self._iv_source = iv_source
-        self._aead = None
-        self._cbc = None
-        self._mac = None
+        self._aead: Aead | None = None
+        self._aead_encrypt: Callable[[bytes, bytes, bytes], bytes] | None = None
+        self._aead_decrypt: Callable[[bytes, bytes, bytes], bytes] | None = None
+        self._gmac: Aead | None = None
+        self._salt = b""
+        self._cbc: BlockCipher | None = None
+        self._mac: Mac | None = None
+        self._esn = cfg.esn
+        self._trailers: dict[int, bytes] = {}
         try:
             if alg.aead:
                 if cfg.integ_id:
                     raise ConfigError(f"{alg.name} is combined-mode: no integrity transform")
                 self._aead = make_aead(alg, cfg.encr_key)
                 self.icv_len = 16
+                # hot path: call the keyed primitive directly (nonce = salt || IV)
+                self._aead_encrypt, self._aead_decrypt, self._salt = _primitive(alg, cfg.encr_key)
+                if alg.transform_id == Encr.NULL_AUTH_AES_GMAC:
+                    self._gmac = self._aead
+                    self._aead_encrypt = None
             else:
                 if alg.encrypts:
                     self._cbc = make_block_cipher(alg, cfg.encr_key)
@@ -95,60 +123,80 @@ class EspSa(SaBase):
 
     # --- the ESP payload transform ------------------------------------------------------------
 
+    def _trailer(self, pad_len: int, next_header: int) -> bytes:
+        """Padding (1, 2, 3, ...), pad length and next header; cached per (pad, next header)."""
+        key = (pad_len << 8) | next_header
+        t = self._trailers.get(key)
+        if t is None:
+            t = self._trailers[key] = _PAD[:pad_len] + bytes((pad_len, next_header))
+        return t
+
     def seal(self, payload: bytes, next_header: int) -> bytes:
         """SPI | Seq | IV | encrypted(payload | padding | pad length | next header) | ICV."""
-        seq = self.take_seq()
-        low = seq & _M32
-        hdr = self._spi_bytes + low.to_bytes(4, "big")
-        align = self.align
-        pad_len = -(len(payload) + 2) % align
-        trailer = _PAD[:pad_len] + bytes((pad_len, next_header))
-        aead = self._aead
-        if aead is not None:
-            aad = hdr if not self.cfg.esn else _III.pack(self.spi, seq >> 32, low)
-            iv = seq.to_bytes(8, "big") if self._iv_source is None else self._iv_source(seq)
-            return hdr + iv + aead.seal(iv, aad, payload + trailer)
+        # fast path of take_seq(): inside the lease and not near its end
+        seq = self.next_seq
+        if seq >= self._lease_low_at or seq > self.lease_end:
+            seq = self.take_seq()
+        else:
+            self.next_seq = seq + 1
+        seq8 = seq.to_bytes(8, "big")
+        hdr = self._spi_bytes + seq8[4:]
+        pad_len = -(len(payload) + 2) % self.align
+        key = (pad_len << 8) | next_header
+        trailer = self._trailers.get(key) or self._trailer(pad_len, next_header)
+        encrypt = self._aead_encrypt
+        if encrypt is not None:
+            aad = hdr if not self._esn else self._spi_bytes + seq8
+            iv = seq8 if self._iv_source is None else self._iv_source(seq)
+            return hdr + iv + encrypt(self._salt + iv, payload + trailer, aad)
         cbc = self._cbc
         if cbc is not None:
-            iv = None if self._iv_source is None else self._iv_source(seq)
-            body = hdr + cbc.encrypt(payload + trailer, iv)
+            iv_in = None if self._iv_source is None else self._iv_source(seq)
+            body = hdr + cbc.encrypt(payload + trailer, iv_in)
         else:
             body = hdr + payload + trailer
         mac = self._mac
         if mac is None:
             return body
-        if self.cfg.esn:
-            return body + mac.compute(body, (seq >> 32).to_bytes(4, "big"))
+        if self._esn:
+            return body + mac.compute(body, seq8[:4])
         return body + mac.compute(body)
 
-    def open(self, esp: memoryview, now: float) -> tuple[int, bytes]:
-        """Verify and decrypt one ESP payload; return (next header, payload without trailer)."""
+    def open(self, esp: bytes, now: float) -> tuple[int, bytes]:
+        """Verify and decrypt one ESP payload (SPI through ICV); return (next header, payload
+        without padding and trailer). The replay window moves only after the ICV verified."""
         n = len(esp)
         if n < self.min_len:
             self.other_drops += 1
             raise Drop(DropReason.MALFORMED)
-        seq_low = (esp[4] << 24) | (esp[5] << 16) | (esp[6] << 8) | esp[7]
-        try:
-            seq = self.replay.check(seq_low)
-        except ReplayError:
-            raise self.replay_failed(seq_low, now) from None
-        aead = self._aead
-        iv_end = 8 + self.iv_len
-        if aead is not None:
-            aad = bytes(esp[:8]) if not self.cfg.esn else _III.pack(self.spi, seq >> 32, seq_low)
+        seq_low = _U32.unpack_from(esp, 4)[0]
+        replay = self.replay
+        if self._esn or seq_low <= replay.top or not seq_low:
             try:
-                pt = aead.open(esp[8:iv_end], aad, esp[iv_end:])
-            except AuthenticationFailed:
+                seq = replay.check(seq_low)
+            except ReplayError:
+                raise self.replay_failed(seq_low, now) from None
+        else:  # ahead of the window: always acceptable (RFC 4303 §3.4.3)
+            seq = seq_low
+        decrypt = self._aead_decrypt
+        if decrypt is not None:
+            iv_end = 8 + self.iv_len
+            aad = esp[:8] if not self._esn else _III.pack(self.spi, seq >> 32, seq_low)
+            try:
+                if self._gmac is not None:
+                    pt = self._gmac.open(esp[8:iv_end], aad, esp[iv_end:])
+                else:
+                    pt = decrypt(self._salt + esp[8:iv_end], esp[iv_end:], aad)
+            except (InvalidTag, AuthenticationFailed):
                 raise self.auth_failed(now) from None
         else:
-            icv_len = self.icv_len
-            end = n - icv_len
+            end = n - self.icv_len
             mac = self._mac
             if mac is not None:
-                parts: tuple[memoryview | bytes, ...] = (esp[:end],)
-                if self.cfg.esn:
-                    parts = (esp[:end], (seq >> 32).to_bytes(4, "big"))
-                if not mac.verify(esp[end:], *parts):
+                body = esp[:end]
+                ok = (mac.verify(esp[end:], body, (seq >> 32).to_bytes(4, "big")) if self._esn
+                      else mac.verify(esp[end:], body))
+                if not ok:
                     raise self.auth_failed(now)
             cbc = self._cbc
             if cbc is not None:
@@ -157,13 +205,16 @@ class EspSa(SaBase):
                     raise Drop(DropReason.MALFORMED)
                 pt = cbc.decrypt(esp[8:end])
             else:
-                pt = bytes(esp[8:end])
+                pt = esp[8:end]
         pad_len = pt[-2]
         body_len = len(pt) - 2 - pad_len
-        if body_len < 0 or pt[body_len:-2] != _PAD[:pad_len]:
+        trailer = self._trailers.get((pad_len << 8) | pt[-1])
+        if trailer is None:
+            trailer = self._trailer(pad_len, pt[-1]) if body_len >= 0 else b"-"
+        if body_len < 0 or not pt.endswith(trailer):
             self.other_drops += 1
             raise Drop(DropReason.PADDING)
-        self.replay.update(seq)
+        replay.update(seq)
         return pt[-1], pt[:body_len]
 
     # --- modes (RFC 4303 §3.1) ----------------------------------------------------------------
@@ -225,7 +276,8 @@ class EspSa(SaBase):
     def unprotect(self, pkt: bytes, info: IpInfo, esp_off: int, now: float) -> bytes:
         """Process an inbound ESP datagram; return the clear IP datagram it carried."""
         self.check_alive()
-        nh, payload = self.open(memoryview(pkt)[esp_off : info.length], now)
+        esp = pkt[esp_off:] if info.length == len(pkt) else pkt[esp_off : info.length]
+        nh, payload = self.open(esp, now)
         if nh == IpProto.IPV6_NONXT:  # RFC 4303 §2.6 dummy packet
             raise Drop(DropReason.DUMMY)
         if self.cfg.mode == Mode.TUNNEL:

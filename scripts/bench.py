@@ -1,0 +1,191 @@
+"""`make bench`: ESP transform cost vs the bare AEAD call, and TCP throughput between two workers.
+
+Writes docs/benchmarks.md with the date and machine. Benchmarks only; no test asserts timing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # noqa: E402
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305  # noqa: E402
+
+from services.core.esp import EspSa  # noqa: E402
+from services.core.iana import Encr, Integ  # noqa: E402
+from services.core.sa import Direction, Mode, SaConfig  # noqa: E402
+
+SIZES = (64, 1400)
+SRC, DST = bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2])
+
+
+def per_call_ns(fn: Callable[[], object], n: int, repeats: int = 7) -> float:
+    """Median over ``repeats`` of the mean cost of ``n`` calls, in ns."""
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        for _ in range(n):
+            fn()
+        samples.append((time.perf_counter_ns() - t0) / n)
+    return statistics.median(samples)
+
+
+def pair(encr: int, ekey: bytes, integ: int = 0, ikey: bytes = b"") -> tuple[EspSa, EspSa]:
+    common = dict(
+        spi=0x1000,
+        protocol=50,
+        mode=Mode.TUNNEL,
+        src=SRC,
+        dst=DST,
+        encr_id=encr,
+        encr_key=ekey,
+        integ_id=integ,
+        integ_key=ikey,
+        replay_window=1024,
+    )
+    out = EspSa(SaConfig(direction=Direction.OUTBOUND, **common), 0.0, lambda e: None)  # type: ignore[arg-type]
+    inn = EspSa(SaConfig(direction=Direction.INBOUND, **common), 0.0, lambda e: None)  # type: ignore[arg-type]
+    return out, inn
+
+
+def esp_roundtrip(out: EspSa, inn: EspSa, payload: bytes) -> Callable[[], object]:
+    def run() -> object:
+        esp = out.seal(payload, 4)
+        return inn.open(esp, 0.0)
+
+    return run
+
+
+def bench_transforms() -> list[tuple[str, int, float, float]]:
+    rows = []
+    n = 20000
+    aad = bytes(8)
+    nonce = bytes(12)
+    for name, encr, klen, bare_factory in (
+        ("AES-GCM-16-128", Encr.AES_GCM_16, 16, AESGCM),
+        ("AES-GCM-16-256", Encr.AES_GCM_16, 32, AESGCM),
+        ("ChaCha20-Poly1305", Encr.CHACHA20_POLY1305, 32, ChaCha20Poly1305),
+    ):
+        key = os.urandom(klen)
+        bare = bare_factory(key)
+        for size in SIZES:
+            payload = os.urandom(size)
+            out, inn = pair(encr, key + os.urandom(4))
+
+            def bare_rt(bare: object = bare, payload: bytes = payload) -> object:
+                ct = bare.encrypt(nonce, payload, aad)  # type: ignore[attr-defined]
+                return bare.decrypt(nonce, ct, aad)  # type: ignore[attr-defined]
+
+            b = per_call_ns(bare_rt, n)
+            e = per_call_ns(esp_roundtrip(out, inn, payload), n)
+            rows.append((name, size, e, b))
+    # CBC + HMAC: the bare reference is what the primitives cost when called the plain way
+    key, mkey = os.urandom(16), os.urandom(32)
+    aes = algorithms.AES(key)
+    for size in SIZES:
+        payload = os.urandom(size + (-size % 16))
+        out, inn = pair(Encr.AES_CBC, key, Integ.HMAC_SHA2_256_128, mkey)
+        iv = os.urandom(16)
+
+        def bare_cbc(payload: bytes = payload) -> object:
+            ct = Cipher(aes, modes.CBC(iv)).encryptor().update(payload)
+            tag = hmac.digest(mkey, ct, "sha256")[:16]
+            hmac.compare_digest(hmac.digest(mkey, ct, "sha256")[:16], tag)
+            return Cipher(aes, modes.CBC(iv)).decryptor().update(ct)
+
+        b = per_call_ns(bare_cbc, n)
+        e = per_call_ns(esp_roundtrip(out, inn, payload[:size]), n)
+        rows.append(("AES-CBC-128 + HMAC-SHA2-256-128", size, e, b))
+    return rows
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import cryptography
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python "
+        f"{platform.python_version()}, cryptography {cryptography.__version__}"
+    )
+
+
+def bench_throughput() -> list[tuple[str, str]]:
+    """TCP throughput through two workers in namespaces (iperf3), if the lab can run here."""
+    try:
+        from services.dataplane import lab
+    except ImportError:
+        return [("(lab unavailable)", "-")]
+    if os.geteuid() != 0:
+        return [("(needs root for network namespaces)", "-")]
+    bench = getattr(lab, "bench_throughput", None)
+    if bench is None:
+        return [("(lab has no throughput benchmark)", "-")]
+    return list(bench())
+
+
+def main() -> int:
+    rows = bench_transforms()
+    tput = bench_throughput()
+    today = datetime.date.today().isoformat()
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Run by `make bench` on {today}; machine: {machine()}.",
+        "",
+        "## ESP transform vs the bare AEAD call",
+        "",
+        "Per packet: our ESP encapsulate + decapsulate (`EspSa.seal` + `EspSa.open`: header, "
+        "sequence number, IV, padding, replay check and update, padding check) divided by the "
+        "bare primitive encrypt + decrypt of the same payload (one keyed object reused, same "
+        "AAD size). Target: ratio <= 2.0 at 1400 B for AES-GCM. Median of 7 runs of 20000.",
+        "",
+        "| transform | payload (B) | ESP encap+decap (us) | bare (us) | ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, size, e, b in rows:
+        lines.append(f"| {name} | {size} | {e / 1000:.2f} | {b / 1000:.2f} | {e / b:.2f} |")
+    lines += [
+        "",
+        "For AES-CBC + HMAC the bare reference is the plain use of the primitives (a new CBC "
+        "context per packet, one-shot HMAC), which is what the ESP code avoids with persistent "
+        "contexts (see services/core/algorithms.py, BlockCipher).",
+        "",
+        "## TCP throughput between two dataplane workers",
+        "",
+        "iperf3 TCP for 5 s between the inner addresses of two network namespaces joined by a "
+        "veth pair; each namespace runs one worker (tunnel mode, AES-GCM-16-256).",
+        "",
+        "| setup | throughput |",
+        "|---|---|",
+    ]
+    for name, value in tput:
+        lines.append(f"| {name} | {value} |")
+    lines.append("")
+    out = ROOT / "docs" / "benchmarks.md"
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    del hashlib, subprocess
+    sys.exit(main())
