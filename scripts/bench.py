@@ -99,7 +99,7 @@ def bench_transforms() -> list[tuple[str, int, float, float]]:
         out, inn = pair(Encr.AES_CBC, key, Integ.HMAC_SHA2_256_128, mkey)
         iv = os.urandom(16)
 
-        def bare_cbc(payload: bytes = payload) -> object:
+        def bare_cbc(payload: bytes = payload, iv: bytes = iv) -> object:
             ct = Cipher(aes, modes.CBC(iv)).encryptor().update(payload)
             tag = hmac.digest(mkey, ct, "sha256")[:16]
             hmac.compare_digest(hmac.digest(mkey, ct, "sha256")[:16], tag)
