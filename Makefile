@@ -58,7 +58,12 @@ test: setup lint
 demo: setup
 	$(PY) -m services.dataplane.demo
 
+BENCH_APT := strongswan-charon strongswan-swanctl libcharon-extra-plugins \
+	libstrongswan-extra-plugins libstrongswan-standard-plugins iperf3
+
 bench: setup
+	@test -x /usr/lib/ipsec/charon || (export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $(BENCH_APT))
 	$(PY) scripts/bench.py
 
 clean:
