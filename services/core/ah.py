@@ -109,6 +109,7 @@ class AhSa(SaBase):
         except AlgorithmError as e:
             raise ConfigError(str(e)) from None
         self.icv_len = self._mac.icv_len
+        self._zero_icv = bytes(self.icv_len)
 
     def ah_len(self, version: int) -> int:
         base = 12 + self.icv_len
@@ -126,15 +127,18 @@ class AhSa(SaBase):
                 raise Drop(DropReason.MALFORMED)
             version = 6 if len(cfg.src) == 16 else 4
             ah_len = self.ah_len(version)
-            nh = IpProto.IPV4 if v == 4 else IpProto.IPV6
+            nh: int = IpProto.IPV4 if v == 4 else IpProto.IPV6
             payload = pkt
             if version == 4:
                 if 20 + ah_len + len(pkt) > 0xFFFF:
                     raise Drop(DropReason.TOO_BIG)
                 header = build_ipv4(cfg.src, cfg.dst, IpProto.AH, ah_len + len(pkt), ttl=cfg.ttl)
             else:
-                header = build_ipv6(cfg.src, cfg.dst, IpProto.AH, ah_len + len(pkt),
-                                    hop_limit=cfg.ttl)
+                if ah_len + len(pkt) > 0xFFFF:
+                    raise Drop(DropReason.TOO_BIG)
+                header = build_ipv6(
+                    cfg.src, cfg.dst, IpProto.AH, ah_len + len(pkt), hop_limit=cfg.ttl
+                )
         else:
             try:
                 info = parse_ip(pkt)
@@ -150,8 +154,9 @@ class AhSa(SaBase):
         seq = self.take_seq()
         fixed = _AH.pack(nh, ah_len // 4 - 2, 0, self.spi, seq & _M32)
         zero_icv = bytes(ah_len - 12)
-        icv = self._mac.compute(_zeroed(header, version), fixed, zero_icv, payload,
-                                *self._esn_hi(seq))
+        icv = self._mac.compute(
+            _zeroed(header, version), fixed, zero_icv, payload, *self._esn_hi(seq)
+        )
         self.account(len(payload))
         return header + fixed + icv + zero_icv[len(icv) :] + payload
 
@@ -171,11 +176,19 @@ class AhSa(SaBase):
             seq = self.replay.check(seq_low)
         except ReplayError:
             raise self.replay_failed(seq_low, now) from None
-        icv = data[ah_off + 12 : ah_off + 12 + self.icv_len]
+        icv_end = ah_off + 12 + self.icv_len
+        icv = data[ah_off + 12 : icv_end]
         payload = data[ah_off + ah_len :]
-        if not self._mac.verify(icv, _zeroed(data[:ah_off], info.version),
-                                data[ah_off : ah_off + 12], bytes(ah_len - 12), payload,
-                                *self._esn_hi(seq)):
+        # only the ICV itself is zeroed; ICV padding is covered as sent (RFC 4302 §3.3.3.2.1)
+        if not self._mac.verify(
+            icv,
+            _zeroed(data[:ah_off], info.version),
+            data[ah_off : ah_off + 12],
+            self._zero_icv,
+            data[icv_end : ah_off + ah_len],
+            payload,
+            *self._esn_hi(seq),
+        ):
             raise self.auth_failed(now)
         self.replay.update(seq)
         if self.cfg.mode == Mode.TUNNEL:

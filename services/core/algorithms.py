@@ -232,13 +232,13 @@ class Mac:
         self._base = hmac.new(key, digestmod=getattr(hashlib, alg.digest))
         self.icv_len = alg.icv_len
 
-    def compute(self, *parts: bytes | memoryview) -> bytes:
+    def compute(self, *parts: bytes | bytearray | memoryview) -> bytes:
         h = self._base.copy()
         for p in parts:
             h.update(p)
         return h.digest()[: self.icv_len]
 
-    def verify(self, icv: bytes | memoryview, *parts: bytes | memoryview) -> bool:
+    def verify(self, icv: bytes | memoryview, *parts: bytes | bytearray | memoryview) -> bool:
         return hmac.compare_digest(self.compute(*parts), bytes(icv))
 
 

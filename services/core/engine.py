@@ -127,7 +127,9 @@ class Dataplane:
             if any(s.spi == cfg.spi and s.cfg.dst == cfg.dst for s in lst):
                 raise ConfigError("an outbound SA with this SPI and destination exists")
             lst.append(sa)  # newest last: make-before-break, the newest carries traffic
-            self._acquire_at.pop(cfg.reqid, None)
+            for entry in self.spd.entries:  # the ACQUIRE limiter is keyed by policy_id
+                if entry.reqid == cfg.reqid:
+                    self._acquire_at.pop(entry.policy_id, None)
         return sa
 
     def find_sa(self, spi: int, dst: bytes, protocol: int, direction: Direction) -> AnySa | None:
@@ -140,8 +142,14 @@ class Dataplane:
         return None
 
     def update_sa(
-        self, spi: int, dst: bytes, protocol: int, direction: Direction, *,
-        lease_end: int | None = None, lifetime: Lifetime | None = None,
+        self,
+        spi: int,
+        dst: bytes,
+        protocol: int,
+        direction: Direction,
+        *,
+        lease_end: int | None = None,
+        lifetime: Lifetime | None = None,
     ) -> AnySa | None:
         sa = self.find_sa(spi, dst, protocol, direction)
         if sa is None:
@@ -189,13 +197,28 @@ class Dataplane:
     def status(self, sa: AnySa, now: float) -> SaStatus:
         c = sa.cfg
         return SaStatus(
-            spi=c.spi, protocol=c.protocol, direction=c.direction, mode=c.mode.name.lower(),
-            src=c.src, dst=c.dst, reqid=c.reqid,
-            encr=sa.alg.name if isinstance(sa, EspSa) else "", integ=c.integ_id, esn=c.esn,
-            encap=c.encap is not None, replay_window=c.replay_window, packets=sa.packets,
-            bytes=sa.bytes, replay_drops=sa.replay_drops, auth_drops=sa.auth_drops,
-            other_drops=sa.other_drops, next_seq=sa.next_seq, lease_end=sa.lease_end,
-            replay_top=sa.replay.top, soft_expired=sa.soft_fired, hard_expired=sa.dead,
+            spi=c.spi,
+            protocol=c.protocol,
+            direction=c.direction,
+            mode=c.mode.name.lower(),
+            src=c.src,
+            dst=c.dst,
+            reqid=c.reqid,
+            encr=sa.alg.name if isinstance(sa, EspSa) else "",
+            integ=c.integ_id,
+            esn=c.esn,
+            encap=c.encap is not None,
+            replay_window=c.replay_window,
+            packets=sa.packets,
+            bytes=sa.bytes,
+            replay_drops=sa.replay_drops,
+            auth_drops=sa.auth_drops,
+            other_drops=sa.other_drops,
+            next_seq=sa.next_seq,
+            lease_end=sa.lease_end,
+            replay_top=sa.replay.top,
+            soft_expired=sa.soft_fired,
+            hard_expired=sa.dead,
             age=now - sa.created,
         )
 
@@ -246,8 +269,9 @@ class Dataplane:
             return Outbound(out, hl + 8, enc.dport)
         return Outbound(out)
 
-    def _acquire(self, entry: SpdEntry, key: tuple[int, bytes, bytes, int, int, int],
-                 now: float) -> None:
+    def _acquire(
+        self, entry: SpdEntry, key: tuple[int, bytes, bytes, int, int, int], now: float
+    ) -> None:
         last = self._acquire_at.get(entry.policy_id)
         if last is not None and now - last < ACQUIRE_INTERVAL:
             return
@@ -263,12 +287,13 @@ class Dataplane:
         self.rx_packets += 1
         self.rx_bytes += len(pkt)
         try:
-            for _ in range(MAX_NESTING):
+            for depth in range(MAX_NESTING):
                 info = parse_ip(pkt)
                 off = info.l4_offset
                 proto = info.proto
-                if proto == IpProto.UDP:
-                    # ESP-in-UDP: skip the UDP header (the worker checked the port)
+                if proto == IpProto.UDP and depth == 0:
+                    # ESP-in-UDP: skip the UDP header (the worker checked the port). Only the
+                    # received datagram: UDP inside a transport-mode SA is clear traffic.
                     off += 8
                     proto = IpProto.ESP
                 elif proto not in (IpProto.ESP, IpProto.AH):
@@ -304,10 +329,16 @@ class Dataplane:
         if kind is UdpKind.INVALID:
             self.drops[DropReason.MALFORMED] += 1
             return kind, None
-        udp = (sport.to_bytes(2, "big") + dport.to_bytes(2, "big")
-               + (8 + len(payload)).to_bytes(2, "big") + b"\x00\x00")
         n = 8 + len(payload)
         try:
+            if n > 0xFFFF:
+                raise MalformedPacket("UDP datagram too long")
+            udp = (
+                sport.to_bytes(2, "big")
+                + dport.to_bytes(2, "big")
+                + n.to_bytes(2, "big")
+                + b"\x00\x00"
+            )
             if len(src) == 4:
                 hdr = build_ipv4(src, dst, IpProto.UDP, n)
             else:

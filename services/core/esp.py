@@ -118,8 +118,9 @@ class EspSa(SaBase):
             # IPv4 header template; the checksum is patched per packet from a precomputed sum
             self._v4_head = bytes([0x45, 0])
             self._v4_tail = bytes([cfg.ttl, self._out_proto])
-            self._v4_sum = ones_sum(bytes([0x45, 0, 0, 0, 0, 0, cfg.ttl, self._out_proto])
-                                    + cfg.src + cfg.dst)
+            self._v4_sum = ones_sum(
+                bytes([0x45, 0, 0, 0, 0, 0, cfg.ttl, self._out_proto]) + cfg.src + cfg.dst
+            )
 
     # --- the ESP payload transform ------------------------------------------------------------
 
@@ -149,6 +150,11 @@ class EspSa(SaBase):
             aad = hdr if not self._esn else self._spi_bytes + seq8
             iv = seq8 if self._iv_source is None else self._iv_source(seq)
             return hdr + iv + encrypt(self._salt + iv, payload + trailer, aad)
+        gmac = self._gmac
+        if gmac is not None:  # RFC 4543 §3: clear payload, IV and payload authenticated
+            aad = hdr if not self._esn else self._spi_bytes + seq8
+            iv = seq8 if self._iv_source is None else self._iv_source(seq)
+            return hdr + iv + gmac.seal(iv, aad, payload + trailer)
         cbc = self._cbc
         if cbc is not None:
             iv_in = None if self._iv_source is None else self._iv_source(seq)
@@ -194,8 +200,11 @@ class EspSa(SaBase):
             mac = self._mac
             if mac is not None:
                 body = esp[:end]
-                ok = (mac.verify(esp[end:], body, (seq >> 32).to_bytes(4, "big")) if self._esn
-                      else mac.verify(esp[end:], body))
+                ok = (
+                    mac.verify(esp[end:], body, (seq >> 32).to_bytes(4, "big"))
+                    if self._esn
+                    else mac.verify(esp[end:], body)
+                )
                 if not ok:
                     raise self.auth_failed(now)
             cbc = self._cbc
@@ -250,14 +259,26 @@ class EspSa(SaBase):
     def _outer(self, payload_len: int) -> bytes:
         cfg = self.cfg
         if self._v6:
+            if payload_len > 0xFFFF:  # no jumbograms: a counted drop, not MalformedPacket
+                raise Drop(DropReason.TOO_BIG)
             return build_ipv6(cfg.src, cfg.dst, self._out_proto, payload_len, hop_limit=cfg.ttl)
         total = 20 + payload_len
         if total > 0xFFFF:
             raise Drop(DropReason.TOO_BIG)
         self._ident = ident = (self._ident + 1) & 0xFFFF
         c = ~fold(self._v4_sum + total + ident) & 0xFFFF
-        return b"".join((self._v4_head, total.to_bytes(2, "big"), ident.to_bytes(2, "big"),
-                         b"\x00\x00", self._v4_tail, c.to_bytes(2, "big"), cfg.src, cfg.dst))
+        return b"".join(
+            (
+                self._v4_head,
+                total.to_bytes(2, "big"),
+                ident.to_bytes(2, "big"),
+                b"\x00\x00",
+                self._v4_tail,
+                c.to_bytes(2, "big"),
+                cfg.src,
+                cfg.dst,
+            )
+        )
 
     def _udp(self, esp: bytes, src: bytes, dst: bytes) -> bytes:
         enc = self.cfg.encap
@@ -268,8 +289,11 @@ class EspSa(SaBase):
         csum = 0  # RFC 3948 §2.1: SHOULD be zero over IPv4
         if self._v6:  # RFC 8200 §8.1: mandatory over IPv6
             pseudo = src + dst + length.to_bytes(4, "big") + b"\x00\x00\x00\x11"
-            s = fold(ones_sum(pseudo) + ones_sum(_UDP.pack(enc.sport, enc.dport, length, 0))
-                     + ones_sum(esp))
+            s = fold(
+                ones_sum(pseudo)
+                + ones_sum(_UDP.pack(enc.sport, enc.dport, length, 0))
+                + ones_sum(esp)
+            )
             csum = (~s & 0xFFFF) or 0xFFFF
         return _UDP.pack(enc.sport, enc.dport, length, csum) + esp
 

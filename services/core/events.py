@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 
-class DropReason(str, Enum):
+class DropReason(str, Enum):  # noqa: UP042 -- str() stays "DropReason.X" for callers
     """Why a packet was not forwarded; every drop is counted under one of these."""
 
     MALFORMED = "malformed"
@@ -34,7 +34,7 @@ class Drop(Exception):
         self.reason = reason
 
 
-class ExpiryKind(str, Enum):
+class ExpiryKind(str, Enum):  # noqa: UP042
     TIME = "time"
     BYTES = "bytes"
     PACKETS = "packets"

@@ -1,4 +1,6 @@
-"""IANA registry values used by the core (RFC 7296 §3.3.2 transform IDs, IANA "Protocol Numbers")."""
+"""IANA registry values used by the core (RFC 7296 §3.3.2 transform IDs, IANA protocols).
+
+Protocol numbers are those of the IANA "Protocol Numbers" registry."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ class MalformedPacket(ValueError):
     """The packet is not a well-formed IP datagram."""
 
 
-def ones_sum(data: bytes | memoryview) -> int:
+def ones_sum(data: bytes | bytearray | memoryview) -> int:
     """RFC 1071 one's-complement sum of 16-bit words (odd length padded with a zero byte).
 
     Uses 2**16 == 1 (mod 0xFFFF): the one's-complement sum is the big-endian integer value of
@@ -30,7 +30,7 @@ def ones_sum(data: bytes | memoryview) -> int:
     return r if r or not v else 0xFFFF
 
 
-def checksum(data: bytes | memoryview) -> int:
+def checksum(data: bytes | bytearray | memoryview) -> int:
     """RFC 1071 Internet checksum."""
     return ~ones_sum(data) & 0xFFFF
 
@@ -43,8 +43,15 @@ def fold(s: int) -> int:
 
 
 def build_ipv4(
-    src: bytes, dst: bytes, proto: int, payload_len: int, *, ttl: int = 64, tos: int = 0,
-    ident: int = 0, df: bool = False,
+    src: bytes,
+    dst: bytes,
+    proto: int,
+    payload_len: int,
+    *,
+    ttl: int = 64,
+    tos: int = 0,
+    ident: int = 0,
+    df: bool = False,
 ) -> bytes:
     """A 20-byte IPv4 header with a correct header checksum."""
     total = 20 + payload_len
@@ -57,8 +64,14 @@ def build_ipv4(
 
 
 def build_ipv6(
-    src: bytes, dst: bytes, next_header: int, payload_len: int, *, hop_limit: int = 64,
-    traffic_class: int = 0, flow_label: int = 0,
+    src: bytes,
+    dst: bytes,
+    next_header: int,
+    payload_len: int,
+    *,
+    hop_limit: int = 64,
+    traffic_class: int = 0,
+    flow_label: int = 0,
 ) -> bytes:
     if payload_len > 0xFFFF:
         raise MalformedPacket("IPv6 payload too long (jumbograms unsupported)")
@@ -110,8 +123,9 @@ def parse_ip(pkt: bytes | memoryview) -> IpInfo:
             raise MalformedPacket("bad IPv4 lengths")
         frag = ((pkt[6] << 8) | pkt[7]) & 0x3FFF
         proto = pkt[9]
-        return IpInfo(4, bytes(pkt[12:16]), bytes(pkt[16:20]), proto, ihl, 9, proto, ihl, 9, total,
-                      frag != 0)
+        return IpInfo(
+            4, bytes(pkt[12:16]), bytes(pkt[16:20]), proto, ihl, 9, proto, ihl, 9, total, frag != 0
+        )
     if version == 6:
         if n < 40:
             raise MalformedPacket("short IPv6 header")
@@ -147,8 +161,19 @@ def parse_ip(pkt: bytes | memoryview) -> IpInfo:
                 break
         else:
             raise MalformedPacket("too many extension headers")
-        return IpInfo(6, bytes(pkt[8:24]), bytes(pkt[24:40]), nh, insert_at, ins_nh_off, ins_nh,
-                      off, nh_off, total, fragment)
+        return IpInfo(
+            6,
+            bytes(pkt[8:24]),
+            bytes(pkt[24:40]),
+            nh,
+            insert_at,
+            ins_nh_off,
+            ins_nh,
+            off,
+            nh_off,
+            total,
+            fragment,
+        )
     raise MalformedPacket("not IPv4 or IPv6")
 
 

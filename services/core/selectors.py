@@ -32,8 +32,10 @@ class Prefix:
         return (int.from_bytes(addr, "big") >> shift) == (self.value >> shift)
 
     def __str__(self) -> str:
-        addr = ipaddress.ip_address(self.value) if self.version == 4 else ipaddress.IPv6Address(
-            self.value
+        addr = (
+            ipaddress.ip_address(self.value)
+            if self.version == 4
+            else ipaddress.IPv6Address(self.value)
         )
         return f"{addr}/{self.length}"
 
@@ -52,7 +54,11 @@ class Selector:
 
     @classmethod
     def make(
-        cls, src: str, dst: str, proto: int = 0, sport: tuple[int, int] = (0, 0xFFFF),
+        cls,
+        src: str,
+        dst: str,
+        proto: int = 0,
+        sport: tuple[int, int] = (0, 0xFFFF),
         dport: tuple[int, int] = (0, 0xFFFF),
     ) -> Selector:
         s, d = Prefix.parse(src), Prefix.parse(dst)
@@ -71,7 +77,9 @@ class Selector:
             return False
         if self.proto and proto != self.proto:
             return False
-        if not (self.sport_lo <= sport <= self.sport_hi and self.dport_lo <= dport <= self.dport_hi):
+        if not self.sport_lo <= sport <= self.sport_hi:
+            return False
+        if not self.dport_lo <= dport <= self.dport_hi:
             return False
         return self.src.contains(src) and self.dst.contains(dst)
 
@@ -83,6 +91,8 @@ class Selector:
 
     def specificity(self) -> tuple[int, int, int, int]:
         """Larger is more specific (used to order filters like Windows does)."""
-        ports = (self.sport_lo, self.sport_hi) != (0, 0xFFFF) or (
-            self.dport_lo, self.dport_hi) != (0, 0xFFFF)
+        ports = (self.sport_lo, self.sport_hi) != (0, 0xFFFF) or (self.dport_lo, self.dport_hi) != (
+            0,
+            0xFFFF,
+        )
         return (self.src.length + self.dst.length, int(self.proto != 0), int(ports), 0)

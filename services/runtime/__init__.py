@@ -1,1 +1,1 @@
-"""services.runtime."""
+"""Runtime helpers shared by the services: structured logging, mTLS credentials, dev PKI."""

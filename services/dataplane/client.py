@@ -1,0 +1,281 @@
+"""A small typed mTLS client for the ipsec.v1.Dataplane gRPC API (used by keymgr, tests, demo).
+
+    with DataplaneClient("unix:/run/w/worker.sock", Path("tls"), server_name="server",
+                         client_name="client") as dp:
+        dp.install_sa(spi=0x1001, protocol="esp", direction="outbound", mode="tunnel",
+                      src="192.0.2.1", dst="192.0.2.2", encr_id=20, encr_key=key, reqid=1)
+        dp.replace_spd([...], revision=1)
+        for ev in dp.events():       # WorkerEvent; ev.event is a core event (Acquire, ...)
+            ...
+
+Failed calls raise grpc.RpcError (``e.code()`` is the status). The TLS directory holds
+``ca.pem`` and ``<client_name>.pem`` / ``.key``; ``server_name`` must be a DNS name in the
+server certificate (services.runtime.tls explains why unix sockets need it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.core.engine import SaStatus
+from services.core.iana import IpProto
+from services.core.sa import Direction, Lifetime, Mode, SaConfig, UdpEncap
+from services.core.spd import SpdEntry
+from services.dataplane import convert
+from services.dataplane.convert import IkeDatagram, SaId, WorkerEvent, WorkerStats
+from services.pb.ipsec.v1 import dataplane_pb2_grpc as pb_grpc
+from services.runtime import tls
+
+__all__ = [
+    "DataplaneClient",
+    "EventStream",
+    "IkeDatagram",
+    "PuntStream",
+    "WorkerEvent",
+    "WorkerStats",
+    "sa_config",
+]
+
+
+def _packed(addr: str | bytes) -> bytes:
+    if isinstance(addr, bytes):
+        return ipaddress.ip_address(addr).packed
+    return ipaddress.ip_address(addr).packed
+
+
+def _protocol(p: int | str) -> int:
+    if isinstance(p, str):
+        return {"esp": int(IpProto.ESP), "ah": int(IpProto.AH)}[p.lower()]
+    return int(p)
+
+
+def _direction(d: Direction | str) -> Direction:
+    return Direction[d.upper()] if isinstance(d, str) else Direction(d)
+
+
+def _mode(m: Mode | str) -> Mode:
+    return Mode[m.upper()] if isinstance(m, str) else Mode(m)
+
+
+def sa_config(**fields: Any) -> SaConfig:
+    """Build a core SaConfig from friendly field values: addresses as text or packed bytes,
+    protocol 'esp'/'ah'/50/51, direction 'inbound'/'outbound', mode 'transport'/'tunnel',
+    encap True (ports 4500) or a UdpEncap, lifetime a Lifetime or a dict of its fields."""
+    f = dict(fields)
+    for k in ("src", "dst"):
+        if k in f:
+            f[k] = _packed(f[k])
+    if "protocol" in f:
+        f["protocol"] = _protocol(f["protocol"])
+    if "direction" in f:
+        f["direction"] = _direction(f["direction"])
+    if "mode" in f:
+        f["mode"] = _mode(f["mode"])
+    if f.get("encap") is True:
+        f["encap"] = UdpEncap()
+    elif f.get("encap") is False:
+        f["encap"] = None
+    if isinstance(f.get("lifetime"), dict):
+        f["lifetime"] = Lifetime(**f["lifetime"])
+    if "selectors" in f:
+        f["selectors"] = tuple(f["selectors"])
+    return SaConfig(**f)
+
+
+class EventStream:
+    """Iterator over a worker's events; ``cancel()`` (or leaving a ``with``) ends it."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __iter__(self) -> Iterator[WorkerEvent]:
+        try:
+            for m in self._call:
+                yield convert.event_from_pb(m)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:
+                raise
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+_END = object()
+
+
+class PuntStream:
+    """The bidirectional punt stream: ``send()`` injects IKE through the worker, iteration
+    yields IKE the worker received. ``close()`` half-closes (the server then ends the stream);
+    ``cancel()`` aborts it."""
+
+    def __init__(self, stub: pb_grpc.DataplaneStub, timeout: float | None) -> None:
+        self._out: queue.Queue[object] = queue.Queue()
+        self._closed = threading.Event()
+        self._call = stub.Punt(self._requests(), timeout=timeout)
+
+    def _requests(self) -> Iterator[Any]:
+        while True:
+            item = self._out.get()
+            if item is _END:
+                return
+            assert isinstance(item, IkeDatagram)
+            yield convert.ike_to_pb(item)
+
+    def send(self, d: IkeDatagram) -> None:
+        if self._closed.is_set():
+            raise RuntimeError("punt stream is closed")
+        self._out.put(d)
+
+    def __iter__(self) -> Iterator[IkeDatagram]:
+        try:
+            for m in self._call:
+                yield convert.ike_from_pb(m)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:
+                raise
+
+    def wait_connected(self) -> None:
+        """Block until the server has subscribed this stream."""
+        self._call.initial_metadata()
+
+    def close(self) -> None:
+        if not self._closed.is_set():
+            self._closed.set()
+            self._out.put(_END)
+
+    def cancel(self) -> None:
+        self.close()
+        self._call.cancel()
+
+    def __enter__(self) -> PuntStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+class DataplaneClient:
+    """Typed wrapper around the Dataplane stub on one mTLS channel."""
+
+    def __init__(
+        self,
+        target: str,
+        tls_dir: Path,
+        *,
+        server_name: str,
+        client_name: str,
+        timeout: float = 10.0,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.channel = tls.secure_channel(
+            target, Path(tls_dir), server_name=server_name, client_name=client_name
+        )
+        self._stub = pb_grpc.DataplaneStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> DataplaneClient:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the channel is connected (raises grpc.FutureTimeoutError)."""
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def serving(self) -> bool:
+        """The gRPC health status of the Dataplane service."""
+        resp = self._health.Check(
+            health_pb2.HealthCheckRequest(service="ipsec.v1.Dataplane"), timeout=self.timeout
+        )
+        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+    # --- SAD ------------------------------------------------------------------------------------
+
+    def install_sa(self, cfg: SaConfig | None = None, /, **fields: Any) -> None:
+        """Install one SA, given as a core SaConfig or as SaConfig fields (see sa_config)."""
+        if cfg is None:
+            cfg = sa_config(**fields)
+        elif fields:
+            raise TypeError("pass either an SaConfig or fields, not both")
+        self._stub.InstallSA(convert.install_request(cfg), timeout=self.timeout)
+
+    def update_sa(
+        self,
+        spi: int,
+        dst: str | bytes,
+        protocol: int | str,
+        direction: Direction | str,
+        *,
+        seq_lease_end: int | None = None,
+        lifetime: Lifetime | None = None,
+    ) -> None:
+        sid = SaId(spi, _packed(dst), _protocol(protocol), _direction(direction))
+        self._stub.UpdateSA(
+            convert.update_request(sid, seq_lease_end=seq_lease_end, lifetime=lifetime),
+            timeout=self.timeout,
+        )
+
+    def delete_sa(
+        self, spi: int, dst: str | bytes, protocol: int | str, direction: Direction | str
+    ) -> bool:
+        """Delete an SA; return whether it existed."""
+        sid = SaId(spi, _packed(dst), _protocol(protocol), _direction(direction))
+        resp = self._stub.DeleteSA(convert.delete_request(sid), timeout=self.timeout)
+        return convert.delete_existed(resp)
+
+    def list_sas(self) -> list[SaStatus]:
+        resp = self._stub.ListSAs(convert.list_sas_request(), timeout=self.timeout)
+        return convert.sa_infos_from_pb(resp)
+
+    # --- SPD, stats -----------------------------------------------------------------------------
+
+    def replace_spd(self, entries: Iterable[SpdEntry], revision: int) -> int:
+        """Replace the whole SPD; return the revision now enforced."""
+        resp = self._stub.ReplaceSPD(
+            convert.replace_spd_request(entries, revision), timeout=self.timeout
+        )
+        return convert.replace_spd_revision(resp)
+
+    def stats(self) -> WorkerStats:
+        return convert.stats_from_pb(
+            self._stub.GetStats(convert.get_stats_request(), timeout=self.timeout)
+        )
+
+    # --- streams --------------------------------------------------------------------------------
+
+    def events(self, *, timeout: float | None = None) -> EventStream:
+        """Subscribe to events. Returns once the worker has registered the subscription, so
+        events emitted after this call are delivered."""
+        call = self._stub.WatchEvents(convert.watch_events_request(), timeout=timeout)
+        call.initial_metadata()
+        return EventStream(call)
+
+    def punt(self, *, timeout: float | None = None) -> PuntStream:
+        """Open the punt/inject stream (subscribed once this returns)."""
+        stream = PuntStream(self._stub, timeout)
+        stream.wait_connected()
+        return stream

@@ -1,0 +1,121 @@
+"""Structured logging for every service: one JSON object per line on stderr.
+
+Usage::
+
+    from services.runtime.logging import configure_logging, get_logger
+
+    configure_logging("info")
+    log = get_logger(__name__)
+    log.info("sa installed", extra={"sa": cfg.describe()})
+
+Fields passed with ``extra=`` become keys of the JSON object. As defence in depth against
+leaking keys or packet contents, any ``bytes``, ``bytearray`` or ``memoryview`` value — in
+``extra`` fields or in ``%``-style message arguments — is replaced by ``<N bytes>``; callers
+must still never log key material or an SaConfig with keys (use ``SaConfig.describe()``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, TextIO
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD = frozenset(
+    logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys()
+    | {"message", "asctime", "taskName"}
+)
+
+
+def redact(value: object) -> object:
+    """Replace binary values (which could hold keys or packets) by their length."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"<{len(value)} bytes>"
+    return value
+
+
+def describe_exception(exc: BaseException | None) -> dict[str, Any]:
+    """Type and code location of an exception, without its message (messages may quote data).
+
+    The message is included only for OSError (errno and strerror) and for exception classes
+    that declare ``log_safe = True`` (their messages are written never to contain secrets);
+    an integer ``code`` attribute (e.g. pyroute2's NetlinkError) is included as ``errno``.
+    """
+    if exc is None:
+        return {}
+    out: dict[str, Any] = {"exc_type": type(exc).__name__}
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if f"{os.sep}services{os.sep}" in f.filename]
+    out["exc_where"] = [
+        f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in (ours or frames)[-6:]
+    ]
+    if isinstance(exc, OSError):
+        out["errno"] = exc.errno
+        out["strerror"] = exc.strerror
+    elif getattr(exc, "log_safe", False) is True:
+        out["detail"] = str(exc)
+    code = getattr(exc, "code", None)
+    if "errno" not in out and isinstance(code, int):
+        out["errno"] = code
+    return out
+
+
+class JsonFormatter(logging.Formatter):
+    """Format a record as a single JSON line: ts, level, logger, msg, and extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.args:
+            if isinstance(record.args, dict):
+                record.args = {k: redact(v) for k, v in record.args.items()}
+            else:
+                record.args = tuple(redact(a) for a in record.args)
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for k, v in record.__dict__.items():
+            if k not in _STANDARD and not k.startswith("_"):
+                out[k] = redact(v)
+        if record.exc_info and record.exc_info[0] is not None:
+            out.update(describe_exception(record.exc_info[1]))
+        return json.dumps(out, default=str, separators=(",", ":"))
+
+
+class StderrHandler(logging.StreamHandler[TextIO]):
+    """A stream handler that looks up ``sys.stderr`` on every record (so pytest's capsys and
+    redirected stderr both see the output)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        pass
+
+
+def configure_logging(level: str | int = "info") -> None:
+    """Install the JSON handler on the root logger (idempotent: replaces an earlier one)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, StderrHandler):
+            root.removeHandler(h)
+    handler = StderrHandler()
+    handler.setFormatter(JsonFormatter())
+    root.addHandler(handler)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(name)
