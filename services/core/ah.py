@@ -109,6 +109,7 @@ class AhSa(SaBase):
         except AlgorithmError as e:
             raise ConfigError(str(e)) from None
         self.icv_len = self._mac.icv_len
+        self._ident = 0
         self._zero_icv = bytes(self.icv_len)
 
     def ah_len(self, version: int) -> int:
@@ -132,7 +133,12 @@ class AhSa(SaBase):
             if version == 4:
                 if 20 + ah_len + len(pkt) > 0xFFFF:
                     raise Drop(DropReason.TOO_BIG)
-                header = build_ipv4(cfg.src, cfg.dst, IpProto.AH, ah_len + len(pkt), ttl=cfg.ttl)
+                # a non-zero ID: a zero one would be rewritten by the sending stack, and the ID
+                # is covered by the ICV (RFC 4302 §3.3.3.1.1.1)
+                self._ident = self._ident % 0xFFFF + 1
+                header = build_ipv4(
+                    cfg.src, cfg.dst, IpProto.AH, ah_len + len(pkt), ttl=cfg.ttl, ident=self._ident
+                )
             else:
                 if ah_len + len(pkt) > 0xFFFF:
                     raise Drop(DropReason.TOO_BIG)

@@ -8,7 +8,7 @@ A worker feeds datagrams and ``now`` in and sends what comes back; nothing here 
 from __future__ import annotations
 
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from services.core.ah import AhSa
@@ -154,17 +154,14 @@ class Dataplane:
         sa = self.find_sa(spi, dst, protocol, direction)
         if sa is None:
             return None
+        new_cfg = None
+        if lifetime is not None:  # validate everything before changing anything
+            new_cfg = replace(sa.cfg, lifetime=lifetime)
+            new_cfg.validate()
         if lease_end is not None:
             sa.extend_lease(lease_end)
-        if lifetime is not None:
-            new_cfg = _replace_lifetime(sa.cfg, lifetime)
-            new_cfg.validate()
-            sa.cfg = new_cfg
-            lt = lifetime
-            sa._soft_bytes = lt.soft_bytes or 1 << 64
-            sa._hard_bytes = lt.hard_bytes or 1 << 64
-            sa._soft_packets = lt.soft_packets or 1 << 64
-            sa._hard_packets = lt.hard_packets or 1 << 64
+        if new_cfg is not None:
+            sa.set_config(new_cfg)
         return sa
 
     def delete_sa(self, spi: int, dst: bytes, protocol: int, direction: Direction) -> bool:
@@ -351,9 +348,3 @@ class Dataplane:
 
 def _v6_l4(pkt: bytes) -> int:
     return parse_ip(pkt).l4_offset
-
-
-def _replace_lifetime(cfg: SaConfig, lifetime: Lifetime) -> SaConfig:
-    from dataclasses import replace
-
-    return replace(cfg, lifetime=lifetime)

@@ -265,7 +265,7 @@ class EspSa(SaBase):
         total = 20 + payload_len
         if total > 0xFFFF:
             raise Drop(DropReason.TOO_BIG)
-        self._ident = ident = (self._ident + 1) & 0xFFFF
+        self._ident = ident = self._ident % 0xFFFF + 1  # never 0: the stack would rewrite it
         c = ~fold(self._v4_sum + total + ident) & 0xFFFF
         return b"".join(
             (

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -103,8 +104,11 @@ class SaConfig:
             for port in (self.encap.sport, self.encap.dport):
                 if not 1 <= port <= 0xFFFF:
                     raise ConfigError("UDP encapsulation ports must be 1..65535")
-        if not 1 <= self.seq_lease_start <= MAX_SEQ_64:
-            raise ConfigError("sequence lease start must be >= 1")
+        seq_max = MAX_SEQ_64 if self.esn else MAX_SEQ_32
+        if not 1 <= self.seq_lease_start <= seq_max:
+            raise ConfigError(f"sequence lease start must be 1..{seq_max} (ESN {self.esn})")
+        if self.seq_lease_end > MAX_SEQ_64:
+            raise ConfigError("sequence lease end exceeds 2^64-1")
         if self.seq_lease_end and self.seq_lease_end < self.seq_lease_start:
             raise ConfigError("sequence lease end precedes its start")
         if not 0 <= self.tfc_pad_to <= 0xFFFF:
@@ -117,8 +121,8 @@ class SaConfig:
             (lt.soft_bytes, lt.hard_bytes, "bytes"),
             (lt.soft_packets, lt.hard_packets, "packets"),
         ):
-            if soft < 0 or hard < 0:
-                raise ConfigError(f"lifetime {what} must not be negative")
+            if not (math.isfinite(soft) and math.isfinite(hard)) or soft < 0 or hard < 0:
+                raise ConfigError(f"lifetime {what} must be finite and not negative")
             if soft and hard and soft > hard:
                 raise ConfigError(f"soft lifetime {what} exceeds the hard one")
 
@@ -167,11 +171,18 @@ class SaBase:
         self._lease_low_at = self._lease_low_threshold()
         self._lease_low_fired = False
         self.replay = ReplayWindow(cfg.replay_window, esn=cfg.esn)
-        lt = cfg.lifetime
+        self._set_limits(cfg.lifetime)
+
+    def _set_limits(self, lt: Lifetime) -> None:
         self._soft_bytes = lt.soft_bytes or 1 << 64
         self._hard_bytes = lt.hard_bytes or 1 << 64
         self._soft_packets = lt.soft_packets or 1 << 64
         self._hard_packets = lt.hard_packets or 1 << 64
+
+    def set_config(self, cfg: SaConfig) -> None:
+        """Adopt a new configuration that differs only in lifetimes (validated by the caller)."""
+        self.cfg = cfg
+        self._set_limits(cfg.lifetime)
 
     # --- outbound sequence numbers (RFC 4303 §3.3.3) -----------------------------------------
 
