@@ -5,7 +5,6 @@ zeroed, ESN high bits appended), §3.4 (inbound, replay per RFC 4303 §3.4.3).""
 from __future__ import annotations
 
 import struct
-from dataclasses import replace
 
 from services.core.algorithms import AlgorithmError, make_mac
 from services.core.esp import rebuild_header, trim_inner
@@ -110,6 +109,7 @@ class AhSa(SaBase):
             raise ConfigError(str(e)) from None
         self.icv_len = self._mac.icv_len
         self._ident = 0
+        self.tunnel = cfg.mode == Mode.TUNNEL
         self._zero_icv = bytes(self.icv_len)
 
     def ah_len(self, version: int) -> int:
@@ -202,6 +202,6 @@ class AhSa(SaBase):
             self.check_selectors(inner)
             self.account(len(inner))
             return inner
-        out_info = replace(info, insert_at=ah_off, proto_offset=info.l4_proto_offset)
+        out_info = info._replace(insert_at=ah_off, proto_offset=info.l4_proto_offset)
         self.account(len(payload))
         return rebuild_header(pkt, out_info, nh, len(payload)) + bytes(payload)

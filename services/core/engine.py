@@ -7,9 +7,11 @@ A worker feeds datagrams and ``now`` in and sends what comes back; nothing here 
 
 from __future__ import annotations
 
+import struct
 from collections import Counter, deque
 from dataclasses import dataclass, replace
 from enum import Enum
+from typing import NamedTuple
 
 from services.core.ah import AhSa
 from services.core.esp import EspSa
@@ -22,6 +24,7 @@ from services.core.spd import Action, Spd, SpdEntry
 SaKey = tuple[int, bytes, int]  # (spi, outer destination, protocol)
 AnySa = EspSa | AhSa
 
+_U32 = struct.Struct("!I")
 NAT_KEEPALIVE = b"\xff"  # RFC 3948 §2.3
 NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2
 ACQUIRE_INTERVAL = 1.0  # at most one ACQUIRE per policy per interval
@@ -47,8 +50,7 @@ def classify_udp_encap(payload: bytes | memoryview) -> UdpKind:
     return UdpKind.INVALID
 
 
-@dataclass(frozen=True, slots=True)
-class Outbound:
+class Outbound(NamedTuple):
     """A datagram to put on the wire. When ``udp_offset`` is non-zero the packet is ESP-in-UDP
     and ``packet[udp_offset:]`` is the UDP payload (for a worker that sends through its UDP 4500
     socket); ``dport`` is then the peer's port."""
@@ -100,6 +102,7 @@ class Dataplane:
         self.bypass_packets = 0
         self.keepalives = 0
         self._acquire_at: dict[int, float] = {}
+        self._chains: dict[int, tuple[AnySa, ...]] = {}  # policy_id -> SA bundle
 
     # --- events -------------------------------------------------------------------------------
 
@@ -127,6 +130,7 @@ class Dataplane:
             if any(s.spi == cfg.spi and s.cfg.dst == cfg.dst for s in lst):
                 raise ConfigError("an outbound SA with this SPI and destination exists")
             lst.append(sa)  # newest last: make-before-break, the newest carries traffic
+            self._chains.clear()
             for entry in self.spd.entries:  # the ACQUIRE limiter is keyed by policy_id
                 if entry.reqid == cfg.reqid:
                     self._acquire_at.pop(entry.policy_id, None)
@@ -172,6 +176,7 @@ class Dataplane:
             for i, s in enumerate(lst):
                 if s.spi == spi and s.cfg.dst == dst:
                     del lst[i]
+                    self._chains.clear()
                     return True
         return False
 
@@ -184,6 +189,7 @@ class Dataplane:
 
     def replace_spd(self, entries: list[SpdEntry], revision: int) -> None:
         self.spd.replace(entries, revision)
+        self._chains.clear()
         self._acquire_at.clear()
 
     def tick(self, now: float) -> None:
@@ -232,21 +238,16 @@ class Dataplane:
         if entry is None:
             self.drops[DropReason.NO_POLICY] += 1
             return None
-        if entry.action == Action.BYPASS:
-            self.bypass_packets += 1
-            return Outbound(pkt)
-        if entry.action == Action.DISCARD:
+        action = entry.action
+        if action is not Action.PROTECT:
+            if action is Action.BYPASS:
+                self.bypass_packets += 1
+                return Outbound(pkt)
             self.drops[DropReason.POLICY_DISCARD] += 1
             return None
-        by_proto = self.outbound_sas.get(entry.reqid)
-        chain: list[AnySa] = []
-        if by_proto:
-            for proto in entry.protocols:
-                lst = by_proto.get(proto)
-                if not lst:
-                    chain = []
-                    break
-                chain.append(lst[-1])
+        chain = self._chains.get(entry.policy_id)
+        if chain is None:
+            chain = self._resolve_chain(entry)
         if not chain:
             self._acquire(entry, key, now)
             self.drops[DropReason.NO_OUTBOUND_SA] += 1
@@ -266,6 +267,21 @@ class Dataplane:
             return Outbound(out, hl + 8, enc.dport)
         return Outbound(out)
 
+    def _resolve_chain(self, entry: SpdEntry) -> tuple[AnySa, ...]:
+        """The SAs (newest per protocol) that carry a PROTECT entry's traffic, cached until the
+        SAD or SPD changes; empty when one is missing (ACQUIRE)."""
+        by_proto = self.outbound_sas.get(entry.reqid) or {}
+        chain: list[AnySa] = []
+        for proto in entry.protocols:
+            lst = by_proto.get(proto)
+            if not lst:
+                chain = []
+                break
+            chain.append(lst[-1])
+        result = tuple(chain)
+        self._chains[entry.policy_id] = result
+        return result
+
     def _acquire(
         self, entry: SpdEntry, key: tuple[int, bytes, bytes, int, int, int], now: float
     ) -> None:
@@ -282,7 +298,21 @@ class Dataplane:
         """Process one received ESP or AH datagram (full IP packet); return the clear datagram
         to deliver, or None (the drop is counted)."""
         self.rx_packets += 1
-        self.rx_bytes += len(pkt)
+        n = len(pkt)
+        self.rx_bytes += n
+        # fast path: IPv4 without options, ESP or ESP-in-UDP, to a tunnel-mode SA
+        if n >= 28 and pkt[0] == 0x45 and not (pkt[6] & 0x3F or pkt[7]):
+            proto = pkt[9]
+            off = 20 if proto == IpProto.ESP else 28 if proto == IpProto.UDP else 0
+            total = (pkt[2] << 8) | pkt[3]
+            if off and off + 8 <= total <= n:
+                sa = self.inbound_sas.get((_U32.unpack_from(pkt, off)[0], pkt[16:20], IpProto.ESP))
+                if sa is not None and sa.tunnel:
+                    try:
+                        return sa.unprotect_tunnel(pkt[off:total], now)  # type: ignore[union-attr]
+                    except Drop as d:
+                        self.drops[d.reason] += 1
+                        return None
         try:
             for depth in range(MAX_NESTING):
                 info = parse_ip(pkt)
@@ -303,7 +333,7 @@ class Dataplane:
                 if sa is None:
                     raise Drop(DropReason.NO_SA)
                 pkt = sa.unprotect(pkt, info, off, now)
-                if sa.cfg.mode.name == "TUNNEL":
+                if sa.tunnel:
                     return pkt
             raise Drop(DropReason.UNSUPPORTED)
         except MalformedPacket:

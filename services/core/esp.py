@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import replace
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
@@ -40,6 +39,7 @@ from services.core.replay import ReplayError
 from services.core.sa import ConfigError, Direction, Emit, Mode, SaBase, SaConfig
 
 _U32 = struct.Struct("!I")
+_V4_OUTER = struct.Struct("!BBHHHBBH4s4s")
 _III = struct.Struct("!III")
 _UDP = struct.Struct("!HHHH")
 _PAD = bytes(range(1, 256))  # RFC 4303 §2.4 default padding contents 1, 2, 3, ...
@@ -80,6 +80,7 @@ class EspSa(SaBase):
         self._cbc: BlockCipher | None = None
         self._mac: Mac | None = None
         self._esn = cfg.esn
+        self.tunnel = cfg.mode == Mode.TUNNEL
         self._trailers: dict[int, bytes] = {}
         try:
             if alg.aead:
@@ -116,8 +117,6 @@ class EspSa(SaBase):
         self._ident = 0
         if cfg.direction == Direction.OUTBOUND and cfg.mode == Mode.TUNNEL and not self._v6:
             # IPv4 header template; the checksum is patched per packet from a precomputed sum
-            self._v4_head = bytes([0x45, 0])
-            self._v4_tail = bytes([cfg.ttl, self._out_proto])
             self._v4_sum = ones_sum(
                 bytes([0x45, 0, 0, 0, 0, 0, cfg.ttl, self._out_proto]) + cfg.src + cfg.dst
             )
@@ -232,15 +231,18 @@ class EspSa(SaBase):
         """Protect one clear IP datagram; return the outer IP datagram to send."""
         self.check_alive()
         cfg = self.cfg
-        if cfg.mode == Mode.TUNNEL:
+        if self.tunnel:
             v = pkt[0] >> 4 if pkt else 0
-            if v not in (4, 6):
+            if v == 4:
+                nh = IpProto.IPV4
+            elif v == 6:
+                nh = IpProto.IPV6
+            else:
                 raise Drop(DropReason.MALFORMED)
-            inner = pkt
-            if cfg.tfc_pad_to > len(pkt):
-                inner = pkt + bytes(cfg.tfc_pad_to - len(pkt))
-            esp = self.seal(inner, IpProto.IPV4 if v == 4 else IpProto.IPV6)
-            self.account(len(pkt))
+            n = len(pkt)
+            tfc = cfg.tfc_pad_to
+            esp = self.seal(pkt + bytes(tfc - n) if tfc > n else pkt, nh)
+            self.account(n)
             if cfg.encap:
                 esp = self._udp(esp, cfg.src, cfg.dst)
             return self._outer(len(esp)) + esp
@@ -267,17 +269,8 @@ class EspSa(SaBase):
             raise Drop(DropReason.TOO_BIG)
         self._ident = ident = self._ident % 0xFFFF + 1  # never 0: the stack would rewrite it
         c = ~fold(self._v4_sum + total + ident) & 0xFFFF
-        return b"".join(
-            (
-                self._v4_head,
-                total.to_bytes(2, "big"),
-                ident.to_bytes(2, "big"),
-                b"\x00\x00",
-                self._v4_tail,
-                c.to_bytes(2, "big"),
-                cfg.src,
-                cfg.dst,
-            )
+        return _V4_OUTER.pack(
+            0x45, 0, total, ident, 0, cfg.ttl, self._out_proto, c, cfg.src, cfg.dst
         )
 
     def _udp(self, esp: bytes, src: bytes, dst: bytes) -> bytes:
@@ -299,20 +292,30 @@ class EspSa(SaBase):
 
     def unprotect(self, pkt: bytes, info: IpInfo, esp_off: int, now: float) -> bytes:
         """Process an inbound ESP datagram; return the clear IP datagram it carried."""
-        self.check_alive()
         esp = pkt[esp_off:] if info.length == len(pkt) else pkt[esp_off : info.length]
+        if self.tunnel:
+            return self.unprotect_tunnel(esp, now)
+        self.check_alive()
         nh, payload = self.open(esp, now)
         if nh == IpProto.IPV6_NONXT:  # RFC 4303 §2.6 dummy packet
             raise Drop(DropReason.DUMMY)
-        if self.cfg.mode == Mode.TUNNEL:
-            inner = trim_inner(nh, payload)
-            self.check_selectors(inner)
-            self.account(len(inner))
-            return inner
         keep = esp_off - 8 if info.proto == IpProto.UDP else esp_off
         out_info = _with_proto_offset(info, keep)
         self.account(len(payload))
         return rebuild_header(pkt[:keep], out_info, nh, len(payload)) + payload
+
+    def unprotect_tunnel(self, esp: bytes, now: float) -> bytes:
+        """Tunnel mode: verify and decrypt ``esp`` (SPI through ICV); return the inner datagram."""
+        if self.dead:
+            self.check_alive()
+        nh, payload = self.open(esp, now)
+        if nh == IpProto.IPV6_NONXT:  # RFC 4303 §2.6 dummy packet
+            raise Drop(DropReason.DUMMY)
+        inner = trim_inner(nh, payload)
+        if self.cfg.selectors:
+            self.check_selectors(inner)
+        self.account(len(inner))
+        return inner
 
 
 def trim_inner(nh: int, payload: bytes) -> bytes:
@@ -336,7 +339,7 @@ def trim_inner(nh: int, payload: bytes) -> bytes:
 def _with_proto_offset(info: IpInfo, keep: int) -> IpInfo:
     """Describe the received header as the part before ``keep`` whose last protocol byte is
     the one that named ESP (or UDP)."""
-    return replace(info, insert_at=keep, proto_offset=info.l4_proto_offset)
+    return info._replace(insert_at=keep, proto_offset=info.l4_proto_offset)
 
 
 def rebuild_header(pkt: bytes, info: IpInfo, proto: int, payload_len: int) -> bytes:

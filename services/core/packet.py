@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from services.core.iana import IpProto
 
@@ -85,8 +85,7 @@ def fix_ipv4_header(hdr: bytearray) -> None:
     hdr[10:12] = checksum(hdr).to_bytes(2, "big")
 
 
-@dataclass(frozen=True, slots=True)
-class IpInfo:
+class IpInfo(NamedTuple):
     """Where things are in an IP datagram.
 
     ``insert_at`` is where ESP/AH goes in transport mode (after IPv4 options, or after the IPv6
@@ -180,13 +179,43 @@ def parse_ip(pkt: bytes | memoryview) -> IpInfo:
 def flow_key(pkt: bytes | memoryview) -> tuple[int, bytes, bytes, int, int, int]:
     """(version, src, dst, proto, sport, dport) for SPD lookup; ports 0 when not TCP/UDP/SCTP.
 
-    For ICMP/ICMPv6 the type and code stand in for the ports (RFC 4301 §4.4.1.1).
+    For ICMP/ICMPv6 the type and code stand in for the ports (RFC 4301 §4.4.1.1). The common
+    shapes (IPv4 without options, IPv6 without extension headers) take a fast path that gives
+    the same answer as the general one.
     """
+    n = len(pkt)
+    if n >= 20 and pkt[0] == 0x45:
+        total = (pkt[2] << 8) | pkt[3]
+        if 20 <= total <= n and not (pkt[6] & 0x3F or pkt[7]):
+            proto = pkt[9]
+            if proto in _PORT_PROTOS and total >= 24:
+                sport, dport = _PORTS.unpack_from(pkt, 20)
+                return 4, bytes(pkt[12:16]), bytes(pkt[16:20]), proto, sport, dport
+            if proto == IpProto.ICMP and total >= 24:
+                return 4, bytes(pkt[12:16]), bytes(pkt[16:20]), proto, pkt[20], pkt[21]
+            return 4, bytes(pkt[12:16]), bytes(pkt[16:20]), proto, 0, 0
+    elif n >= 40 and pkt[0] >> 4 == 6:
+        proto = pkt[6]
+        total = 40 + ((pkt[4] << 8) | pkt[5])
+        if total <= n:
+            if proto in _PORT_PROTOS and total >= 44:
+                sport, dport = _PORTS.unpack_from(pkt, 40)
+                return 6, bytes(pkt[8:24]), bytes(pkt[24:40]), proto, sport, dport
+            if proto == IpProto.ICMPV6 and total >= 44:
+                return 6, bytes(pkt[8:24]), bytes(pkt[24:40]), proto, pkt[40], pkt[41]
+    return flow_key_general(pkt)
+
+
+def flow_key_general(pkt: bytes | memoryview) -> tuple[int, bytes, bytes, int, int, int]:
+    """flow_key through the full header walk (the reference for the fast path)."""
     info = parse_ip(pkt)
     sport = dport = 0
     if not info.fragment and info.l4_offset + 4 <= info.length:
-        if info.proto in (IpProto.TCP, IpProto.UDP, 132):
+        if info.proto in _PORT_PROTOS:
             sport, dport = _PORTS.unpack_from(pkt, info.l4_offset)
         elif info.proto in (IpProto.ICMP, IpProto.ICMPV6):
             sport, dport = pkt[info.l4_offset], pkt[info.l4_offset + 1]
     return info.version, info.src, info.dst, info.proto, sport, dport
+
+
+_PORT_PROTOS = frozenset({IpProto.TCP, IpProto.UDP, 132})
