@@ -444,18 +444,23 @@ class UdpSource:
         self.port = port
         self.family = sock.family
         self.name = f"udp{port}"
+        self._packed: dict[str, bytes] = {}  # peer address text -> packed
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def read(self) -> Item | None:
         try:
-            data, _anc, flags, addr = self.sock.recvmsg(RECV_BUF, 0)
+            data, addr = self.sock.recvfrom(RECV_BUF)
         except BlockingIOError:
             return None
-        if flags & socket.MSG_TRUNC:
+        if len(data) >= RECV_BUF:
             raise MalformedPacket("truncated")
-        src = socket.inet_pton(self.family, _strip_scope(addr[0]))
+        src = self._packed.get(addr[0])
+        if src is None:
+            if len(self._packed) > 4096:
+                self._packed.clear()
+            src = self._packed[addr[0]] = socket.inet_pton(self.family, _strip_scope(addr[0]))
         sport = int(addr[1])
         if self.port == ESP_UDP_PORT:
             return UdpItem(src, self.local_packed, sport, self.port, data)
@@ -496,6 +501,7 @@ class Wire:
     """All sockets on the outer (wire) side. Needs CAP_NET_RAW and CAP_NET_ADMIN (SO_MARK)."""
 
     def __init__(self, local_addresses: Sequence[str], fwmark: int) -> None:
+        self._text: dict[bytes, str] = {}  # packed address -> text, for sendto
         self.local_addresses = [str(ipaddress.ip_address(a)) for a in local_addresses]
         self.fwmark = fwmark
         self.sources: list[Source] = []
@@ -564,11 +570,14 @@ class Wire:
         v = pkt[0] >> 4
         if v == 4:
             src, dst = pkt[12:16], pkt[16:20]
-            fam = socket.AF_INET
         else:
             src, dst = pkt[8:24], pkt[24:40]
-            fam = socket.AF_INET6
-        dst_text = socket.inet_ntop(fam, dst)
+        dst_text = self._text.get(dst)
+        if dst_text is None:
+            if len(self._text) > 4096:
+                self._text.clear()
+            fam = socket.AF_INET if v == 4 else socket.AF_INET6
+            dst_text = self._text[dst] = socket.inet_ntop(fam, dst)
         if out.udp_offset:
             sock = self._udp.get((src, ESP_UDP_PORT))
             if sock is not None:
