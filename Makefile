@@ -19,7 +19,8 @@ help:
 
 $(APT_STAMP):
 	@if ! command -v tshark >/dev/null || ! command -v iperf3 >/dev/null \
-	    || ! command -v tcpdump >/dev/null || ! command -v ping >/dev/null; then \
+	    || ! command -v tcpdump >/dev/null || ! command -v ping >/dev/null \
+	    || ! command -v ip >/dev/null || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
 	fi

@@ -11,6 +11,7 @@ scapy must verify the ICV of every AH frame (tshark does not check AH ICVs).
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 from pathlib import Path
 from typing import Any
@@ -198,3 +199,21 @@ def test_list_sas_never_returns_keys(netns_lab: Lab) -> None:
             if k:
                 assert k not in text and k.hex().encode() not in text
         assert all(s.direction in (Direction.INBOUND, Direction.OUTBOUND) for s in listed)
+
+
+def test_worker_logs_never_contain_keys(netns_lab: Lab) -> None:
+    """The real worker processes, after installs, traffic, updates and deletes, logged no key
+    material in any encoding (raw, hex either case, base64)."""
+    sa_set = make_sa_set(SaProfile(encap=Encap.ESP_UDP))
+    netns_lab.install(sa_set)
+    a, _b = netns_lab.nodes
+    assert netns_lab.ping(a, "203.0.113.1", src="198.51.100.1").ok
+    netns_lab.clear_sas()
+    keys = [k for c in sa_set.all_sas() for k in (c.encr_key, c.integ_key) if k]
+    assert keys
+    for node in netns_lab.nodes:
+        log = node.log_path.read_bytes()
+        assert log, f"{node.worker_id} wrote no log at all (the check would be vacuous)"
+        for k in keys:
+            for form in (k, k.hex().encode(), k.hex().upper().encode(), base64.b64encode(k)):
+                assert form not in log, f"key material in {node.worker_id}'s log"
