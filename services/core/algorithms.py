@@ -74,9 +74,6 @@ INTEG: dict[int, IntegAlgorithm] = {
     )
 }
 
-# Encryption-only ESP (RFC 4303 §3.2.1 allows it) is offered only as a legacy choice.
-INTEG_NONE_LEGACY = True
-
 
 def encr_algorithm(transform_id: int, *, allow_legacy: bool = False) -> EncrAlgorithm:
     alg = ENCR.get(transform_id)
@@ -119,19 +116,22 @@ class Aead(Protocol):
 
 
 class _AeadBase:
-    __slots__ = ("_impl", "_salt", "icv_len")
+    """AES-GCM / ChaCha20-Poly1305. ``impl`` and ``salt`` are public so the ESP hot path can
+    call the keyed primitive directly (nonce = salt || IV)."""
+
+    __slots__ = ("icv_len", "impl", "salt")
 
     def __init__(self, impl: AESGCM | ChaCha20Poly1305, salt: bytes) -> None:
-        self._impl = impl
-        self._salt = salt
+        self.impl = impl
+        self.salt = salt
         self.icv_len = 16
 
     def seal(self, iv: bytes, aad: bytes, plaintext: bytes) -> bytes:
-        return self._impl.encrypt(self._salt + iv, plaintext, aad)
+        return self.impl.encrypt(self.salt + iv, plaintext, aad)
 
     def open(self, iv: bytes | memoryview, aad: bytes, sealed: bytes | memoryview) -> bytes:
         try:
-            return self._impl.decrypt(self._salt + bytes(iv), sealed, aad)
+            return self.impl.decrypt(self.salt + bytes(iv), sealed, aad)
         except InvalidTag:
             raise AuthenticationFailed from None
 

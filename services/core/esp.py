@@ -9,23 +9,21 @@ import struct
 from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from services.core.algorithms import (
     Aead,
     AlgorithmError,
     AuthenticationFailed,
     BlockCipher,
-    EncrAlgorithm,
     Mac,
+    _AeadBase,
     encr_algorithm,
     make_aead,
     make_block_cipher,
     make_mac,
-    split_encr_key,
 )
 from services.core.events import Drop, DropReason
-from services.core.iana import Encr, IpProto
+from services.core.iana import IpProto
 from services.core.packet import (
     IpInfo,
     MalformedPacket,
@@ -46,15 +44,6 @@ _PAD = bytes(range(1, 256))  # RFC 4303 §2.4 default padding contents 1, 2, 3, 
 _M32 = 0xFFFFFFFF
 
 IvSource = Callable[[int], bytes]  # seq -> explicit IV; for published-vector tests
-
-
-def _primitive(
-    alg: EncrAlgorithm, key_material: bytes
-) -> tuple[Callable[[bytes, bytes, bytes], bytes], Callable[[bytes, bytes, bytes], bytes], bytes]:
-    """Bound encrypt/decrypt of the keyed AEAD and the salt, for the per-packet path."""
-    key, salt = split_encr_key(alg, key_material)
-    impl = ChaCha20Poly1305(key) if alg.transform_id == Encr.CHACHA20_POLY1305 else AESGCM(key)
-    return impl.encrypt, impl.decrypt, salt
 
 
 class EspSa(SaBase):
@@ -88,11 +77,13 @@ class EspSa(SaBase):
                     raise ConfigError(f"{alg.name} is combined-mode: no integrity transform")
                 self._aead = make_aead(alg, cfg.encr_key)
                 self.icv_len = 16
-                # hot path: call the keyed primitive directly (nonce = salt || IV)
-                self._aead_encrypt, self._aead_decrypt, self._salt = _primitive(alg, cfg.encr_key)
-                if alg.transform_id == Encr.NULL_AUTH_AES_GMAC:
+                if isinstance(self._aead, _AeadBase):
+                    # hot path: call the keyed primitive directly (nonce = salt || IV)
+                    impl = self._aead.impl
+                    self._aead_encrypt, self._aead_decrypt = impl.encrypt, impl.decrypt
+                    self._salt = self._aead.salt
+                else:  # GMAC authenticates the payload as AAD (RFC 4543 §3)
                     self._gmac = self._aead
-                    self._aead_encrypt = None
             else:
                 if alg.encrypts:
                     self._cbc = make_block_cipher(alg, cfg.encr_key)
@@ -184,14 +175,14 @@ class EspSa(SaBase):
         else:  # ahead of the window: always acceptable (RFC 4303 §3.4.3)
             seq = seq_low
         decrypt = self._aead_decrypt
-        if decrypt is not None:
+        if decrypt is not None or self._gmac is not None:
             iv_end = 8 + self.iv_len
             aad = esp[:8] if not self._esn else _III.pack(self.spi, seq >> 32, seq_low)
             try:
-                if self._gmac is not None:
-                    pt = self._gmac.open(esp[8:iv_end], aad, esp[iv_end:])
-                else:
+                if decrypt is not None:
                     pt = decrypt(self._salt + esp[8:iv_end], esp[iv_end:], aad)
+                else:
+                    pt = self._gmac.open(esp[8:iv_end], aad, esp[iv_end:])  # type: ignore[union-attr]
             except (InvalidTag, AuthenticationFailed):
                 raise self.auth_failed(now) from None
         else:
