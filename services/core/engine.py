@@ -14,7 +14,7 @@ from enum import Enum
 from typing import NamedTuple
 
 from services.core.ah import AhSa
-from services.core.esp import EspSa
+from services.core.esp import NAT_KEEPALIVE, EspSa
 from services.core.events import Acquire, Drop, DropReason, Event
 from services.core.iana import IpProto
 from services.core.packet import MalformedPacket, build_ipv4, build_ipv6, flow_key, parse_ip
@@ -25,7 +25,6 @@ SaKey = tuple[int, bytes, int]  # (spi, outer destination, protocol)
 AnySa = EspSa | AhSa
 
 _U32 = struct.Struct("!I")
-NAT_KEEPALIVE = b"\xff"  # RFC 3948 §2.3
 NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2
 ACQUIRE_INTERVAL = 1.0  # at most one ACQUIRE per policy per interval
 MAX_NESTING = 3
@@ -41,7 +40,7 @@ class UdpKind(Enum):
 def classify_udp_encap(payload: bytes | memoryview) -> UdpKind:
     """Demultiplex a datagram received on UDP 4500 (RFC 3948 §2.2, §2.3)."""
     n = len(payload)
-    if n == 1 and payload[0] == 0xFF:
+    if n == 1 and payload[0] == NAT_KEEPALIVE[0]:
         return UdpKind.KEEPALIVE
     if n >= 4 and payload[:4] == NON_ESP_MARKER:
         return UdpKind.IKE
@@ -196,6 +195,18 @@ class Dataplane:
         """Time-based lifetimes; call about once a second."""
         for sa in self.all_sas():
             sa.tick(now)
+
+    def nat_keepalives(self, now: float) -> list[Outbound]:
+        """NAT keepalives due on outbound ESP-in-UDP SAs (RFC 3948 §4); call with tick()."""
+        out: list[Outbound] = []
+        for by_proto in self.outbound_sas.values():
+            for sa in by_proto.get(IpProto.ESP, ()):
+                pkt = sa.keepalive(now) if isinstance(sa, EspSa) else None
+                if pkt is not None:
+                    enc = sa.cfg.encap
+                    assert enc is not None
+                    out.append(Outbound(pkt, len(pkt) - 1, enc.dport))
+        return out
 
     def status(self, sa: AnySa, now: float) -> SaStatus:
         c = sa.cfg

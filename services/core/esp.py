@@ -27,6 +27,7 @@ from services.core.iana import IpProto
 from services.core.packet import (
     IpInfo,
     MalformedPacket,
+    build_ipv4,
     build_ipv6,
     checksum,
     fold,
@@ -42,6 +43,7 @@ _III = struct.Struct("!III")
 _UDP = struct.Struct("!HHHH")
 _PAD = bytes(range(1, 256))  # RFC 4303 §2.4 default padding contents 1, 2, 3, ...
 _M32 = 0xFFFFFFFF
+NAT_KEEPALIVE = b"\xff"  # RFC 3948 §2.3
 
 IvSource = Callable[[int], bytes]  # seq -> explicit IV; for published-vector tests
 
@@ -106,6 +108,7 @@ class EspSa(SaBase):
         self._v6 = len(cfg.src) == 16
         self._out_proto = IpProto.UDP if cfg.encap else IpProto.ESP
         self._ident = 0
+        self.last_tx = now  # for NAT keepalives (RFC 3948 §4)
         if cfg.direction == Direction.OUTBOUND and cfg.mode == Mode.TUNNEL and not self._v6:
             # IPv4 header template; the checksum is patched per packet from a precomputed sum
             self._v4_sum = ones_sum(
@@ -222,6 +225,7 @@ class EspSa(SaBase):
         """Protect one clear IP datagram; return the outer IP datagram to send."""
         self.check_alive()
         cfg = self.cfg
+        self.last_tx = now
         if self.tunnel:
             v = pkt[0] >> 4 if pkt else 0
             if v == 4:
@@ -280,6 +284,21 @@ class EspSa(SaBase):
             )
             csum = (~s & 0xFFFF) or 0xFFFF
         return _UDP.pack(enc.sport, enc.dport, length, csum) + esp
+
+    def keepalive(self, now: float) -> bytes | None:
+        """An IP/UDP NAT-keepalive datagram (RFC 3948 §2.3) if this outbound ESP-in-UDP SA has
+        been silent for its keepalive interval (§4), else None."""
+        enc = self.cfg.encap
+        if enc is None or not enc.keepalive_interval or self.dead:
+            return None
+        if now - self.last_tx < enc.keepalive_interval:
+            return None
+        self.last_tx = now
+        cfg = self.cfg
+        udp = self._udp(NAT_KEEPALIVE, cfg.src, cfg.dst)
+        if self._v6:
+            return build_ipv6(cfg.src, cfg.dst, IpProto.UDP, len(udp), hop_limit=cfg.ttl) + udp
+        return build_ipv4(cfg.src, cfg.dst, IpProto.UDP, len(udp), ttl=cfg.ttl) + udp
 
     def unprotect(self, pkt: bytes, info: IpInfo, esp_off: int, now: float) -> bytes:
         """Process an inbound ESP datagram; return the clear IP datagram it carried."""

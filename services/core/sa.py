@@ -61,6 +61,7 @@ class UdpEncap:
 
     sport: int = 4500
     dport: int = 4500
+    keepalive_interval: float = 0.0  # outbound: NAT keepalive after this much silence; 0 = off
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +105,9 @@ class SaConfig:
             for port in (self.encap.sport, self.encap.dport):
                 if not 1 <= port <= 0xFFFF:
                     raise ConfigError("UDP encapsulation ports must be 1..65535")
+            ka = self.encap.keepalive_interval
+            if not math.isfinite(ka) or ka < 0:
+                raise ConfigError("keepalive interval must be finite and not negative")
         seq_max = MAX_SEQ_64 if self.esn else MAX_SEQ_32
         if not 1 <= self.seq_lease_start <= seq_max:
             raise ConfigError(f"sequence lease start must be 1..{seq_max} (ESN {self.esn})")

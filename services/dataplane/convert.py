@@ -42,6 +42,7 @@ MAX_SELECTORS = 256
 MAX_SPD_ENTRIES = 65536
 MAX_IKE_BYTES = 65503  # 65535 - IPv4 header - UDP header - non-ESP marker
 MAX_ADDR_TEXT = 64
+MAX_KEEPALIVE_INTERVAL = 3600.0
 DEFAULT_ENCAP_PORT = 4500
 
 
@@ -315,9 +316,15 @@ def sa_config_from_pb(m: pb.SAConfig) -> SaConfig:
     if m.HasField("encap"):
         if sid.protocol != IpProto.ESP:
             raise ConversionError("encap: UDP encapsulation applies to ESP only (RFC 3948)")
+        ka = m.encap.keepalive_interval
+        if not math.isfinite(ka) or not 0 <= ka <= MAX_KEEPALIVE_INTERVAL:
+            raise ConversionError(
+                f"encap.keepalive_interval: must be 0..{MAX_KEEPALIVE_INTERVAL} seconds"
+            )
         encap = UdpEncap(
             _port(m.encap.sport, "encap.sport", default=DEFAULT_ENCAP_PORT),
             _port(m.encap.dport, "encap.dport", default=DEFAULT_ENCAP_PORT),
+            ka,
         )
     lifetime = lifetime_from_pb(m.lifetime) if m.HasField("lifetime") else Lifetime()
     seq_max = U64 if m.esn else U32
@@ -383,7 +390,13 @@ def sa_config_to_pb(cfg: SaConfig) -> pb.SAConfig:
         allow_legacy=cfg.allow_legacy,
     )
     if cfg.encap is not None:
-        m.encap.CopyFrom(pb.UdpEncap(sport=cfg.encap.sport, dport=cfg.encap.dport))
+        m.encap.CopyFrom(
+            pb.UdpEncap(
+                sport=cfg.encap.sport,
+                dport=cfg.encap.dport,
+                keepalive_interval=cfg.encap.keepalive_interval,
+            )
+        )
     return m
 
 

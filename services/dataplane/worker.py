@@ -750,6 +750,7 @@ class PacketLoop:
             if tick:
                 try:
                     eng.tick(now)
+                    to_wire.extend(eng.nat_keepalives(now))
                 except Exception as e:
                     errors.append(("tick", e))
             try:
