@@ -151,6 +151,7 @@ class Routing:
                 except NetlinkError as e:
                     if e.code != errno.EEXIST:
                         raise
+            _quiet_ipv6(p.tun)
             ipr.link("set", index=idx, state="up")
             _disable_rp_filter(p.tun)
             for cidr in p.routes:
@@ -217,6 +218,20 @@ class Routing:
 
 def _family(version: int) -> int:
     return socket.AF_INET if version == 4 else socket.AF_INET6
+
+
+def _quiet_ipv6(ifname: str) -> None:
+    """The TUN is not a link: no automatic link-local address, router solicitations or router
+    advertisements, so the host does not send its own IPv6 control traffic into the worker."""
+    for name, value in (("addr_gen_mode", "1"), ("router_solicitations", "0"), ("accept_ra", "0")):
+        path = f"/proc/sys/net/ipv6/conf/{ifname}/{name}"
+        try:
+            with open(path, "w") as f:
+                f.write(value + "\n")
+        except OSError as e:
+            log.warning(
+                "cannot set ipv6 sysctl", extra={"tun": ifname, "name": name, "errno": e.errno}
+            )
 
 
 def _disable_rp_filter(ifname: str) -> None:

@@ -527,7 +527,13 @@ class Wire:
 
     def _open(self) -> None:
         families = {4 if ":" not in a else 6 for a in self.local_addresses} or {4, 6}
-        for v in sorted(families):
+        # Raw ESP/AH receive sockets are bound to this worker's outer addresses, so that the
+        # kernel hands each worker only its own traffic when several share a namespace.
+        # Without --local-address one unbound socket per family receives everything.
+        binds: list[tuple[int, str | None]] = [
+            (4 if ":" not in a else 6, a) for a in self.local_addresses
+        ] or [(4, None), (6, None)]
+        for v, addr in binds:
             fam = socket.AF_INET if v == 4 else socket.AF_INET6
             for proto in (IpProto.ESP, IpProto.AH):
                 s = self._sock(fam, socket.SOCK_RAW, proto)
@@ -535,7 +541,11 @@ class Wire:
                 if v == 6:
                     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
                     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
+                if addr is not None:
+                    s.bind((addr, 0))
                 self.sources.append(RawSource(s, int(proto)))
+        for v in sorted(families):
+            fam = socket.AF_INET if v == 4 else socket.AF_INET6
             send = self._sock(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
             if v == 4:
                 send.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
