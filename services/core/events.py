@@ -49,6 +49,7 @@ class SaRef:
     dst: bytes
     protocol: int
     reqid: int
+    direction: int = 0  # sa.Direction value (1 inbound, 2 outbound); 0 when unknown
 
 
 @dataclass(frozen=True, slots=True)

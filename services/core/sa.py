@@ -132,7 +132,7 @@ class SaConfig:
 
     @property
     def ref(self) -> SaRef:
-        return SaRef(self.spi, self.dst, self.protocol, self.reqid)
+        return SaRef(self.spi, self.dst, self.protocol, self.reqid, int(self.direction))
 
     def describe(self) -> str:
         """Human description without keys, for logs."""

@@ -46,12 +46,6 @@ from services.core.engine import (
 from services.core.events import (
     Acquire,
     Event,
-    ExpiryKind,
-    HardExpire,
-    IntegrityFailed,
-    LeaseLow,
-    ReplayDetected,
-    SoftExpire,
 )
 from services.core.iana import ESP_UDP_PORT, IKE_UDP_PORT, IpProto
 from services.core.packet import MalformedPacket, build_ipv6
@@ -255,24 +249,10 @@ class EngineHost:
         return out
 
     def _direction_of(self, ev: Event) -> Direction | None:
-        """Direction of the SA an event names. Core gap: SaRef carries no direction, so it is
-        inferred from the event type or by looking the SA up in both directions."""
+        """Direction of the SA an event names (None for ACQUIRE, which names a policy)."""
         if isinstance(ev, Acquire):
             return None
-        if isinstance(ev, ReplayDetected | IntegrityFailed):
-            return Direction.INBOUND
-        if isinstance(ev, LeaseLow):
-            return Direction.OUTBOUND
-        if isinstance(ev, SoftExpire | HardExpire) and ev.kind == ExpiryKind.SEQUENCE:
-            return Direction.OUTBOUND
-        ref = ev.sa
-        found = [
-            d
-            for d in (Direction.INBOUND, Direction.OUTBOUND)
-            if (sa := self.engine.find_sa(ref.spi, ref.dst, ref.protocol, d)) is not None
-            and sa.cfg.reqid == ref.reqid
-        ]
-        return found[0] if len(found) == 1 else None
+        return Direction(ev.sa.direction) if ev.sa.direction else None
 
     def tick(self) -> None:
         with self.locked() as eng:

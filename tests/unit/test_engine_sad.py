@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from scapy.all import ICMP, IP
+from scapy.all import ICMP, IP, Raw
 
 from services.core.engine import Dataplane
 from services.core.events import Acquire
@@ -69,3 +69,43 @@ def test_replacing_the_spd_drops_cached_bundles() -> None:
     assert _spi_of(dp) is None
     dp.replace_spd([SpdEntry(1, 1, Action.PROTECT, sel, reqid=8)], 3)
     assert _spi_of(dp) is None  # reqid 8 has no SA: ACQUIRE, not the cached reqid-7 bundle
+
+
+def test_events_name_the_direction_of_their_sa() -> None:
+    from services.core.events import HardExpire, IntegrityFailed
+    from services.core.sa import Lifetime
+
+    dp = Dataplane()
+    out_cfg = SaConfig(
+        spi=0x5555,
+        protocol=IpProto.ESP,
+        direction=Direction.OUTBOUND,
+        mode=Mode.TUNNEL,
+        src=A,
+        dst=B,
+        encr_id=Encr.AES_GCM_16,
+        encr_key=os.urandom(36),
+        reqid=7,
+        lifetime=Lifetime(hard_packets=1),
+    )
+    sa = dp.install_sa(out_cfg, 0.0)
+    in_cfg = SaConfig(
+        spi=0x6666,
+        protocol=IpProto.ESP,
+        direction=Direction.INBOUND,
+        mode=Mode.TUNNEL,
+        src=B,
+        dst=A,
+        encr_id=Encr.AES_GCM_16,
+        encr_key=os.urandom(36),
+    )
+    dp.install_sa(in_cfg, 0.0)
+    esp = sa.protect(PKT, 0.0)  # reaches the hard packet limit
+    spi_and_rest = (0x6666).to_bytes(4, "big") + esp[24:]  # our SPI, someone else's keys
+    forged = bytes(IP(src="192.0.2.2", dst="192.0.2.1", proto=50) / Raw(spi_and_rest))
+    assert dp.inbound(forged, 0.0) is None
+    events = [e for e in iter(dp.next_event, None)]
+    hard = [e for e in events if isinstance(e, HardExpire)]
+    icv = [e for e in events if isinstance(e, IntegrityFailed)]
+    assert hard and hard[0].sa.direction == Direction.OUTBOUND
+    assert icv and icv[0].sa.direction == Direction.INBOUND
