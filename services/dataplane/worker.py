@@ -762,46 +762,44 @@ class PacketLoop:
             io.punted += len(punts)
 
     def _write_tun(self, pkts: list[bytes]) -> None:
-        if not pkts:
-            return
-        ok = err = 0
         tun = self.tun
-        for pkt in pkts:
-            try:
-                if tun is None:
-                    raise OSError("no TUN device")
-                tun.write(pkt)
-                ok += 1
-            except OSError as e:
-                err += 1
-                self._log_io_error("tun-write", "tun", e)
-            except Exception as e:
-                err += 1
-                self.host.internal_error("tun-write", e)
-        with self.host._io_lock:
-            self.host.io.tun_tx_packets += ok
-            self.host.io.tun_write_errors += err
+        write = None if tun is None else tun.write
+        self._emit(pkts, write, "tun-write", "tun", "tun_tx_packets", "tun_write_errors")
 
     def _send(self, outs: list[Outbound]) -> None:
-        if not outs:
+        sender = self.sender
+        send = None if sender is None else sender.send
+        self._emit(outs, send, "send", "wire", "wire_tx_packets", "send_errors")
+
+    def _emit(
+        self,
+        items: Sequence[T],
+        put: Callable[[T], None] | None,
+        op: str,
+        where: str,
+        ok_counter: str,
+        err_counter: str,
+    ) -> None:
+        """Hand each item to ``put``; count successes and failures, never raise."""
+        if not items:
             return
         ok = err = 0
-        sender = self.sender
-        for out in outs:
+        for item in items:
             try:
-                if sender is None:
-                    raise OSError("no wire sockets")
-                sender.send(out)
+                if put is None:
+                    raise OSError(f"no {where} device")
+                put(item)
                 ok += 1
             except OSError as e:
                 err += 1
-                self._log_io_error("send", "wire", e)
+                self._log_io_error(op, where, e)
             except Exception as e:
                 err += 1
-                self.host.internal_error("send", e)
+                self.host.internal_error(op, e)
+        io = self.host.io
         with self.host._io_lock:
-            self.host.io.wire_tx_packets += ok
-            self.host.io.send_errors += err
+            setattr(io, ok_counter, getattr(io, ok_counter) + ok)
+            setattr(io, err_counter, getattr(io, err_counter) + err)
 
     def _log_io_error(self, op: str, where: str, e: OSError) -> None:
         now = self.host.clock()
