@@ -111,7 +111,7 @@ charon {{
 """
 
 
-def _swanctl_conf(local: str, remote: str, local_ts: str, remote_ts: str, psk: str) -> str:
+def swanctl_conf(local: str, remote: str, local_ts: str, remote_ts: str, psk: str) -> str:
     return f"""connections {{
     {CONN} {{
         version = 2
@@ -147,7 +147,7 @@ secrets {{
 """
 
 
-class _Bench:
+class StrongSwanPair:
     """State of one run, so that cleanup knows exactly what was created."""
 
     def __init__(self) -> None:
@@ -316,15 +316,15 @@ def strongswan_throughput(seconds: int = 5) -> list[tuple[str, str]]:
     name = f"strongSwan {version} kernel-libipsec, tunnel, AES-GCM-256"
     if os.geteuid() != 0:
         return [(name, "(failed: needs root for network namespaces)")]
-    bench = _Bench()
+    bench = StrongSwanPair()
     try:
         bench.netns()
         charons = {
             "a": bench.start_charon(
-                "a", bench.ns_a, _swanctl_conf(OUTER_A, OUTER_B, INNER_A, INNER_B, bench.psk)
+                "a", bench.ns_a, swanctl_conf(OUTER_A, OUTER_B, INNER_A, INNER_B, bench.psk)
             ),
             "b": bench.start_charon(
-                "b", bench.ns_b, _swanctl_conf(OUTER_B, OUTER_A, INNER_B, INNER_A, bench.psk)
+                "b", bench.ns_b, swanctl_conf(OUTER_B, OUTER_A, INNER_B, INNER_A, bench.psk)
             ),
         }
         for n, proc in charons.items():

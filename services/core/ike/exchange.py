@@ -1,0 +1,491 @@
+"""A minimal sans-IO IKEv2 initiator: RFC 7296 §1.2 (IKE_SA_INIT + IKE_AUTH), §2.14, §2.15, §2.17.
+
+Scope: one IKE SA and its first Child SA, authenticated with a pre-shared key (§2.15:
+AUTH = prf(prf(Shared Secret, "Key Pad for IKEv2"), <SignedOctets>)), IPv4 identities
+(ID_IPV4_ADDR) and one IPv4 traffic selector per side. The IKE proposal is fixed to
+ENCR_AES_GCM_16 with a 256-bit key, PRF_HMAC_SHA2_256 and Curve25519 (group 31); the ESP
+proposal to AES-GCM-16 256 without ESN. The initiator sends NAT_DETECTION_SOURCE_IP /
+NAT_DETECTION_DESTINATION_IP (§2.23, SHA-1 of SPIi | SPIr | IP | port); when the responder
+answers with NAT-D notifies it moves to UDP 4500 for IKE_AUTH (``port_float``): the I/O shell
+then sends the IKE_AUTH datagrams from and to port 4500 with the 4-octet non-ESP marker
+(RFC 3948 §2.2) and strips it on receipt.
+
+Out of scope: COOKIE and INVALID_KE_PAYLOAD retries, EAP, certificates, CREATE_CHILD_SA,
+INFORMATIONAL, IKE fragmentation of received messages. An error Notify from the responder
+(NO_PROPOSAL_CHOSEN, AUTHENTICATION_FAILED, ...) ends in :attr:`State.FAILED` with the Notify's
+name as ``failure_reason``. Time comes in as ``now`` (seconds, any monotonic origin);
+randomness from ``rand`` (``secrets.token_bytes`` by default). No key appears in any repr.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import secrets
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from services.core.iana import Encr
+from services.core.ike.constants import (
+    AuthMethod,
+    Esn,
+    ExchangeType,
+    IdType,
+    NotifyType,
+    ProtocolId,
+    TransformType,
+)
+from services.core.ike.dh import DhGroupId, DhPrivate, InvalidKeyExchange, group
+from services.core.ike.keys import ChildKeys, IkeKeys, child_keys, derive_ike_keys, skeyseed
+from services.core.ike.message import (
+    KE,
+    SA,
+    Auth,
+    IDi,
+    IDr,
+    IkeDecodeError,
+    Message,
+    Nonce,
+    Notify,
+    Payload,
+    Proposal,
+    TrafficSelector,
+    Transform,
+    TransformAttribute,
+    TSi,
+    TSr,
+    decode_message,
+    encode_message,
+)
+from services.core.ike.prf import Prf, prf
+from services.core.ike.sk import SkCipher, SkError, decrypt_message, encrypt_message
+
+Rand = Callable[[int], bytes]
+
+KEY_PAD = b"Key Pad for IKEv2"  # RFC 7296 §2.15
+NONCE_LEN = 32  # RFC 7296 §2.10: at least half the PRF key size, 16..256 octets
+NAT_T_PORT = 4500  # RFC 3948
+NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2
+ENCR_ID = Encr.AES_GCM_16
+ENCR_KEY_BITS = 256
+GCM_SALT_LEN = 4  # RFC 5282 §7.1 (IKE), RFC 4106 §8.1 (ESP)
+PRF_ID = Prf.HMAC_SHA2_256
+DH_ID = DhGroupId.CURVE25519
+RETRANSMIT_INITIAL = 1.0  # seconds; doubled per retry (RFC 7296 §2.1 leaves the policy open)
+RETRANSMIT_TRIES = 5
+_ERROR_NOTIFY_MAX = 16383  # RFC 7296 §3.10.1: types below 16384 are errors
+
+
+class State(Enum):
+    INITIAL = "initial"
+    SA_INIT_SENT = "sa_init_sent"
+    AUTH_SENT = "auth_sent"
+    ESTABLISHED = "established"
+    FAILED = "failed"
+
+
+def _ipv4(text: str) -> bytes:
+    return ipaddress.IPv4Address(text).packed
+
+
+@dataclass(frozen=True)
+class InitiatorConfig:
+    """What the initiator proposes. Addresses are IPv4 dotted quads; the PSK is never in repr.
+
+    ``local_id`` / ``remote_id`` default to the addresses (ID_IPV4_ADDR). ``ts_local`` and
+    ``ts_remote`` are inclusive (start, end) IPv4 ranges: TSi and TSr, all protocols and ports.
+    ``local_port`` / ``remote_port`` are the IKE_SA_INIT ports the NAT-D hashes cover.
+    """
+
+    local_addr: str
+    remote_addr: str
+    psk: bytes = field(repr=False)
+    ts_local: tuple[str, str]
+    ts_remote: tuple[str, str]
+    local_id: str | None = None
+    remote_id: str | None = None
+    local_port: int = 500
+    remote_port: int = 500
+
+    def __post_init__(self) -> None:
+        for a in (self.local_addr, self.remote_addr, *self.ts_local, *self.ts_remote):
+            _ipv4(a)
+        for i in (self.local_id, self.remote_id):
+            if i is not None:
+                _ipv4(i)
+        if not self.psk:
+            raise ValueError("empty pre-shared key")
+
+
+@dataclass(frozen=True)
+class ChildSaResult:
+    """The first Child SA (ESP, tunnel mode). ``spi_in`` is ours (the responder sends to it),
+    ``spi_out`` the responder's. ``keys.encr_i`` protects initiator→responder traffic, i.e. it
+    goes with ``spi_out``; each encryption key is 32 octets of AES key then 4 of salt."""
+
+    spi_in: bytes
+    spi_out: bytes
+    encr_id: int
+    key_bits: int
+    esn: bool
+    keys: ChildKeys = field(repr=False)
+    ts_i: tuple[TrafficSelector, ...]
+    ts_r: tuple[TrafficSelector, ...]
+
+
+@dataclass(frozen=True)
+class IkeSaResult:
+    spi_i: bytes
+    spi_r: bytes
+    keys: IkeKeys = field(repr=False)
+    child: ChildSaResult
+    nat_t: bool  # IKE moved to UDP 4500
+
+
+def nat_detection_hash(spi_i: bytes, spi_r: bytes, addr: bytes, port: int) -> bytes:
+    """RFC 7296 §2.23: SHA-1(SPIi | SPIr | IP address | port); SPIr is zero in the request."""
+    return hashlib.sha1(spi_i + spi_r + addr + struct.pack("!H", port)).digest()  # noqa: S324
+
+
+def psk_auth(
+    alg: int, psk: bytes, real_message: bytes, nonce: bytes, sk_p: bytes, id_body: bytes
+) -> bytes:
+    """RFC 7296 §2.15: prf(prf(Shared Secret, "Key Pad for IKEv2"), RealMessage | Nonce |
+    prf(SK_p, ID')). ``nonce`` is the *peer's* nonce; ``id_body`` is the ID payload without its
+    generic header (ID Type, three reserved octets, data)."""
+    signed = real_message + nonce + prf(alg, sk_p, id_body)
+    return prf(alg, prf(alg, psk, KEY_PAD), signed)
+
+
+def _nonzero(rand: Rand, n: int, minimum: int) -> bytes:
+    while True:
+        b = rand(n)
+        if len(b) != n:
+            raise ValueError("rand returned the wrong number of octets")
+        if int.from_bytes(b, "big") >= minimum:
+            return b
+
+
+def _notify_name(t: int) -> str:
+    try:
+        return NotifyType(t).name
+    except ValueError:
+        return f"error notify {t}"
+
+
+def ike_proposal(spi: bytes = b"") -> Proposal:
+    return Proposal(
+        1,
+        ProtocolId.IKE,
+        (
+            Transform(TransformType.ENCR, ENCR_ID, (TransformAttribute.key_length(ENCR_KEY_BITS),)),
+            Transform(TransformType.PRF, PRF_ID),
+            Transform(TransformType.DH, DH_ID),
+        ),
+        spi,
+    )
+
+
+def esp_proposal(spi: bytes) -> Proposal:
+    return Proposal(
+        1,
+        ProtocolId.ESP,
+        (
+            Transform(TransformType.ENCR, ENCR_ID, (TransformAttribute.key_length(ENCR_KEY_BITS),)),
+            Transform(TransformType.ESN, Esn.NO_ESN),
+        ),
+        spi,
+    )
+
+
+def _transform_set(p: Proposal) -> set[tuple[int, int, int | None]]:
+    return {(t.transform_type, t.transform_id, t.key_length) for t in p.transforms}
+
+
+def _first(payloads: tuple[Payload, ...], cls: type[Payload]) -> Payload | None:
+    for p in payloads:
+        if isinstance(p, cls):
+            return p
+    return None
+
+
+class IkeFailure(Exception):
+    """Internal: ends the exchange with a readable reason."""
+
+
+class Ikev2Initiator:
+    """IKE_SA_INIT then IKE_AUTH with PSK, as a state machine fed with datagrams.
+
+    ``start(now)`` and ``receive(data, now)`` return the datagrams (IKE messages, no non-ESP
+    marker) to send; after ``port_float`` turns true they go to UDP 4500. ``on_timer(now)``
+    retransmits the outstanding request (or fails after RETRANSMIT_TRIES sends).
+    """
+
+    def __init__(
+        self, config: InitiatorConfig, *, now: float, rand: Rand = secrets.token_bytes
+    ) -> None:
+        self.config = config
+        self._rand = rand
+        self._state = State.INITIAL
+        self.failure_reason: str | None = None
+        self.result: IkeSaResult | None = None
+        self.port_float = False
+        self._spi_i = _nonzero(rand, 8, 1)
+        self._spi_r = bytes(8)
+        self._ni = rand(NONCE_LEN)
+        self._nr = b""
+        self._dh: DhPrivate = group(DH_ID).generate(rand)
+        self._child_spi = _nonzero(rand, 4, 256)  # SPIs 1..255 are reserved (RFC 4303 §2.1)
+        self._msg1 = b""
+        self._msg2 = b""
+        self._keys: IkeKeys | None = None
+        self._out: SkCipher | None = None
+        self._in: SkCipher | None = None
+        self._pending: list[bytes] = []
+        self._expect_mid = 0
+        self._sent_at = now
+        self._interval = RETRANSMIT_INITIAL
+        self._tries = 0
+
+    def __repr__(self) -> str:
+        return f"Ikev2Initiator(state={self._state.value}, spi_i={self._spi_i.hex()})"
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def spi_i(self) -> bytes:
+        return self._spi_i
+
+    @property
+    def next_timeout(self) -> float | None:
+        """When on_timer should next be called, or None when nothing is outstanding."""
+        if self._state not in (State.SA_INIT_SENT, State.AUTH_SENT):
+            return None
+        return self._sent_at + self._interval
+
+    # -- driving ----------------------------------------------------------------------------
+
+    def start(self, now: float) -> list[bytes]:
+        if self._state is not State.INITIAL:
+            raise RuntimeError("start() called twice")
+        cfg = self.config
+        payloads: tuple[Payload, ...] = (
+            SA((ike_proposal(),)),
+            KE(DH_ID, self._dh.public_bytes()),
+            Nonce(self._ni),
+            Notify(
+                NotifyType.NAT_DETECTION_SOURCE_IP,
+                nat_detection_hash(self._spi_i, bytes(8), _ipv4(cfg.local_addr), cfg.local_port),
+            ),
+            Notify(
+                NotifyType.NAT_DETECTION_DESTINATION_IP,
+                nat_detection_hash(self._spi_i, bytes(8), _ipv4(cfg.remote_addr), cfg.remote_port),
+            ),
+        )
+        msg = Message(self._spi_i, bytes(8), ExchangeType.IKE_SA_INIT, 0, payloads, initiator=True)
+        self._msg1 = encode_message(msg)
+        self._state = State.SA_INIT_SENT
+        return self._send([self._msg1], now)
+
+    def on_timer(self, now: float) -> list[bytes]:
+        deadline = self.next_timeout
+        if deadline is None or now < deadline:
+            return []
+        if self._tries >= RETRANSMIT_TRIES:
+            self._fail(f"no response after {self._tries} transmissions")
+            return []
+        self._interval *= 2
+        self._tries += 1
+        self._sent_at = now
+        return list(self._pending)
+
+    def receive(self, data: bytes, now: float) -> list[bytes]:
+        """Process one received IKE message; malformed or unrelated datagrams are dropped."""
+        if self._state not in (State.SA_INIT_SENT, State.AUTH_SENT):
+            return []
+        try:
+            msg = decode_message(data)
+        except IkeDecodeError:
+            return []
+        if (
+            msg.spi_i != self._spi_i
+            or not msg.response
+            or msg.initiator
+            or msg.message_id != self._expect_mid
+        ):
+            return []
+        try:
+            if self._state is State.SA_INIT_SENT:
+                if msg.exchange_type != ExchangeType.IKE_SA_INIT:
+                    return []
+                return self._on_sa_init(msg, bytes(data), now)
+            if msg.exchange_type != ExchangeType.IKE_AUTH or msg.spi_r != self._spi_r:
+                return []
+            return self._on_auth(bytes(data))
+        except IkeFailure as e:
+            self._fail(str(e))
+            return []
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _fail(self, reason: str) -> None:
+        self._state = State.FAILED
+        self.failure_reason = reason
+        self._pending = []
+
+    def _send(self, datagrams: list[bytes], now: float) -> list[bytes]:
+        self._pending = list(datagrams)
+        self._sent_at = now
+        self._interval = RETRANSMIT_INITIAL
+        self._tries = 1
+        return list(datagrams)
+
+    @staticmethod
+    def _check_errors(payloads: tuple[Payload, ...]) -> None:
+        for p in payloads:
+            if isinstance(p, Notify) and p.notify_type <= _ERROR_NOTIFY_MAX:
+                raise IkeFailure(_notify_name(p.notify_type))
+
+    def _on_sa_init(self, msg: Message, raw: bytes, now: float) -> list[bytes]:
+        self._check_errors(msg.payloads)
+        if any(isinstance(p, Notify) and p.notify_type == NotifyType.COOKIE for p in msg.payloads):
+            raise IkeFailure("responder asked for a COOKIE (not supported)")
+        sa = _first(msg.payloads, SA)
+        ke = _first(msg.payloads, KE)
+        nonce = _first(msg.payloads, Nonce)
+        if not isinstance(sa, SA) or not isinstance(ke, KE) or not isinstance(nonce, Nonce):
+            raise IkeFailure("IKE_SA_INIT response lacks SA, KE or Nonce")
+        if msg.spi_r == bytes(8):
+            raise IkeFailure("IKE_SA_INIT response with a zero responder SPI")
+        if len(sa.proposals) != 1:
+            raise IkeFailure("responder chose more than one IKE proposal")
+        chosen = sa.proposals[0]
+        if chosen.protocol_id != ProtocolId.IKE or _transform_set(chosen) != _transform_set(
+            ike_proposal()
+        ):
+            raise IkeFailure("responder chose an IKE proposal we did not offer")
+        if ke.dh_group != DH_ID:
+            raise IkeFailure(f"responder KE in group {ke.dh_group}, not {int(DH_ID)}")
+        if not 16 <= len(nonce.data) <= 256:
+            raise IkeFailure("responder nonce not 16..256 octets")
+        try:
+            g_ir = self._dh.shared(ke.data)
+        except InvalidKeyExchange as e:
+            raise IkeFailure(f"invalid KE from responder: {e}") from None
+        self._spi_r = msg.spi_r
+        self._nr = nonce.data
+        self._msg2 = raw
+        seed = skeyseed(PRF_ID, self._ni, self._nr, g_ir)
+        self._keys = derive_ike_keys(
+            PRF_ID,
+            seed,
+            self._ni,
+            self._nr,
+            self._spi_i,
+            self._spi_r,
+            encr_key_len=ENCR_KEY_BITS // 8 + GCM_SALT_LEN,
+            integ_key_len=0,
+        )
+        self._out = SkCipher(ENCR_ID, self._keys.sk_ei, key_bits=ENCR_KEY_BITS)
+        self._in = SkCipher(ENCR_ID, self._keys.sk_er, key_bits=ENCR_KEY_BITS)
+        self.port_float = any(
+            isinstance(p, Notify)
+            and p.notify_type
+            in (NotifyType.NAT_DETECTION_SOURCE_IP, NotifyType.NAT_DETECTION_DESTINATION_IP)
+            for p in msg.payloads
+        )
+        return self._send_auth(now)
+
+    def _id_payloads(self) -> tuple[IDi, IDr]:
+        cfg = self.config
+        idi = IDi(IdType.ID_IPV4_ADDR, _ipv4(cfg.local_id or cfg.local_addr))
+        idr = IDr(IdType.ID_IPV4_ADDR, _ipv4(cfg.remote_id or cfg.remote_addr))
+        return idi, idr
+
+    def _send_auth(self, now: float) -> list[bytes]:
+        assert self._keys is not None and self._out is not None
+        cfg = self.config
+        idi, idr = self._id_payloads()
+        auth = psk_auth(PRF_ID, cfg.psk, self._msg1, self._nr, self._keys.sk_pi, idi.encode_body())
+        inner: tuple[Payload, ...] = (
+            idi,
+            idr,
+            Auth(AuthMethod.SHARED_KEY_MIC, auth),
+            SA((esp_proposal(self._child_spi),)),
+            TSi((_selector(cfg.ts_local),)),
+            TSr((_selector(cfg.ts_remote),)),
+        )
+        msg = Message(self._spi_i, self._spi_r, ExchangeType.IKE_AUTH, 1, inner, initiator=True)
+        datagrams = encrypt_message(msg, self._out)
+        self._expect_mid = 1
+        self._state = State.AUTH_SENT
+        return self._send(datagrams, now)
+
+    def _on_auth(self, raw: bytes) -> list[bytes]:
+        assert self._keys is not None and self._in is not None
+        try:
+            msg = decrypt_message(raw, self._in)
+        except SkError:
+            return []  # RFC 7296 §2.21.2: a message that fails integrity is dropped
+        except IkeDecodeError:
+            return []
+        self._pending = []
+        self._check_errors(msg.payloads)
+        idr = _first(msg.payloads, IDr)
+        auth = _first(msg.payloads, Auth)
+        if not isinstance(idr, IDr) or not isinstance(auth, Auth):
+            raise IkeFailure("IKE_AUTH response lacks IDr or AUTH")
+        _, want_idr = self._id_payloads()
+        if (idr.id_type, idr.data) != (want_idr.id_type, want_idr.data):
+            raise IkeFailure("responder identity differs from the configured one")
+        if auth.method != AuthMethod.SHARED_KEY_MIC:
+            raise IkeFailure(f"responder AUTH method {auth.method}, not shared key")
+        want = psk_auth(
+            PRF_ID, self.config.psk, self._msg2, self._ni, self._keys.sk_pr, idr.encode_body()
+        )
+        if not hmac.compare_digest(want, auth.data):
+            raise IkeFailure("responder AUTH does not verify (wrong PSK on one side?)")
+        sa = _first(msg.payloads, SA)
+        tsi = _first(msg.payloads, TSi)
+        tsr = _first(msg.payloads, TSr)
+        if not isinstance(sa, SA) or not isinstance(tsi, TSi) or not isinstance(tsr, TSr):
+            raise IkeFailure("IKE_AUTH response lacks SA, TSi or TSr (no Child SA)")
+        if len(sa.proposals) != 1:
+            raise IkeFailure("responder chose more than one ESP proposal")
+        chosen = sa.proposals[0]
+        if (
+            chosen.protocol_id != ProtocolId.ESP
+            or len(chosen.spi) != 4
+            or _transform_set(chosen) != _transform_set(esp_proposal(self._child_spi))
+        ):
+            raise IkeFailure("responder chose an ESP proposal we did not offer")
+        ck = child_keys(
+            PRF_ID,
+            self._keys.sk_d,
+            self._ni,
+            self._nr,
+            encr_key_len=ENCR_KEY_BITS // 8 + GCM_SALT_LEN,
+            integ_key_len=0,
+        )
+        child = ChildSaResult(
+            spi_in=self._child_spi,
+            spi_out=chosen.spi,
+            encr_id=ENCR_ID,
+            key_bits=ENCR_KEY_BITS,
+            esn=False,
+            keys=ck,
+            ts_i=tuple(s for s in tsi.selectors if isinstance(s, TrafficSelector)),
+            ts_r=tuple(s for s in tsr.selectors if isinstance(s, TrafficSelector)),
+        )
+        self.result = IkeSaResult(self._spi_i, self._spi_r, self._keys, child, self.port_float)
+        self._state = State.ESTABLISHED
+        return []
+
+
+def _selector(rng: tuple[str, str]) -> TrafficSelector:
+    return TrafficSelector(0, 0, 65535, _ipv4(rng[0]), _ipv4(rng[1]))

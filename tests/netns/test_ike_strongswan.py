@@ -1,0 +1,142 @@
+"""Our IKEv2 initiator against strongSwan 5.9.8 as responder (RFC 7296 §1.2, PSK §2.15).
+
+The independent oracle: charon (kernel-libipsec, see /work/shared/notes/ORACLES.md) runs in
+namespace B as a PSK responder for aes256gcm16-prfsha256-x25519 / ESP aes256gcm16 with
+local_ts 203.0.113.1/32 and remote_ts 198.51.100.1/32. Our initiator runs in namespace A
+(tests/netns/ike_initiator_peer.py does its socket I/O on UDP 500/4500). The test asserts that
+our side reaches ESTABLISHED and that ``swanctl --list-sas`` on B shows the same IKE SA
+ESTABLISHED and the Child SA INSTALLED with the SPIs our initiator reports; with a wrong PSK
+strongSwan answers AUTHENTICATION_FAILED and our initiator fails with that reason.
+Namespaces, charon and the temporary directory are removed in the fixture, also on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from scripts import bench_strongswan as bsw
+
+pytestmark = pytest.mark.netns
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _skip_reason() -> str | None:
+    if not os.access(bsw.CHARON, os.X_OK):
+        return f"strongSwan not installed ({bsw.CHARON} missing)"
+    if subprocess.run(["which", "swanctl"], capture_output=True, check=False).returncode:
+        return "swanctl not installed"
+    if os.geteuid() != 0:
+        return "needs root for network namespaces"
+    return None
+
+
+class Lab:
+    """Two namespaces (prefix 'ikes'), charon as responder in B."""
+
+    def __init__(self) -> None:
+        self.bench = bsw.StrongSwanPair()
+        tag = secrets.token_hex(4)
+        self.bench.ns_a = f"ikes{tag}a"
+        self.bench.ns_b = f"ikes{tag}b"
+        self.bench.netns()
+
+    def start_responder(self, psk_hex: str) -> None:
+        b = self.bench
+        conf = bsw.swanctl_conf(bsw.OUTER_B, bsw.OUTER_A, bsw.INNER_B, bsw.INNER_A, psk_hex)
+        proc = b.start_charon("b", b.ns_b, conf)
+        b.wait_vici("b", proc)
+        path = b.workdir / "b" / "swanctl" / "swanctl.conf"
+        b.swanctl("b", "--load-all", "--noprompt", "--file", str(path))
+
+    def run_initiator(self, psk_hex: str, *, ping: bool = False) -> dict[str, object]:
+        cfg = self.bench.workdir / "initiator.json"
+        fd = os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(
+                {
+                    "local": bsw.OUTER_A,
+                    "remote": bsw.OUTER_B,
+                    "psk_hex": psk_hex,
+                    "ts_local": bsw.INNER_A,
+                    "ts_remote": bsw.INNER_B,
+                    "timeout": 15,
+                    "ping": ping,
+                },
+                f,
+            )
+        cmd = ["ip", "netns", "exec", self.bench.ns_a, sys.executable]
+        cmd += ["-m", "tests.netns.ike_initiator_peer", str(cfg)]
+        proc = subprocess.run(
+            cmd, cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert proc.returncode == 0, f"initiator helper failed: {proc.stderr[-2000:]}"
+        result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+        return result
+
+    def list_sas(self) -> str:
+        return self.bench.swanctl("b", "--list-sas")
+
+    def log(self, lines: int = 40) -> str:
+        return self.bench.log_tail("b", lines)
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    lb = None
+    try:
+        lb = Lab()
+        yield lb
+    finally:
+        if lb is not None:
+            lb.bench.cleanup()
+
+
+def test_initiator_establishes_ike_and_child_sa_with_strongswan(lab: Lab) -> None:
+    psk = secrets.token_hex(32)
+    lab.start_responder(psk)
+    res = lab.run_initiator(psk, ping=True)
+    assert res["state"] == "established", f"{res} {lab.log()}"
+    assert res["port_float"] is True  # strongSwan sends NAT-D: IKE_AUTH went to 4500
+    assert res["child_encr_key_lens"] == [36, 36]
+    assert res["ts_i"] == [bsw.INNER_A] and res["ts_r"] == [bsw.INNER_B]
+    sas = lab.list_sas()
+    print(sas)
+    # "bench: #1, ESTABLISHED, IKEv2, <spi_i>_i <spi_r>_r*"
+    ike = re.search(r"ESTABLISHED, IKEv2, ([0-9a-f]{16})_i\*? ([0-9a-f]{16})_r", sas)
+    assert ike, sas
+    assert (ike.group(1), ike.group(2)) == (res["spi_i"], res["spi_r"])
+    assert "AES_GCM_16-256/PRF_HMAC_SHA2_256/CURVE_25519" in sas
+    assert re.search(r"INSTALLED, TUNNEL(-in-UDP)?, ESP:AES_GCM_16-256", sas), sas
+    # On B, "in" is the SPI B chose (we send to it), "out" the one we chose.
+    spi_in = re.search(r"\bin\s+([0-9a-f]{8})", sas)
+    spi_out = re.search(r"\bout\s+([0-9a-f]{8})", sas)
+    assert spi_in and spi_out, sas
+    assert spi_in.group(1) == res["child_spi_out"]
+    assert spi_out.group(1) == res["child_spi_in"]
+    assert f"local  {bsw.INNER_B}/32" in sas and f"remote {bsw.INNER_A}/32" in sas
+    # The Child SA keys (RFC 7296 §2.17) work both ways: strongSwan decrypted our ESP echo
+    # request and we decrypted its ESP echo reply.
+    assert res["echo_reply"] is True, f"{res} {lab.log()}"
+    assert re.search(r"\bin\s+[0-9a-f]{8},\s+\d+ bytes,\s+1 packets", sas), sas
+    assert re.search(r"\bout\s+[0-9a-f]{8},\s+\d+ bytes,\s+1 packets", sas), sas
+
+
+def test_wrong_psk_fails_with_authentication_failed(lab: Lab) -> None:
+    lab.start_responder(secrets.token_hex(32))
+    res = lab.run_initiator(secrets.token_hex(32))
+    assert res["state"] == "failed", res
+    assert res["reason"] == "AUTHENTICATION_FAILED", res
+    assert "ESTABLISHED" not in lab.list_sas()
