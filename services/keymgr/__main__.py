@@ -1,0 +1,104 @@
+"""``python -m services.keymgr``: the IKE daemon (minimal: IKEv2 PSK initiator, no rekey).
+
+keymgr needs no host network: IKE travels through the dataplane worker's punt/inject gRPC
+stream and the negotiated SAs are installed into the same worker, both over mutual TLS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import signal
+import sys
+from types import FrameType
+
+from services.dataplane.client import DataplaneClient
+from services.keymgr.config import ConfigError, load_config
+from services.keymgr.daemon import Keymgr
+from services.runtime.logging import configure_logging
+
+log = logging.getLogger("keymgr")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m services.keymgr",
+        description=(
+            "IKE daemon: runs IKEv2 (PSK) initiators for the configured connections, sends and "
+            "receives IKE through a dataplane worker's punt/inject stream and installs the "
+            "resulting ESP SAs and SPD entries into that worker over mutual-TLS gRPC. "
+            "Flags override KEYMGR_* environment variables."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    env = os.environ.get
+    p.add_argument(
+        "--config",
+        type=pathlib.Path,
+        default=env("KEYMGR_CONFIG"),
+        required=env("KEYMGR_CONFIG") is None,
+        help="JSON file with the connections (see services/keymgr/config.py)",
+    )
+    p.add_argument(
+        "--dataplane",
+        default=env("KEYMGR_DATAPLANE", "unix:/run/ipsec-dataplane/worker.sock"),
+        help="the worker's gRPC address: unix:/path/worker.sock or HOST:PORT",
+    )
+    p.add_argument(
+        "--tls-dir",
+        type=pathlib.Path,
+        default=pathlib.Path(env("KEYMGR_TLS_DIR", "/etc/ipsec/tls")),
+        help="directory with ca.pem and <client-name>.pem / .key",
+    )
+    p.add_argument(
+        "--server-name",
+        default=env("KEYMGR_SERVER_NAME", "server"),
+        help="DNS name expected in the worker's certificate",
+    )
+    p.add_argument(
+        "--client-name",
+        default=env("KEYMGR_CLIENT_NAME", "keymgr"),
+        help="use <client-name>.pem / .key from --tls-dir as the client certificate",
+    )
+    p.add_argument(
+        "--log-level",
+        default=env("KEYMGR_LOG_LEVEL", "info"),
+        choices=("debug", "info", "warning", "error"),
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        log.error("invalid configuration", extra={"reason": str(e)})
+        return 2
+    client = DataplaneClient(
+        args.dataplane, args.tls_dir, server_name=args.server_name, client_name=args.client_name
+    )
+    km = Keymgr(client, cfg.connections)
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping", extra={"signal": signal.Signals(signum).name})
+        km.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    log.info("keymgr starting", extra={"connections": [c.name for c in cfg.connections]})
+    try:
+        km.run()
+    except Exception:
+        log.exception("keymgr failed")
+        return 1
+    finally:
+        client.close()
+    return 1 if km.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

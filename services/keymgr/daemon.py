@@ -1,0 +1,322 @@
+"""The keymgr daemon: IKEv2 initiator sessions whose datagrams travel through a dataplane
+worker's punt/inject stream, and whose Child SAs are installed into that worker.
+
+Flow per connection with ``start_action == "start"`` (RFC 7296 §1.2):
+
+1. an :class:`~services.core.ike.exchange.Ikev2Initiator` produces IKE_SA_INIT; keymgr injects
+   it through the worker's Punt stream from (local_addr, 500) to (remote_addr, 500);
+2. punted datagrams whose (local, remote) address pair matches the connection are fed to
+   ``receive()``; after ``port_float`` (the responder sent NAT-D) IKE moves to UDP 4500 — the
+   worker adds and strips the RFC 3948 non-ESP marker itself, so keymgr never sees it;
+3. ``on_timer()`` drives retransmission;
+4. on ESTABLISHED the inbound and outbound ESP SAs (AES-GCM-16, tunnel mode, ESP-in-UDP
+   4500/4500 when IKE floated) and one SPD PROTECT entry are installed with a shared reqid.
+
+Scope: one IKE SA per connection, no rekey, no DELETE, no INFORMATIONAL handling, no
+ACQUIRE-triggered negotiation. Keys are never logged: only SPIs appear in logs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import grpc
+
+from services.core.iana import IpProto
+from services.core.ike.exchange import (
+    NAT_T_PORT,
+    IkeSaResult,
+    Ikev2Initiator,
+    InitiatorConfig,
+    State,
+)
+from services.core.sa import Direction, Mode, SaConfig, UdpEncap
+from services.core.selectors import Selector
+from services.core.spd import Action, SpdEntry
+from services.dataplane.client import DataplaneClient, IkeDatagram, PuntStream
+from services.keymgr.config import Connection
+
+log = logging.getLogger("keymgr")
+
+IKE_PORT = 500
+SPD_PRIORITY = 100
+RETRY_AFTER_FAILURE = 5.0  # seconds before a failed connection is initiated again
+TICK = 0.5  # longest wait for a punted datagram when no retransmit is due
+
+
+@dataclass
+class Session:
+    """One connection's IKE SA attempt and what was installed for it."""
+
+    conn: Connection
+    reqid: int
+    initiator: Ikev2Initiator | None = None
+    installed: bool = False
+    retry_at: float | None = None
+    spd: SpdEntry | None = None
+    spis: dict[str, str] = field(default_factory=dict)
+
+
+class Keymgr:
+    """Drives the sessions for a set of connections over one worker connection.
+
+    ``run()`` blocks until ``stop()`` is called. All IKE state is touched from the thread that
+    runs ``run()``; a helper thread only moves punted datagrams into a queue.
+    """
+
+    def __init__(
+        self,
+        client: DataplaneClient,
+        connections: tuple[Connection, ...],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.clock = clock
+        self.sessions = [
+            Session(c, reqid=i + 1) for i, c in enumerate(connections) if c.start_action == "start"
+        ]
+        self._rx: queue.Queue[IkeDatagram] = queue.Queue()
+        self._stop = threading.Event()
+        self._stream: PuntStream | None = None
+        self._spd_revision = 0
+        self.failed = False  # the punt stream broke (worker gone): the caller should exit non-zero
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._stream is not None:
+            self._stream.cancel()
+
+    def _reader(self, stream: PuntStream) -> None:
+        try:
+            for d in stream:
+                self._rx.put(d)
+        except grpc.RpcError as e:
+            if not self._stop.is_set():
+                log.error("punt stream ended", extra={"code": str(e.code())})
+                self.failed = True
+                self._stop.set()
+        except Exception:
+            if not self._stop.is_set():
+                log.exception("punt stream reader failed")
+                self.failed = True
+                self._stop.set()
+            return
+        if not self._stop.is_set():
+            log.error("punt stream closed by the worker")
+            self.failed = True
+            self._stop.set()
+
+    def run(self) -> None:
+        self.client.wait_ready(timeout=30.0)
+        stream = self.client.punt()
+        self._stream = stream
+        reader = threading.Thread(target=self._reader, args=(stream,), daemon=True)
+        reader.start()
+        log.info("punt stream connected", extra={"target": self.client.target})
+        try:
+            now = self.clock()
+            for s in self.sessions:
+                self._initiate(s, now)
+            while not self._stop.is_set():
+                try:
+                    d = self._rx.get(timeout=self._wait())
+                except queue.Empty:
+                    d = None
+                now = self.clock()
+                if d is not None:
+                    self._dispatch(d, now)
+                self._timers(now)
+        finally:
+            stream.cancel()
+            reader.join(timeout=2.0)
+
+    # --- sessions ---------------------------------------------------------------------------
+
+    def _wait(self) -> float:
+        now = self.clock()
+        deadline = now + TICK
+        for s in self.sessions:
+            ini = s.initiator
+            if ini is not None and ini.next_timeout is not None:
+                deadline = min(deadline, ini.next_timeout)
+            if s.retry_at is not None:
+                deadline = min(deadline, s.retry_at)
+        return max(0.0, deadline - now)
+
+    def _initiate(self, s: Session, now: float) -> None:
+        c = s.conn
+        try:
+            psk = c.read_psk()
+        except ValueError as e:
+            log.error("cannot start connection", extra={"conn": c.name, "reason": str(e)})
+            s.retry_at = now + RETRY_AFTER_FAILURE
+            return
+        cfg = InitiatorConfig(
+            local_addr=c.local_addr,
+            remote_addr=c.remote_addr,
+            psk=psk,
+            ts_local=c.ts_range("local"),
+            ts_remote=c.ts_range("remote"),
+            local_id=c.local_id,
+            remote_id=c.remote_id,
+        )
+        ini = Ikev2Initiator(cfg, now=now)
+        s.initiator = ini
+        s.retry_at = None
+        log.info(
+            "ike initiating",
+            extra={"conn": c.name, "spi_i": ini.spi_i.hex(), "remote": c.remote_addr},
+        )
+        self._send(s, ini.start(now))
+
+    def _send(self, s: Session, datagrams: list[bytes]) -> None:
+        ini = s.initiator
+        assert ini is not None and self._stream is not None
+        port = NAT_T_PORT if ini.port_float else IKE_PORT
+        for data in datagrams:
+            self._stream.send(IkeDatagram(s.conn.local_addr, port, s.conn.remote_addr, port, data))
+
+    def _dispatch(self, d: IkeDatagram, now: float) -> None:
+        for s in self.sessions:
+            c = s.conn
+            if (d.local_addr, d.remote_addr) != (c.local_addr, c.remote_addr):
+                continue
+            ini = s.initiator
+            if ini is None or ini.state not in (State.SA_INIT_SENT, State.AUTH_SENT):
+                log.debug("ignoring IKE datagram", extra={"conn": c.name})
+                return
+            self._send(s, ini.receive(d.data, now))
+            self._check(s, now)
+            return
+        log.debug("IKE datagram for no connection", extra={"remote": d.remote_addr})
+
+    def _timers(self, now: float) -> None:
+        for s in self.sessions:
+            if s.retry_at is not None and now >= s.retry_at:
+                self._initiate(s, now)
+                continue
+            ini = s.initiator
+            if ini is not None and ini.next_timeout is not None and now >= ini.next_timeout:
+                self._send(s, ini.on_timer(now))
+                self._check(s, now)
+
+    def _check(self, s: Session, now: float) -> None:
+        ini = s.initiator
+        assert ini is not None
+        if ini.state is State.FAILED:
+            log.warning(
+                "ike failed",
+                extra={
+                    "conn": s.conn.name,
+                    "reason": ini.failure_reason,
+                    "retry_in": RETRY_AFTER_FAILURE,
+                },
+            )
+            s.retry_at = now + RETRY_AFTER_FAILURE
+        elif ini.state is State.ESTABLISHED and not s.installed and ini.result is not None:
+            self._established(s, ini.result, now)
+
+    def _established(self, s: Session, r: IkeSaResult, now: float) -> None:
+        c = s.conn
+        log.info(
+            "ike established",
+            extra={
+                "conn": c.name,
+                "spi_i": r.spi_i.hex(),
+                "spi_r": r.spi_r.hex(),
+                "nat_t": r.nat_t,
+            },
+        )
+        try:
+            inbound, outbound, spd = child_sa_configs(c, r, s.reqid)
+            self.client.install_sa(inbound)
+            self.client.install_sa(outbound)
+            self._spd_revision += 1
+            self.client.replace_spd(
+                [x.spd for x in self.sessions if x.spd is not None and x is not s] + [spd],
+                self._spd_revision,
+            )
+        except (grpc.RpcError, ValueError) as e:
+            code = e.code() if isinstance(e, grpc.RpcError) else None
+            log.error(
+                "child install failed",
+                extra={"conn": c.name, "code": str(code), "error": type(e).__name__},
+            )
+            s.initiator = None
+            s.retry_at = now + RETRY_AFTER_FAILURE
+            return
+        s.installed = True
+        s.spd = spd
+        s.spis = {"in": r.child.spi_in.hex(), "out": r.child.spi_out.hex()}
+        log.info(
+            "child installed",
+            extra={
+                "conn": c.name,
+                "spi_in": r.child.spi_in.hex(),
+                "spi_out": r.child.spi_out.hex(),
+                "reqid": s.reqid,
+                "encap": "udp-4500" if r.nat_t else "esp",
+            },
+        )
+        log.info(
+            "rekey is not implemented: the peer's CREATE_CHILD_SA, INFORMATIONAL and DELETE "
+            "requests are ignored",
+            extra={"conn": c.name},
+        )
+
+
+def child_sa_configs(
+    c: Connection, r: IkeSaResult, reqid: int
+) -> tuple[SaConfig, SaConfig, SpdEntry]:
+    """The inbound and outbound ESP SAs and the SPD entry for an established IKE SA.
+
+    Inbound: our SPI, remote→local, the responder→initiator key. Outbound: the responder's SPI,
+    local→remote, the initiator→responder key (RFC 7296 §2.17). Keys include the 4-octet
+    AES-GCM salt (RFC 4106 §8.1).
+    """
+    child = r.child
+    local = ipaddress.IPv4Address(c.local_addr).packed
+    remote = ipaddress.IPv4Address(c.remote_addr).packed
+    encap = UdpEncap(NAT_T_PORT, NAT_T_PORT) if r.nat_t else None
+    sel_out = Selector.make(c.local_ts, c.remote_ts)
+    sel_in = Selector.make(c.remote_ts, c.local_ts)
+    inbound = SaConfig(
+        spi=int.from_bytes(child.spi_in, "big"),
+        protocol=int(IpProto.ESP),
+        direction=Direction.INBOUND,
+        mode=Mode.TUNNEL,
+        src=remote,
+        dst=local,
+        encr_id=int(child.encr_id),
+        encr_key=child.keys.encr_r,
+        esn=child.esn,
+        encap=encap,
+        reqid=reqid,
+        selectors=(sel_in,),
+    )
+    outbound = replace(
+        inbound,
+        spi=int.from_bytes(child.spi_out, "big"),
+        direction=Direction.OUTBOUND,
+        src=local,
+        dst=remote,
+        encr_key=child.keys.encr_i,
+        selectors=(sel_out,),
+    )
+    spd = SpdEntry(
+        policy_id=reqid,
+        priority=SPD_PRIORITY,
+        action=Action.PROTECT,
+        selector=sel_out,
+        reqid=reqid,
+    )
+    return inbound, outbound, spd
