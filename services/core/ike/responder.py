@@ -1,0 +1,581 @@
+"""A minimal sans-IO IKEv2 responder: RFC 7296 §1.2 (IKE_SA_INIT + IKE_AUTH), §2.1, §2.9, §2.15.
+
+The counterpart of :mod:`services.core.ike.exchange` (the initiator), with the same scope: one
+IKE SA and its first Child SA (ESP, tunnel mode), PSK authentication (§2.15), ID_IPV4_ADDR
+identities, IPv4 traffic selectors. Accepted are exactly the initiator module's algorithms:
+IKE ENCR_AES_GCM_16-256 / PRF_HMAC_SHA2_256 / Curve25519 (group 31) and ESP AES-GCM-16-256
+without ESN, picked from whatever the initiator offers (§2.7).
+
+Behaviour:
+
+* IKE_SA_INIT: no acceptable IKE proposal -> unencrypted NO_PROPOSAL_CHOSEN (state FAILED);
+  group 31 offered but the KE payload is in another group -> INVALID_KE_PAYLOAD carrying
+  group 31 (§1.3; no state is kept, the initiator may retry). NAT_DETECTION_SOURCE_IP /
+  NAT_DETECTION_DESTINATION_IP (§2.23) are answered with ours when the initiator sent them and
+  the addresses are known (``remote`` / ``local`` of :meth:`Ikev2Responder.receive`, or the
+  config); the initiator then moves to UDP 4500, where the I/O shell strips the non-ESP marker
+  (RFC 3948 §2.2) before calling ``receive``.
+* IKE_AUTH: the initiator's AUTH is checked in constant time; a mismatch (or an IDi other than
+  the configured ``remote_id``) is answered with an encrypted AUTHENTICATION_FAILED (§2.21.2)
+  and ends in FAILED. Otherwise IDr and our AUTH are sent; the Child SA needs an acceptable ESP
+  proposal (else NO_PROPOSAL_CHOSEN) and TSi/TSr that overlap the configured ranges, which are
+  narrowed to the intersection (§2.9; else TS_UNACCEPTABLE). A Child SA error still
+  authenticates the IKE SA to the peer, but here it ends in FAILED (no Child SA, no result).
+* A retransmitted request (the message ID of the last request answered) gets the cached
+  response again, unchanged (§2.1). Malformed, unauthenticated or unrelated datagrams are
+  dropped: ``receive`` never raises for what arrives on the wire.
+
+Out of scope: COOKIEs, IKE fragmentation (we do not announce it), CREATE_CHILD_SA, EAP,
+certificates, more than one IKE SA per instance. INFORMATIONAL requests after ESTABLISHED are
+answered with an empty INFORMATIONAL (liveness checks, §1.4); a Delete of the IKE SA moves to
+CLOSED. Time comes in as ``now``; randomness from ``rand``. No key appears in any repr.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import secrets
+import struct
+from dataclasses import dataclass, field
+from enum import Enum
+
+from services.core.algorithms import AlgorithmError
+from services.core.ike.constants import (
+    AuthMethod,
+    Esn,
+    ExchangeType,
+    IdType,
+    NotifyType,
+    ProtocolId,
+    TransformType,
+)
+from services.core.ike.dh import DhPrivate, InvalidKeyExchange, group
+from services.core.ike.exchange import (
+    DH_ID,
+    ENCR_ID,
+    ENCR_KEY_BITS,
+    GCM_SALT_LEN,
+    NAT_T_PORT,
+    PRF_ID,
+    ChildSaResult,
+    IkeSaResult,
+    Rand,
+    esp_proposal,
+    ike_proposal,
+    nat_detection_hash,
+    psk_auth,
+)
+from services.core.ike.keys import IkeKeys, child_keys, derive_ike_keys, skeyseed
+from services.core.ike.message import (
+    KE,
+    SA,
+    Auth,
+    Delete,
+    IDi,
+    IDr,
+    IkeDecodeError,
+    Message,
+    Nonce,
+    Notify,
+    Payload,
+    Proposal,
+    TrafficSelector,
+    TSi,
+    TSr,
+    decode_header,
+    decode_message,
+    encode_message,
+)
+from services.core.ike.sk import SkCipher, SkError, decrypt_message, encrypt_message
+
+__all__ = [
+    "NAT_T_PORT",
+    "Address",
+    "Ikev2Responder",
+    "ResponderConfig",
+    "ResponderState",
+    "choose_esp_proposal",
+    "choose_ike_proposal",
+    "narrow",
+]
+
+Address = tuple[bytes, int]  # (4-octet IPv4 address, UDP port)
+_NONCE_LEN = 32
+_ENCR_KEY_LEN = ENCR_KEY_BITS // 8 + GCM_SALT_LEN
+_ZERO_SPI = bytes(8)
+_IPV4_ALL = (b"\x00\x00\x00\x00", b"\xff\xff\xff\xff")
+
+
+class ResponderState(Enum):
+    WAIT_SA_INIT = "wait_sa_init"
+    WAIT_AUTH = "wait_auth"
+    ESTABLISHED = "established"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+def _ipv4(text: str) -> bytes:
+    return ipaddress.IPv4Address(text).packed
+
+
+@dataclass(frozen=True)
+class ResponderConfig:
+    """What the responder accepts. Addresses are IPv4 dotted quads; the PSK is never in repr.
+
+    ``local_id`` defaults to ``local_addr`` (sent as IDr, ID_IPV4_ADDR). ``remote_id``, when set,
+    is the only IDi accepted. ``ts_local`` / ``ts_remote`` are inclusive (start, end) IPv4
+    ranges the Child SA may cover on our side (TSr) and the initiator's side (TSi).
+    ``remote_addr`` / ports are only the defaults for NAT detection when ``receive`` is not
+    told the datagram's addresses.
+    """
+
+    local_addr: str
+    psk: bytes = field(repr=False)
+    ts_local: tuple[str, str]
+    ts_remote: tuple[str, str]
+    local_id: str | None = None
+    remote_id: str | None = None
+    remote_addr: str | None = None
+    local_port: int = 500
+    remote_port: int = 500
+
+    def __post_init__(self) -> None:
+        for a in (self.local_addr, *self.ts_local, *self.ts_remote):
+            _ipv4(a)
+        for i in (self.local_id, self.remote_id, self.remote_addr):
+            if i is not None:
+                _ipv4(i)
+        for lo, hi in (self.ts_local, self.ts_remote):
+            if _ipv4(lo) > _ipv4(hi):
+                raise ValueError("traffic selector range start after end")
+        if not self.psk:
+            raise ValueError("empty pre-shared key")
+
+
+# -- negotiation helpers (pure) ---------------------------------------------------------------
+
+
+def choose_ike_proposal(proposals: tuple[Proposal, ...]) -> Proposal | None:
+    """Pick our IKE suite from the offer (RFC 7296 §2.7, §3.3.6); None if nothing fits.
+
+    A proposal is acceptable when each of its transform types offers our transform: ENCR
+    AES-GCM-16 with a 256-bit key, PRF HMAC-SHA2-256, DH 31, and INTEG (if present at all)
+    NONE. A proposal with any other transform type, or with an SPI, is not acceptable. The
+    returned proposal keeps the offer's number.
+    """
+    for p in proposals:
+        if p.protocol_id != ProtocolId.IKE or p.spi:
+            continue
+        by_type: dict[int, list[tuple[int, int | None]]] = {}
+        for t in p.transforms:
+            by_type.setdefault(t.transform_type, []).append((t.transform_id, t.key_length))
+        if not set(by_type) <= {
+            TransformType.ENCR,
+            TransformType.PRF,
+            TransformType.INTEG,
+            TransformType.DH,
+        }:
+            continue
+        if (ENCR_ID, ENCR_KEY_BITS) not in by_type.get(TransformType.ENCR, []):
+            continue
+        if not any(i == PRF_ID for i, _ in by_type.get(TransformType.PRF, [])):
+            continue
+        integ = by_type.get(TransformType.INTEG)
+        if integ is not None and not any(i == 0 for i, _ in integ):
+            continue
+        if any(i == DH_ID for i, _ in by_type.get(TransformType.DH, [])):
+            return Proposal(p.number, ProtocolId.IKE, ike_proposal().transforms)
+    return None
+
+
+def choose_esp_proposal(
+    proposals: tuple[Proposal, ...], our_spi: bytes
+) -> tuple[Proposal, Proposal] | None:
+    """Pick ESP AES-GCM-16-256, no ESN, from the Child SA offer (RFC 7296 §2.7, §3.3.6).
+
+    INTEG and DH, if offered, must include NONE (no PFS in IKE_AUTH, §1.2); ESN, if offered,
+    must include NO_ESN. Returns (the offered proposal, the chosen one to send back: the offer's
+    number, our transforms, ``our_spi``), or None.
+    """
+    for p in proposals:
+        if p.protocol_id != ProtocolId.ESP or len(p.spi) != 4:
+            continue
+        by_type: dict[int, list[tuple[int, int | None]]] = {}
+        for t in p.transforms:
+            by_type.setdefault(t.transform_type, []).append((t.transform_id, t.key_length))
+        if not set(by_type) <= {
+            TransformType.ENCR,
+            TransformType.INTEG,
+            TransformType.DH,
+            TransformType.ESN,
+        }:
+            continue
+        if (ENCR_ID, ENCR_KEY_BITS) not in by_type.get(TransformType.ENCR, []):
+            continue
+        ok = True
+        for ttype, none_id in (
+            (TransformType.INTEG, 0),
+            (TransformType.DH, 0),
+            (TransformType.ESN, Esn.NO_ESN),
+        ):
+            offered = by_type.get(ttype)
+            if offered is not None and not any(i == none_id for i, _ in offered):
+                ok = False
+        if not ok:
+            continue
+        return p, Proposal(p.number, ProtocolId.ESP, esp_proposal(our_spi).transforms, our_spi)
+    return None
+
+
+def narrow(
+    offered: tuple[object, ...], allowed: tuple[bytes, bytes]
+) -> tuple[TrafficSelector, ...]:
+    """Intersect each offered IPv4 selector with the allowed address range (RFC 7296 §2.9).
+
+    Protocol and ports are kept as offered (the configuration allows all of them); IPv6 and
+    other selector types are dropped; empty intersections vanish.
+    """
+    lo, hi = allowed
+    out: list[TrafficSelector] = []
+    for s in offered:
+        if not isinstance(s, TrafficSelector) or len(s.start_address) != 4:
+            continue
+        start = max(s.start_address, lo)
+        end = min(s.end_address, hi)
+        if start > end or s.start_port > s.end_port:
+            continue
+        ts = TrafficSelector(s.ip_protocol, s.start_port, s.end_port, start, end)
+        if ts not in out:
+            out.append(ts)
+    return tuple(out)
+
+
+def _first(payloads: tuple[Payload, ...], cls: type[Payload]) -> Payload | None:
+    for p in payloads:
+        if isinstance(p, cls):
+            return p
+    return None
+
+
+def _has_notify(payloads: tuple[Payload, ...], t: int) -> Notify | None:
+    for p in payloads:
+        if isinstance(p, Notify) and p.notify_type == t:
+            return p
+    return None
+
+
+def _nonzero(rand: Rand, n: int, minimum: int) -> bytes:
+    while True:
+        b = rand(n)
+        if len(b) != n:
+            raise ValueError("rand returned the wrong number of octets")
+        if int.from_bytes(b, "big") >= minimum:
+            return b
+
+
+class _Drop(Exception):
+    """Internal: the datagram is ignored."""
+
+
+class Ikev2Responder:
+    """IKE_SA_INIT then IKE_AUTH with PSK, answering one initiator; fed with datagrams.
+
+    ``receive(data, now, remote=..., local=...)`` takes one IKE message (no non-ESP marker) and
+    returns the datagrams to send back to where it came from (same socket, so UDP 4500 with the
+    non-ESP marker when the request arrived there). ``remote`` / ``local`` are the datagram's
+    (IPv4 address octets, UDP port) and feed NAT detection.
+
+    ``result.child``: ``spi_in`` is our Child SA SPI (the initiator sends to it, protected with
+    ``keys.encr_i``); ``spi_out`` is the initiator's (we send to it with ``keys.encr_r``).
+    """
+
+    def __init__(
+        self, config: ResponderConfig, *, now: float, rand: Rand = secrets.token_bytes
+    ) -> None:
+        self.config = config
+        self._rand = rand
+        self._state = ResponderState.WAIT_SA_INIT
+        self.failure_reason: str | None = None
+        self.result: IkeSaResult | None = None
+        self.created_at = now
+        self.last_activity = now
+        self.nat_t = False  # NAT-D exchanged: IKE_AUTH is expected on UDP 4500
+        self.dropped = 0
+        self._spi_i = _ZERO_SPI
+        self._spi_r = _ZERO_SPI
+        self._ni = b""
+        self._nr = b""
+        self._msg1 = b""
+        self._msg2 = b""
+        self._keys: IkeKeys | None = None
+        self._in: SkCipher | None = None
+        self._out: SkCipher | None = None
+        self._child_spi = b""
+        # RFC 7296 §2.1: the last request's message ID and the response(s) sent for it.
+        self._last_exchange = 0
+        self._last_mid: int | None = None
+        self._last_response: list[bytes] = []
+
+    def __repr__(self) -> str:
+        return (
+            f"Ikev2Responder(state={self._state.value}, spi_i={self._spi_i.hex()}, "
+            f"spi_r={self._spi_r.hex()})"
+        )
+
+    @property
+    def state(self) -> ResponderState:
+        return self._state
+
+    @property
+    def spi_i(self) -> bytes:
+        return self._spi_i
+
+    @property
+    def spi_r(self) -> bytes:
+        return self._spi_r
+
+    # -- driving ------------------------------------------------------------------------------
+
+    def receive(
+        self,
+        data: bytes,
+        now: float,
+        *,
+        remote: Address | None = None,
+        local: Address | None = None,
+    ) -> list[bytes]:
+        """Process one received IKE message; return the response datagram(s), maybe none."""
+        try:
+            out = self._receive(bytes(data), remote, local)
+        except (_Drop, IkeDecodeError, SkError, AlgorithmError, InvalidKeyExchange, ValueError):
+            self.dropped += 1
+            return []
+        self.last_activity = now
+        return out
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _receive(self, data: bytes, remote: Address | None, local: Address | None) -> list[bytes]:
+        hdr = decode_header(data)
+        if hdr.response or not hdr.initiator:
+            raise _Drop
+        if self._state is ResponderState.WAIT_SA_INIT:
+            if hdr.exchange_type != ExchangeType.IKE_SA_INIT or hdr.message_id != 0:
+                raise _Drop
+            if hdr.spi_r != _ZERO_SPI or hdr.spi_i == _ZERO_SPI:
+                raise _Drop
+            return self._on_sa_init(decode_message(data), data, remote, local)
+        if hdr.spi_i != self._spi_i:
+            raise _Drop
+        # A retransmission of the last request: resend the cached response (§2.1). For
+        # IKE_SA_INIT the responder SPI in the request is still zero.
+        if hdr.message_id == self._last_mid and self._last_response:
+            want_spi_r = _ZERO_SPI if hdr.message_id == 0 else self._spi_r
+            if hdr.spi_r == want_spi_r and hdr.exchange_type == self._last_exchange:
+                decode_message(data)  # malformed "retransmissions" are dropped
+                return list(self._last_response)
+            raise _Drop
+        if self._state is ResponderState.WAIT_AUTH:
+            if (
+                hdr.exchange_type != ExchangeType.IKE_AUTH
+                or hdr.message_id != 1
+                or hdr.spi_r != self._spi_r
+            ):
+                raise _Drop
+            return self._on_auth(data)
+        if self._state is ResponderState.ESTABLISHED:
+            if (
+                hdr.exchange_type != ExchangeType.INFORMATIONAL
+                or hdr.spi_r != self._spi_r
+                or self._last_mid is None
+                or hdr.message_id != self._last_mid + 1
+            ):
+                raise _Drop
+            return self._on_informational(data)
+        raise _Drop
+
+    def _fail(self, reason: str) -> None:
+        self._state = ResponderState.FAILED
+        self.failure_reason = reason
+
+    def _answer(self, exchange: int, mid: int, datagrams: list[bytes]) -> list[bytes]:
+        self._last_exchange = exchange
+        self._last_mid = mid
+        self._last_response = list(datagrams)
+        return list(datagrams)
+
+    def _error_sa_init(self, spi_i: bytes, notify: Notify) -> bytes:
+        msg = Message(spi_i, _ZERO_SPI, ExchangeType.IKE_SA_INIT, 0, (notify,), response=True)
+        return encode_message(msg)
+
+    def _on_sa_init(
+        self, msg: Message, raw: bytes, remote: Address | None, local: Address | None
+    ) -> list[bytes]:
+        sa = _first(msg.payloads, SA)
+        ke = _first(msg.payloads, KE)
+        nonce = _first(msg.payloads, Nonce)
+        if not isinstance(sa, SA) or not isinstance(ke, KE) or not isinstance(nonce, Nonce):
+            raise _Drop
+        if not 16 <= len(nonce.data) <= 256:
+            raise _Drop
+        chosen = choose_ike_proposal(sa.proposals)
+        if chosen is None:
+            self._spi_i = msg.spi_i
+            self._fail("NO_PROPOSAL_CHOSEN")
+            err = self._error_sa_init(msg.spi_i, Notify(NotifyType.NO_PROPOSAL_CHOSEN))
+            return self._answer(ExchangeType.IKE_SA_INIT, 0, [err])
+        if ke.dh_group != DH_ID:
+            # §1.3: tell the initiator which group we want; keep no state (it retries with
+            # the same SPIi and message ID 0).
+            return [
+                self._error_sa_init(
+                    msg.spi_i, Notify(NotifyType.INVALID_KE_PAYLOAD, struct.pack("!H", DH_ID))
+                )
+            ]
+        dh: DhPrivate = group(DH_ID).generate(self._rand)
+        g_ir = dh.shared(ke.data)  # InvalidKeyExchange -> dropped
+        spi_r = _nonzero(self._rand, 8, 1)
+        nr = self._rand(_NONCE_LEN)
+        payloads: list[Payload] = [SA((chosen,)), KE(DH_ID, dh.public_bytes()), Nonce(nr)]
+        nat_src = _has_notify(msg.payloads, NotifyType.NAT_DETECTION_SOURCE_IP)
+        nat_dst = _has_notify(msg.payloads, NotifyType.NAT_DETECTION_DESTINATION_IP)
+        cfg = self.config
+        here = local or (_ipv4(cfg.local_addr), cfg.local_port)
+        there = remote
+        if there is None and cfg.remote_addr is not None:
+            there = (_ipv4(cfg.remote_addr), cfg.remote_port)
+        if nat_src is not None and nat_dst is not None and there is not None:
+            payloads.append(
+                Notify(
+                    NotifyType.NAT_DETECTION_SOURCE_IP,
+                    nat_detection_hash(msg.spi_i, spi_r, here[0], here[1]),
+                )
+            )
+            payloads.append(
+                Notify(
+                    NotifyType.NAT_DETECTION_DESTINATION_IP,
+                    nat_detection_hash(msg.spi_i, spi_r, there[0], there[1]),
+                )
+            )
+            self.nat_t = True
+        resp = encode_message(
+            Message(msg.spi_i, spi_r, ExchangeType.IKE_SA_INIT, 0, tuple(payloads), response=True)
+        )
+        seed = skeyseed(PRF_ID, nonce.data, nr, g_ir)
+        keys = derive_ike_keys(
+            PRF_ID,
+            seed,
+            nonce.data,
+            nr,
+            msg.spi_i,
+            spi_r,
+            encr_key_len=_ENCR_KEY_LEN,
+            integ_key_len=0,
+        )
+        self._keys = keys
+        self._in = SkCipher(ENCR_ID, keys.sk_ei, key_bits=ENCR_KEY_BITS)
+        self._out = SkCipher(ENCR_ID, keys.sk_er, key_bits=ENCR_KEY_BITS)
+        self._spi_i, self._spi_r = msg.spi_i, spi_r
+        self._ni, self._nr = nonce.data, nr
+        self._msg1, self._msg2 = raw, resp
+        self._state = ResponderState.WAIT_AUTH
+        return self._answer(ExchangeType.IKE_SA_INIT, 0, [resp])
+
+    def _encrypted(self, exchange: int, mid: int, inner: tuple[Payload, ...]) -> list[bytes]:
+        assert self._out is not None
+        msg = Message(self._spi_i, self._spi_r, exchange, mid, inner, response=True)
+        return encrypt_message(msg, self._out)
+
+    def _on_auth(self, raw: bytes) -> list[bytes]:
+        assert self._keys is not None and self._in is not None
+        msg = decrypt_message(raw, self._in)  # SkError / IkeDecodeError -> dropped (§2.21.2)
+        cfg = self.config
+        idi = _first(msg.payloads, IDi)
+        auth = _first(msg.payloads, Auth)
+        if not isinstance(idi, IDi) or not isinstance(auth, Auth):
+            raise _Drop
+        idr_req = _first(msg.payloads, IDr)
+        my_id = IDr(IdType.ID_IPV4_ADDR, _ipv4(cfg.local_id or cfg.local_addr))
+        want = psk_auth(PRF_ID, cfg.psk, self._msg1, self._nr, self._keys.sk_pi, idi.encode_body())
+        auth_ok = hmac.compare_digest(want, auth.data) and auth.method == AuthMethod.SHARED_KEY_MIC
+        reason = None
+        if not auth_ok:
+            reason = "AUTHENTICATION_FAILED: initiator AUTH does not verify (wrong PSK?)"
+        elif cfg.remote_id is not None and (idi.id_type, idi.data) != (
+            IdType.ID_IPV4_ADDR,
+            _ipv4(cfg.remote_id),
+        ):
+            reason = "AUTHENTICATION_FAILED: initiator identity is not the configured one"
+        elif isinstance(idr_req, IDr) and (idr_req.id_type, idr_req.data) != (
+            my_id.id_type,
+            my_id.data,
+        ):
+            reason = "AUTHENTICATION_FAILED: initiator asked for another responder identity"
+        if reason is not None:
+            self._fail(reason)
+            out = self._encrypted(
+                ExchangeType.IKE_AUTH, 1, (Notify(NotifyType.AUTHENTICATION_FAILED),)
+            )
+            return self._answer(ExchangeType.IKE_AUTH, 1, out)
+        my_auth = Auth(
+            AuthMethod.SHARED_KEY_MIC,
+            psk_auth(PRF_ID, cfg.psk, self._msg2, self._ni, self._keys.sk_pr, my_id.encode_body()),
+        )
+        sa = _first(msg.payloads, SA)
+        tsi = _first(msg.payloads, TSi)
+        tsr = _first(msg.payloads, TSr)
+        if not isinstance(sa, SA) or not isinstance(tsi, TSi) or not isinstance(tsr, TSr):
+            self._fail("no Child SA requested (SA, TSi or TSr missing)")
+            out = self._encrypted(ExchangeType.IKE_AUTH, 1, (my_id, my_auth))
+            return self._answer(ExchangeType.IKE_AUTH, 1, out)
+        self._child_spi = _nonzero(self._rand, 4, 256)  # RFC 4303 §2.1: 1..255 reserved
+        picked = choose_esp_proposal(sa.proposals, self._child_spi)
+        error: int | None = None
+        ts_i = narrow(tsi.selectors, (_ipv4(cfg.ts_remote[0]), _ipv4(cfg.ts_remote[1])))
+        ts_r = narrow(tsr.selectors, (_ipv4(cfg.ts_local[0]), _ipv4(cfg.ts_local[1])))
+        if picked is None:
+            error = NotifyType.NO_PROPOSAL_CHOSEN
+        elif not ts_i or not ts_r:
+            error = NotifyType.TS_UNACCEPTABLE
+        if error is not None or picked is None:
+            error = error or NotifyType.NO_PROPOSAL_CHOSEN
+            self._fail(NotifyType(error).name)
+            out = self._encrypted(ExchangeType.IKE_AUTH, 1, (my_id, my_auth, Notify(error)))
+            return self._answer(ExchangeType.IKE_AUTH, 1, out)
+        ck = child_keys(
+            PRF_ID,
+            self._keys.sk_d,
+            self._ni,
+            self._nr,
+            encr_key_len=_ENCR_KEY_LEN,
+            integ_key_len=0,
+        )
+        offered, chosen = picked
+        child = ChildSaResult(
+            spi_in=self._child_spi,
+            spi_out=offered.spi,
+            encr_id=ENCR_ID,
+            key_bits=ENCR_KEY_BITS,
+            esn=False,
+            keys=ck,
+            ts_i=ts_i,
+            ts_r=ts_r,
+        )
+        out = self._encrypted(
+            ExchangeType.IKE_AUTH,
+            1,
+            (my_id, my_auth, SA((chosen,)), TSi(ts_i), TSr(ts_r)),
+        )
+        self.result = IkeSaResult(self._spi_i, self._spi_r, self._keys, child, self.nat_t)
+        self._state = ResponderState.ESTABLISHED
+        return self._answer(ExchangeType.IKE_AUTH, 1, out)
+
+    def _on_informational(self, raw: bytes) -> list[bytes]:
+        assert self._in is not None
+        msg = decrypt_message(raw, self._in)
+        out = self._encrypted(ExchangeType.INFORMATIONAL, msg.message_id, ())
+        for p in msg.payloads:
+            if isinstance(p, Delete) and p.protocol_id == ProtocolId.IKE:
+                self._state = ResponderState.CLOSED
+        return self._answer(ExchangeType.INFORMATIONAL, msg.message_id, out)
