@@ -1,4 +1,4 @@
-"""``python -m services.keymgr``: the IKE daemon (minimal: IKEv2 PSK initiator, no rekey).
+"""``python -m services.keymgr``: the IKE daemon (minimal: IKEv2 PSK initiator/responder, no rekey).
 
 keymgr needs no host network: IKE travels through the dataplane worker's punt/inject gRPC
 stream and the negotiated SAs are installed into the same worker, both over mutual TLS.
@@ -26,7 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m services.keymgr",
         description=(
-            "IKE daemon: runs IKEv2 (PSK) initiators for the configured connections, sends and "
+            "IKE daemon: runs IKEv2 (PSK) initiators for the configured connections (or answers "
+            "the peer's IKE_SA_INIT for start_action none/respond), sends and "
             "receives IKE through a dataplane worker's punt/inject stream and installs the "
             "resulting ESP SAs and SPD entries into that worker over mutual-TLS gRPC. "
             "Flags override KEYMGR_* environment variables."

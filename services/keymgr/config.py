@@ -11,7 +11,9 @@ file looks like::
     ]}
 
 ``local_id`` / ``remote_id`` are IPv4 address identities (ID_IPV4_ADDR) and default to the
-addresses. The PSK lives in its own file (a Kubernetes Secret mount); its content is read only
+addresses. ``start_action`` is ``"start"`` (keymgr initiates) or ``"none"`` / ``"respond"``
+(keymgr only answers the peer's IKE_SA_INIT arriving from ``remote_addr`` at ``local_addr``).
+The PSK lives in its own file (a Kubernetes Secret mount); its content is read only
 when a connection starts and never logged. A PSK file holding ``0x<hex>`` is decoded as hex
 (strongSwan's notation), anything else is used as the raw octets with surrounding whitespace
 removed.
@@ -26,11 +28,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-START_ACTIONS = ("start", "none")
+START_ACTIONS = ("start", "none", "respond")
+RESPONDER_ACTIONS = ("none", "respond")  # keymgr answers the peer's IKE_SA_INIT
+MAX_NAME_LEN = 64
+MAX_PATH_LEN = 4096
+MAX_CONNECTIONS = 1024
+MAX_CONFIG_BYTES = 1 << 20
+MAX_PSK_BYTES = 4096
 
 
 class ConfigError(ValueError):
     """An invalid keymgr configuration (the message never contains a secret)."""
+
+
+def _show(value: object) -> str:
+    """A short, safe rendering of an offending value for an error message."""
+    text = repr(value) if isinstance(value, str) else type(value).__name__
+    return text if len(text) <= 48 else text[:45] + "..."
 
 
 def _ipv4(value: object, what: str) -> str:
@@ -39,7 +53,7 @@ def _ipv4(value: object, what: str) -> str:
     try:
         return str(ipaddress.IPv4Address(value))
     except ValueError:
-        raise ConfigError(f"{what}: not an IPv4 address: {value!r}") from None
+        raise ConfigError(f"{what}: not an IPv4 address: {_show(value)}") from None
 
 
 def _prefix(value: object, what: str) -> str:
@@ -48,7 +62,7 @@ def _prefix(value: object, what: str) -> str:
     try:
         return str(ipaddress.IPv4Network(value, strict=True))
     except ValueError:
-        raise ConfigError(f"{what}: not an IPv4 prefix: {value!r}") from None
+        raise ConfigError(f"{what}: not an IPv4 prefix: {_show(value)}") from None
 
 
 @dataclass(frozen=True)
@@ -66,8 +80,14 @@ class Connection:
     start_action: str = "start"
 
     def __post_init__(self) -> None:
-        if not self.name:
-            raise ConfigError("connection name must not be empty")
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError("connection name must be a non-empty string")
+        if len(self.name) > MAX_NAME_LEN or not self.name.isprintable():
+            raise ConfigError(
+                f"connection name must be at most {MAX_NAME_LEN} printable characters"
+            )
+        if not isinstance(self.psk_file, pathlib.Path):
+            raise ConfigError(f"connection {self.name!r} psk_file must be a path")
         w = f"connection {self.name!r}"
         _ipv4(self.local_addr, f"{w} local_addr")
         _ipv4(self.remote_addr, f"{w} remote_addr")
@@ -77,8 +97,13 @@ class Connection:
                 _ipv4(v, f"{w} {attr}")
         _prefix(self.local_ts, f"{w} local_ts")
         _prefix(self.remote_ts, f"{w} remote_ts")
-        if self.start_action not in START_ACTIONS:
+        if not isinstance(self.start_action, str) or self.start_action not in START_ACTIONS:
             raise ConfigError(f"{w} start_action must be one of {START_ACTIONS}")
+
+    @property
+    def responds(self) -> bool:
+        """keymgr answers this peer's IKE_SA_INIT instead of initiating."""
+        return self.start_action in RESPONDER_ACTIONS
 
     def ts_range(self, which: str) -> tuple[str, str]:
         """The local or remote traffic selector as an inclusive (first, last) address range."""
@@ -88,9 +113,17 @@ class Connection:
     def read_psk(self) -> bytes:
         """The pre-shared key from ``psk_file`` (never logged, never in repr)."""
         try:
-            raw = self.psk_file.read_bytes().strip()
-        except OSError as e:
-            raise ConfigError(f"connection {self.name!r}: cannot read psk_file: {e}") from None
+            with self.psk_file.open("rb") as f:
+                raw = f.read(MAX_PSK_BYTES + 1)
+        except (OSError, ValueError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+            raise ConfigError(
+                f"connection {self.name!r}: cannot read psk_file {_show(str(self.psk_file))}: "
+                f"{reason}"
+            ) from None
+        if len(raw) > MAX_PSK_BYTES:
+            raise ConfigError(f"connection {self.name!r}: psk_file exceeds {MAX_PSK_BYTES} bytes")
+        raw = raw.strip()
         if raw[:2].lower() == b"0x":
             try:
                 raw = bytes.fromhex(raw[2:].decode("ascii"))
@@ -130,15 +163,24 @@ def connection_from_dict(d: Mapping[str, Any], *, base: pathlib.Path | None = No
         raise ConfigError("each connection must be a JSON object")
     unknown = set(d) - _FIELDS
     if unknown:
-        raise ConfigError(f"unknown connection field(s): {sorted(unknown)}")
+        shown = ", ".join(_show(k) for k in sorted(unknown)[:5])
+        raise ConfigError(f"unknown connection field(s): {shown}")
     missing = {"name", "local_addr", "remote_addr", "psk_file", "local_ts", "remote_ts"} - set(d)
     if missing:
         raise ConfigError(f"connection lacks field(s): {sorted(missing)}")
-    psk = pathlib.Path(str(d["psk_file"]))
+    raw_psk = d["psk_file"]
+    if not isinstance(raw_psk, str) or not raw_psk or len(raw_psk) > MAX_PATH_LEN:
+        raise ConfigError("connection psk_file must be a non-empty path string")
+    if "\x00" in raw_psk:
+        raise ConfigError("connection psk_file must not contain NUL")
+    psk = pathlib.Path(raw_psk)
     if base is not None and not psk.is_absolute():
         psk = base / psk
+    for key in ("local_id", "remote_id"):
+        if key in d and d[key] is None:
+            raise ConfigError(f"connection {key} must be an IPv4 address string when present")
     return Connection(
-        name=str(d["name"]),
+        name=d["name"],
         local_addr=d["local_addr"],
         remote_addr=d["remote_addr"],
         psk_file=psk,
@@ -150,14 +192,40 @@ def connection_from_dict(d: Mapping[str, Any], *, base: pathlib.Path | None = No
     )
 
 
-def load_config(path: pathlib.Path) -> KeymgrConfig:
-    """Parse the JSON configuration file."""
+def load_config(path: pathlib.Path, *, check_psk: bool = True) -> KeymgrConfig:
+    """Parse the JSON configuration file.
+
+    With ``check_psk`` every connection's psk_file must be readable and valid now (the content
+    is discarded: it is read again when the connection starts, so a rotated secret is used).
+    Any problem raises :class:`ConfigError`, whose message never contains the PSK.
+    """
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read config {path}: {e}") from None
+        with path.open("rb") as f:
+            blob = f.read(MAX_CONFIG_BYTES + 1)
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise ConfigError(f"cannot read config {path}: {reason}") from None
+    if len(blob) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    return config_from_json(blob, base=path.parent, check_psk=check_psk)
+
+
+def config_from_json(
+    blob: bytes | str, *, base: pathlib.Path | None = None, check_psk: bool = True
+) -> KeymgrConfig:
+    """Parse a JSON document (see the module docstring) into a :class:`KeymgrConfig`."""
+    try:
+        doc = json.loads(blob)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config is not valid JSON: {e.msg} at line {e.lineno}") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8, huge integers, deep nesting
+        raise ConfigError(f"config is not valid JSON ({type(e).__name__})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("connections"), list):
         raise ConfigError("config must be an object with a 'connections' list")
-    return KeymgrConfig(
-        tuple(connection_from_dict(c, base=path.parent) for c in doc["connections"])
-    )
+    if len(doc["connections"]) > MAX_CONNECTIONS:
+        raise ConfigError(f"more than {MAX_CONNECTIONS} connections")
+    cfg = KeymgrConfig(tuple(connection_from_dict(c, base=base) for c in doc["connections"]))
+    if check_psk:
+        for c in cfg.connections:
+            c.read_psk()
+    return cfg

@@ -12,6 +12,15 @@ Flow per connection with ``start_action == "start"`` (RFC 7296 §1.2):
 4. on ESTABLISHED the inbound and outbound ESP SAs (AES-GCM-16, tunnel mode, ESP-in-UDP
    4500/4500 when IKE floated) and one SPD PROTECT entry are installed with a shared reqid.
 
+Responder role, per connection with ``start_action`` ``"none"`` / ``"respond"``: a punted
+IKE_SA_INIT request whose (local, remote) address pair matches the connection starts an
+:class:`~services.core.ike.responder.Ikev2Responder`, keyed by the initiator's IKE SPI; its
+answers go back through punt-inject on the ports the request arrived on (500, or 4500 after
+the initiator floated). At most ``MAX_HALF_OPEN`` responders may be half-open (not yet
+ESTABLISHED); further IKE_SA_INIT requests are dropped and counted (cookies: future work).
+Half-open responders expire after ``HALF_OPEN_TIMEOUT``. On ESTABLISHED the same
+installation path as the initiator's runs, with the keys of the responder's side.
+
 Scope: one IKE SA per connection, no rekey, no DELETE, no INFORMATIONAL handling, no
 ACQUIRE-triggered negotiation. Keys are never logged: only SPIs appear in logs.
 """
@@ -29,6 +38,7 @@ from dataclasses import dataclass, field, replace
 import grpc
 
 from services.core.iana import IpProto
+from services.core.ike.constants import ExchangeType
 from services.core.ike.exchange import (
     NAT_T_PORT,
     IkeSaResult,
@@ -36,6 +46,8 @@ from services.core.ike.exchange import (
     InitiatorConfig,
     State,
 )
+from services.core.ike.message import IkeDecodeError, decode_header
+from services.core.ike.responder import Ikev2Responder, ResponderConfig, ResponderState
 from services.core.sa import Direction, Mode, SaConfig, UdpEncap
 from services.core.selectors import Selector
 from services.core.spd import Action, SpdEntry
@@ -48,6 +60,9 @@ IKE_PORT = 500
 SPD_PRIORITY = 100
 RETRY_AFTER_FAILURE = 5.0  # seconds before a failed connection is initiated again
 TICK = 0.5  # longest wait for a punted datagram when no retransmit is due
+MAX_HALF_OPEN = 64  # responders not yet ESTABLISHED; more IKE_SA_INITs are dropped
+HALF_OPEN_TIMEOUT = 30.0  # seconds a half-open (or failed) responder is kept
+MAX_RESPONDERS = 1024  # all responder IKE SAs kept (established ones answer liveness checks)
 
 
 @dataclass
@@ -61,6 +76,16 @@ class Session:
     retry_at: float | None = None
     spd: SpdEntry | None = None
     spis: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ResponderSession:
+    """One IKE SA that a peer initiated towards a responder connection."""
+
+    conn: Connection
+    reqid: int
+    responder: Ikev2Responder
+    installed: bool = False
 
 
 class Keymgr:
@@ -80,8 +105,13 @@ class Keymgr:
         self.client = client
         self.clock = clock
         self.sessions = [
-            Session(c, reqid=i + 1) for i, c in enumerate(connections) if c.start_action == "start"
+            Session(c, reqid=i + 1) for i, c in enumerate(connections) if not c.responds
         ]
+        self.responder_conns = [(c, i + 1) for i, c in enumerate(connections) if c.responds]
+        # keyed by the initiator's IKE SPI (from the IKE header)
+        self.responders: dict[bytes, ResponderSession] = {}
+        self.half_open_dropped = 0  # IKE_SA_INIT requests refused by the MAX_HALF_OPEN bound
+        self._spd: dict[str, SpdEntry] = {}  # installed PROTECT entry per connection name
         self._rx: queue.Queue[IkeDatagram] = queue.Queue()
         self._stop = threading.Event()
         self._stream: PuntStream | None = None
@@ -186,6 +216,10 @@ class Keymgr:
             self._stream.send(IkeDatagram(s.conn.local_addr, port, s.conn.remote_addr, port, data))
 
     def _dispatch(self, d: IkeDatagram, now: float) -> None:
+        for c, reqid in self.responder_conns:
+            if (d.local_addr, d.remote_addr) == (c.local_addr, c.remote_addr):
+                self._respond(c, reqid, d, now)
+                return
         for s in self.sessions:
             c = s.conn
             if (d.local_addr, d.remote_addr) != (c.local_addr, c.remote_addr):
@@ -199,7 +233,115 @@ class Keymgr:
             return
         log.debug("IKE datagram for no connection", extra={"remote": d.remote_addr})
 
+    # --- responder role --------------------------------------------------------------------
+
+    def _half_open(self) -> int:
+        """Responder IKE SAs not ESTABLISHED (waiting for IKE_AUTH, or failed and not expired)."""
+        return sum(
+            1
+            for r in self.responders.values()
+            if r.responder.state is not ResponderState.ESTABLISHED
+        )
+
+    def _respond(self, c: Connection, reqid: int, d: IkeDatagram, now: float) -> None:
+        try:
+            hdr = decode_header(d.data)
+        except IkeDecodeError:
+            log.debug("malformed IKE datagram dropped", extra={"conn": c.name})
+            return
+        rs = self.responders.get(hdr.spi_i)
+        if rs is not None and rs.conn is not c:
+            log.debug("IKE SPI belongs to another connection", extra={"conn": c.name})
+            return
+        if rs is None:
+            if (
+                hdr.exchange_type != ExchangeType.IKE_SA_INIT
+                or hdr.response
+                or not hdr.initiator
+                or hdr.message_id != 0
+            ):
+                log.debug("IKE datagram for no IKE SA", extra={"conn": c.name})
+                return
+            if self._half_open() >= MAX_HALF_OPEN or len(self.responders) >= MAX_RESPONDERS:
+                self.half_open_dropped += 1
+                log.warning(
+                    "IKE_SA_INIT dropped: too many half-open IKE SAs",
+                    extra={
+                        "conn": c.name,
+                        "limit": MAX_HALF_OPEN,
+                        "dropped_total": self.half_open_dropped,
+                    },
+                )
+                return
+            try:
+                psk = c.read_psk()
+                cfg = ResponderConfig(
+                    local_addr=c.local_addr,
+                    psk=psk,
+                    ts_local=c.ts_range("local"),
+                    ts_remote=c.ts_range("remote"),
+                    local_id=c.local_id,
+                    remote_id=c.remote_id or c.remote_addr,
+                    remote_addr=c.remote_addr,
+                )
+            except ValueError as e:
+                log.error("cannot answer IKE_SA_INIT", extra={"conn": c.name, "reason": str(e)})
+                return
+            rs = ResponderSession(c, reqid, Ikev2Responder(cfg, now=now))
+        local = (ipaddress.IPv4Address(d.local_addr).packed, d.local_port)
+        remote = (ipaddress.IPv4Address(d.remote_addr).packed, d.remote_port)
+        before = rs.responder.state
+        out = rs.responder.receive(d.data, now, remote=remote, local=local)
+        if hdr.spi_i not in self.responders:
+            if rs.responder.state is ResponderState.WAIT_SA_INIT and not out:
+                return  # dropped before any state (malformed request)
+            if rs.responder.state is not ResponderState.WAIT_SA_INIT:
+                self.responders[hdr.spi_i] = rs
+                log.info(
+                    "ike responding",
+                    extra={
+                        "conn": c.name,
+                        "spi_i": hdr.spi_i.hex(),
+                        "spi_r": rs.responder.spi_r.hex(),
+                        "remote": d.remote_addr,
+                    },
+                )
+        assert self._stream is not None
+        for data in out:
+            self._stream.send(
+                IkeDatagram(d.local_addr, d.local_port, d.remote_addr, d.remote_port, data)
+            )
+        st = rs.responder.state
+        if st is ResponderState.FAILED and before is not ResponderState.FAILED:
+            log.warning(
+                "ike failed",
+                extra={"conn": c.name, "role": "responder", "reason": rs.responder.failure_reason},
+            )
+        elif st is ResponderState.ESTABLISHED and not rs.installed:
+            r = rs.responder.result
+            assert r is not None
+            encap = d.local_port == NAT_T_PORT
+            rs.installed = self._install(c, r, rs.reqid, initiator=False, encap=encap)
+            if not rs.installed:
+                self.responders.pop(hdr.spi_i, None)
+        elif st is ResponderState.CLOSED:
+            log.info("ike deleted by peer", extra={"conn": c.name, "spi_i": hdr.spi_i.hex()})
+            self.responders.pop(hdr.spi_i, None)
+
+    def _expire_responders(self, now: float) -> None:
+        for spi, rs in list(self.responders.items()):
+            st = rs.responder.state
+            if st is ResponderState.ESTABLISHED:
+                continue
+            if now - rs.responder.last_activity >= HALF_OPEN_TIMEOUT:
+                log.info(
+                    "half-open IKE SA expired",
+                    extra={"conn": rs.conn.name, "spi_i": spi.hex(), "state": st.value},
+                )
+                del self.responders[spi]
+
     def _timers(self, now: float) -> None:
+        self._expire_responders(now)
         for s in self.sessions:
             if s.retry_at is not None and now >= s.retry_at:
                 self._initiate(s, now)
@@ -226,67 +368,94 @@ class Keymgr:
             self._established(s, ini.result, now)
 
     def _established(self, s: Session, r: IkeSaResult, now: float) -> None:
-        c = s.conn
+        if not self._install(s.conn, r, s.reqid, initiator=True, encap=r.nat_t):
+            s.initiator = None
+            s.retry_at = now + RETRY_AFTER_FAILURE
+            return
+        s.installed = True
+        s.spd = self._spd.get(s.conn.name)
+        s.spis = {"in": r.child.spi_in.hex(), "out": r.child.spi_out.hex()}
+
+    def _install(
+        self, c: Connection, r: IkeSaResult, reqid: int, *, initiator: bool, encap: bool
+    ) -> bool:
+        """Install an established IKE SA's Child SA pair and the connection's SPD entry.
+
+        The one installation path for both roles; returns False (and logs) when the worker
+        refused it.
+        """
+        role = "initiator" if initiator else "responder"
         log.info(
             "ike established",
             extra={
                 "conn": c.name,
+                "role": role,
                 "spi_i": r.spi_i.hex(),
                 "spi_r": r.spi_r.hex(),
-                "nat_t": r.nat_t,
+                "nat_t": encap,
             },
         )
         try:
-            inbound, outbound, spd = child_sa_configs(c, r, s.reqid)
+            inbound, outbound, spd = child_sa_configs(c, r, reqid, initiator=initiator, encap=encap)
             self.client.install_sa(inbound)
             self.client.install_sa(outbound)
+            entries = {**self._spd, c.name: spd}
             self._spd_revision += 1
-            self.client.replace_spd(
-                [x.spd for x in self.sessions if x.spd is not None and x is not s] + [spd],
-                self._spd_revision,
-            )
+            self.client.replace_spd(list(entries.values()), self._spd_revision)
         except (grpc.RpcError, ValueError) as e:
             code = e.code() if isinstance(e, grpc.RpcError) else None
             log.error(
                 "child install failed",
                 extra={"conn": c.name, "code": str(code), "error": type(e).__name__},
             )
-            s.initiator = None
-            s.retry_at = now + RETRY_AFTER_FAILURE
-            return
-        s.installed = True
-        s.spd = spd
-        s.spis = {"in": r.child.spi_in.hex(), "out": r.child.spi_out.hex()}
+            return False
+        self._spd = entries
         log.info(
             "child installed",
             extra={
                 "conn": c.name,
+                "role": role,
                 "spi_in": r.child.spi_in.hex(),
                 "spi_out": r.child.spi_out.hex(),
-                "reqid": s.reqid,
-                "encap": "udp-4500" if r.nat_t else "esp",
+                "reqid": reqid,
+                "encap": "udp-4500" if encap else "esp",
+                "spd_revision": self._spd_revision,
             },
         )
         log.info(
-            "rekey is not implemented: the peer's CREATE_CHILD_SA, INFORMATIONAL and DELETE "
-            "requests are ignored",
+            "rekey is not implemented: the peer's CREATE_CHILD_SA and DELETE requests are "
+            "not acted on",
             extra={"conn": c.name},
         )
+        return True
 
 
 def child_sa_configs(
-    c: Connection, r: IkeSaResult, reqid: int
+    c: Connection,
+    r: IkeSaResult,
+    reqid: int,
+    *,
+    initiator: bool = True,
+    encap: bool | None = None,
 ) -> tuple[SaConfig, SaConfig, SpdEntry]:
     """The inbound and outbound ESP SAs and the SPD entry for an established IKE SA.
 
-    Inbound: our SPI, remote→local, the responder→initiator key. Outbound: the responder's SPI,
-    local→remote, the initiator→responder key (RFC 7296 §2.17). Keys include the 4-octet
-    AES-GCM salt (RFC 4106 §8.1).
+    ``child.spi_in`` is always our SPI (inbound, remote→local) and ``spi_out`` the peer's
+    (outbound, local→remote). RFC 7296 §2.17: the initiator→responder key is ``encr_i``, so as
+    initiator inbound uses ``encr_r`` and outbound ``encr_i``; as responder the other way
+    round. Keys include the 4-octet AES-GCM salt (RFC 4106 §8.1). ``encap`` (default: the
+    result's ``nat_t``) selects ESP-in-UDP 4500/4500.
     """
     child = r.child
     local = ipaddress.IPv4Address(c.local_addr).packed
     remote = ipaddress.IPv4Address(c.remote_addr).packed
-    encap = UdpEncap(NAT_T_PORT, NAT_T_PORT) if r.nat_t else None
+    use_encap = r.nat_t if encap is None else encap
+    encap_cfg = UdpEncap(NAT_T_PORT, NAT_T_PORT) if use_encap else None
+    key_in, key_out = (
+        (child.keys.encr_r, child.keys.encr_i)
+        if initiator
+        else (child.keys.encr_i, child.keys.encr_r)
+    )
     sel_out = Selector.make(c.local_ts, c.remote_ts)
     sel_in = Selector.make(c.remote_ts, c.local_ts)
     inbound = SaConfig(
@@ -297,9 +466,9 @@ def child_sa_configs(
         src=remote,
         dst=local,
         encr_id=int(child.encr_id),
-        encr_key=child.keys.encr_r,
+        encr_key=key_in,
         esn=child.esn,
-        encap=encap,
+        encap=encap_cfg,
         reqid=reqid,
         selectors=(sel_in,),
     )
@@ -309,7 +478,7 @@ def child_sa_configs(
         direction=Direction.OUTBOUND,
         src=local,
         dst=remote,
-        encr_key=child.keys.encr_i,
+        encr_key=key_out,
         selectors=(sel_out,),
     )
     spd = SpdEntry(
