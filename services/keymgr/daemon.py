@@ -21,12 +21,21 @@ ESTABLISHED); further IKE_SA_INIT requests are dropped and counted (cookies: fut
 Half-open responders expire after ``HALF_OPEN_TIMEOUT``. On ESTABLISHED the same
 installation path as the initiator's runs, with the keys of the responder's side.
 
-Scope: one IKE SA per connection, no rekey, no DELETE, no INFORMATIONAL handling, no
-ACQUIRE-triggered negotiation. Keys are never logged: only SPIs appear in logs.
+After ESTABLISHED (RFC 7296 §1.4): punted datagrams are routed to their IKE SA by the SPIs in
+the IKE header and INFORMATIONAL requests are answered by the core. A peer's Delete of the
+Child SA removes both ESP SAs from the worker and withdraws the connection's SPD entry (a
+replace_spd with a higher revision); a Delete of the IKE SA does the same for all of its Child
+SAs (the connection is not initiated again). ``stop()`` (SIGTERM) sends a Delete of the IKE SA
+for every established IKE SA, waits up to ``SHUTDOWN_WAIT`` for the responses, then removes the
+SAs from the worker.
+
+Scope: one IKE SA per connection, no rekey, no ACQUIRE-triggered negotiation. Keys are never
+logged: only SPIs appear in logs.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import queue
@@ -46,6 +55,7 @@ from services.core.ike.exchange import (
     InitiatorConfig,
     State,
 )
+from services.core.ike.informational import InfoEvent
 from services.core.ike.message import IkeDecodeError, decode_header
 from services.core.ike.responder import Ikev2Responder, ResponderConfig, ResponderState
 from services.core.sa import Direction, Mode, SaConfig, UdpEncap
@@ -62,6 +72,7 @@ RETRY_AFTER_FAILURE = 5.0  # seconds before a failed connection is initiated aga
 TICK = 0.5  # longest wait for a punted datagram when no retransmit is due
 MAX_HALF_OPEN = 64  # responders not yet ESTABLISHED; more IKE_SA_INITs are dropped
 HALF_OPEN_TIMEOUT = 30.0  # seconds a half-open (or failed) responder is kept
+SHUTDOWN_WAIT = 2.0  # seconds to wait for the peers' responses to our Delete on stop()
 MAX_RESPONDERS = 1024  # all responder IKE SAs kept (established ones answer liveness checks)
 
 
@@ -86,6 +97,7 @@ class ResponderSession:
     reqid: int
     responder: Ikev2Responder
     installed: bool = False
+    port: int = IKE_PORT  # the UDP port IKE uses (500, or 4500 after the initiator floated)
 
 
 class Keymgr:
@@ -116,14 +128,15 @@ class Keymgr:
         self._stop = threading.Event()
         self._stream: PuntStream | None = None
         self._spd_revision = 0
+        # installed Child SAs per IKE SA (key: SPIi | SPIr): connection and (inbound, outbound)
+        self._children: dict[bytes, tuple[Connection, tuple[SaConfig, SaConfig]]] = {}
         self.failed = False  # the punt stream broke (worker gone): the caller should exit non-zero
 
     # --- lifecycle --------------------------------------------------------------------------
 
     def stop(self) -> None:
+        """Ask run() to return; it first deletes the established IKE SAs (see _shutdown)."""
         self._stop.set()
-        if self._stream is not None:
-            self._stream.cancel()
 
     def _reader(self, stream: PuntStream) -> None:
         try:
@@ -165,6 +178,8 @@ class Keymgr:
                 if d is not None:
                     self._dispatch(d, now)
                 self._timers(now)
+            if not self.failed:
+                self._shutdown()
         finally:
             stream.cancel()
             reader.join(timeout=2.0)
@@ -225,6 +240,9 @@ class Keymgr:
             if (d.local_addr, d.remote_addr) != (c.local_addr, c.remote_addr):
                 continue
             ini = s.initiator
+            if ini is not None and ini.state is State.ESTABLISHED:
+                self._established_datagram(s, ini, d, now)
+                return
             if ini is None or ini.state not in (State.SA_INIT_SENT, State.AUTH_SENT):
                 log.debug("ignoring IKE datagram", extra={"conn": c.name})
                 return
@@ -321,12 +339,120 @@ class Keymgr:
             r = rs.responder.result
             assert r is not None
             encap = d.local_port == NAT_T_PORT
+            rs.port = d.local_port
             rs.installed = self._install(c, r, rs.reqid, initiator=False, encap=encap)
             if not rs.installed:
                 self.responders.pop(hdr.spi_i, None)
-        elif st is ResponderState.CLOSED:
-            log.info("ike deleted by peer", extra={"conn": c.name, "spi_i": hdr.spi_i.hex()})
-            self.responders.pop(hdr.spi_i, None)
+        elif before is ResponderState.ESTABLISHED:
+            r = rs.responder.result
+            assert r is not None
+            self._info_events(c, r, rs.responder.take_events(), "responder")
+            if st is ResponderState.CLOSED:
+                self.responders.pop(hdr.spi_i, None)
+
+    # --- after ESTABLISHED (RFC 7296 §1.4) ---------------------------------------------------
+
+    def _established_datagram(
+        self, s: Session, ini: Ikev2Initiator, d: IkeDatagram, now: float
+    ) -> None:
+        try:
+            hdr = decode_header(d.data)
+        except IkeDecodeError:
+            return
+        if hdr.spi_i != ini.spi_i:
+            log.debug("IKE datagram for another IKE SA", extra={"conn": s.conn.name})
+            return
+        self._send(s, ini.receive(d.data, now))
+        assert ini.result is not None
+        self._info_events(s.conn, ini.result, ini.take_events(), "initiator")
+        if ini.state is State.CLOSED:
+            s.installed = False
+
+    def _info_events(
+        self, c: Connection, r: IkeSaResult, events: list[InfoEvent], role: str
+    ) -> None:
+        ike = {"conn": c.name, "role": role, "spi_i": r.spi_i.hex(), "spi_r": r.spi_r.hex()}
+        for e in events:
+            if e.kind == "child_deleted":
+                log.info(
+                    "child deleted by peer",
+                    extra={**ike, "spi_in": e.spi_in.hex(), "spi_out": e.spi_out.hex()},
+                )
+                self._remove_children(r.spi_i + r.spi_r)
+            elif e.kind == "ike_deleted":
+                log.info("ike deleted", extra=ike)
+                self._remove_children(r.spi_i + r.spi_r)
+            else:
+                log.debug("informational answered", extra=ike)
+
+    def _remove_children(self, key: bytes) -> None:
+        """Delete an IKE SA's Child SAs from the worker and withdraw the connection's SPD
+        entry (replace_spd with a higher revision)."""
+        entry = self._children.pop(key, None)
+        if entry is None:
+            return
+        c, sas = entry
+        try:
+            for sa in sas:
+                self.client.delete_sa(sa.spi, sa.dst, sa.protocol, sa.direction)
+            entries = {k: v for k, v in self._spd.items() if k != c.name}
+            self._spd_revision += 1
+            self.client.replace_spd(list(entries.values()), self._spd_revision)
+            self._spd = entries
+        except grpc.RpcError as e:
+            log.error("child removal failed", extra={"conn": c.name, "code": str(e.code())})
+            return
+        log.info(
+            "child removed",
+            extra={
+                "conn": c.name,
+                "spi_in": sas[0].spi.to_bytes(4, "big").hex(),
+                "spi_out": sas[1].spi.to_bytes(4, "big").hex(),
+                "spd_revision": self._spd_revision,
+            },
+        )
+
+    def _shutdown(self) -> None:
+        """Send a Delete of each established IKE SA (best effort), wait up to SHUTDOWN_WAIT for
+        the responses, and remove every installed Child SA from the worker."""
+        assert self._stream is not None
+        now = self.clock()
+        waiting: list[tuple[Ikev2Initiator | Ikev2Responder, Callable[[list[bytes]], None]]] = []
+        for s in self.sessions:
+            ini = s.initiator
+            if ini is not None and ini.state is State.ESTABLISHED:
+                log.info("ike deleting", extra={"conn": s.conn.name, "spi_i": ini.spi_i.hex()})
+                waiting.append((ini, functools.partial(self._send, s)))
+        for rs in self.responders.values():
+            resp = rs.responder
+            if resp.state is ResponderState.ESTABLISHED:
+                log.info("ike deleting", extra={"conn": rs.conn.name, "spi_i": resp.spi_i.hex()})
+                waiting.append((resp, functools.partial(self._send_responder, rs)))
+        for x, send in waiting:
+            send(x.delete_ike(now))
+        deadline = now + SHUTDOWN_WAIT
+        closed = (State.CLOSED, ResponderState.CLOSED)
+        while not all(x.state in closed for x, _ in waiting) and not self.failed:
+            left = deadline - self.clock()
+            if left <= 0:
+                log.warning("not every peer answered our Delete", extra={"waited": SHUTDOWN_WAIT})
+                break
+            try:
+                d = self._rx.get(timeout=min(left, TICK))
+            except queue.Empty:
+                for x, send in waiting:  # retransmit the outstanding Delete (RFC 7296 §2.1)
+                    if x.state not in closed:
+                        send(x.delete_ike(self.clock()))
+                continue
+            self._dispatch(d, self.clock())
+        for key in list(self._children):
+            self._remove_children(key)
+
+    def _send_responder(self, rs: ResponderSession, datagrams: list[bytes]) -> None:
+        assert self._stream is not None
+        c = rs.conn
+        for data in datagrams:
+            self._stream.send(IkeDatagram(c.local_addr, rs.port, c.remote_addr, rs.port, data))
 
     def _expire_responders(self, now: float) -> None:
         for spi, rs in list(self.responders.items()):
@@ -399,6 +525,7 @@ class Keymgr:
             inbound, outbound, spd = child_sa_configs(c, r, reqid, initiator=initiator, encap=encap)
             self.client.install_sa(inbound)
             self.client.install_sa(outbound)
+            self._children[r.spi_i + r.spi_r] = (c, (inbound, outbound))
             entries = {**self._spd, c.name: spd}
             self._spd_revision += 1
             self.client.replace_spd(list(entries.values()), self._spd_revision)
@@ -423,8 +550,7 @@ class Keymgr:
             },
         )
         log.info(
-            "rekey is not implemented: the peer's CREATE_CHILD_SA and DELETE requests are "
-            "not acted on",
+            "rekey is not implemented: the peer's CREATE_CHILD_SA requests are not acted on",
             extra={"conn": c.name},
         )
         return True

@@ -11,10 +11,14 @@ then sends the IKE_AUTH datagrams from and to port 4500 with the 4-octet non-ESP
 (RFC 3948 §2.2) and strips it on receipt.
 
 Out of scope: COOKIE and INVALID_KE_PAYLOAD retries, EAP, certificates, CREATE_CHILD_SA,
-INFORMATIONAL, IKE fragmentation of received messages. An error Notify from the responder
+IKE fragmentation of received messages. An error Notify from the responder
 (NO_PROPOSAL_CHOSEN, AUTHENTICATION_FAILED, ...) ends in :attr:`State.FAILED` with the Notify's
 name as ``failure_reason``. Time comes in as ``now`` (seconds, any monotonic origin);
 randomness from ``rand`` (``secrets.token_bytes`` by default). No key appears in any repr.
+
+After ESTABLISHED, INFORMATIONAL exchanges (liveness, Delete of the Child SA or of the IKE SA ->
+:attr:`State.CLOSED`, our own ``delete_ike``) are handled by
+:mod:`services.core.ike.informational`; ``take_events`` reports what they did.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from services.core.ike.constants import (
     TransformType,
 )
 from services.core.ike.dh import DhGroupId, DhPrivate, InvalidKeyExchange, group
+from services.core.ike.informational import InfoDrop, InfoEvent, InfoSession
 from services.core.ike.keys import ChildKeys, IkeKeys, child_keys, derive_ike_keys, skeyseed
 from services.core.ike.message import (
     KE,
@@ -85,6 +90,7 @@ class State(Enum):
     AUTH_SENT = "auth_sent"
     ESTABLISHED = "established"
     FAILED = "failed"
+    CLOSED = "closed"
 
 
 def _ipv4(text: str) -> bytes:
@@ -249,6 +255,7 @@ class Ikev2Initiator:
         self._sent_at = now
         self._interval = RETRANSMIT_INITIAL
         self._tries = 0
+        self._info: InfoSession | None = None
 
     def __repr__(self) -> str:
         return f"Ikev2Initiator(state={self._state.value}, spi_i={self._spi_i.hex()})"
@@ -267,6 +274,16 @@ class Ikev2Initiator:
         if self._state not in (State.SA_INIT_SENT, State.AUTH_SENT):
             return None
         return self._sent_at + self._interval
+
+    def take_events(self) -> list[InfoEvent]:
+        """Events of INFORMATIONAL exchanges since the last call (child / IKE SA deleted)."""
+        return self._info.take_events() if self._info is not None else []
+
+    def delete_ike(self, now: float) -> list[bytes]:
+        """An INFORMATIONAL Delete of the IKE SA (RFC 7296 §1.4.1); its response -> CLOSED."""
+        if self._state is not State.ESTABLISHED or self._info is None:
+            return []
+        return self._info.delete_ike()
 
     # -- driving ----------------------------------------------------------------------------
 
@@ -306,6 +323,14 @@ class Ikev2Initiator:
 
     def receive(self, data: bytes, now: float) -> list[bytes]:
         """Process one received IKE message; malformed or unrelated datagrams are dropped."""
+        if self._state is State.ESTABLISHED and self._info is not None:
+            try:
+                out = self._info.handle(bytes(data))
+            except (InfoDrop, IkeDecodeError, SkError):
+                return []
+            if self._info.closed:
+                self._state = State.CLOSED
+            return out
         if self._state not in (State.SA_INIT_SENT, State.AUTH_SENT):
             return []
         try:
@@ -483,6 +508,17 @@ class Ikev2Initiator:
             ts_r=tuple(s for s in tsr.selectors if isinstance(s, TrafficSelector)),
         )
         self.result = IkeSaResult(self._spi_i, self._spi_r, self._keys, child, self.port_float)
+        assert self._out is not None
+        self._info = InfoSession(
+            spi_i=self._spi_i,
+            spi_r=self._spi_r,
+            we_initiated=True,
+            cin=self._in,
+            cout=self._out,
+            child=(child.spi_in, child.spi_out),
+            our_next_mid=2,
+            peer_next_mid=0,
+        )
         self._state = State.ESTABLISHED
         return []
 

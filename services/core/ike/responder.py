@@ -26,9 +26,10 @@ Behaviour:
   dropped: ``receive`` never raises for what arrives on the wire.
 
 Out of scope: COOKIEs, IKE fragmentation (we do not announce it), CREATE_CHILD_SA, EAP,
-certificates, more than one IKE SA per instance. INFORMATIONAL requests after ESTABLISHED are
-answered with an empty INFORMATIONAL (liveness checks, §1.4); a Delete of the IKE SA moves to
-CLOSED. Time comes in as ``now``; randomness from ``rand``. No key appears in any repr.
+certificates, more than one IKE SA per instance. INFORMATIONAL exchanges after ESTABLISHED
+are handled by :mod:`services.core.ike.informational` (liveness, Delete of the Child SA or of
+the IKE SA -> CLOSED, ``delete_ike``). Time comes in as ``now``; randomness from ``rand``. No
+key appears in any repr.
 """
 
 from __future__ import annotations
@@ -66,12 +67,12 @@ from services.core.ike.exchange import (
     nat_detection_hash,
     psk_auth,
 )
+from services.core.ike.informational import InfoEvent, InfoSession
 from services.core.ike.keys import IkeKeys, child_keys, derive_ike_keys, skeyseed
 from services.core.ike.message import (
     KE,
     SA,
     Auth,
-    Delete,
     IDi,
     IDr,
     IkeDecodeError,
@@ -316,6 +317,7 @@ class Ikev2Responder:
         self._last_exchange = 0
         self._last_mid: int | None = None
         self._last_response: list[bytes] = []
+        self._info: InfoSession | None = None
 
     def __repr__(self) -> str:
         return (
@@ -334,6 +336,16 @@ class Ikev2Responder:
     @property
     def spi_r(self) -> bytes:
         return self._spi_r
+
+    def take_events(self) -> list[InfoEvent]:
+        """Events of INFORMATIONAL exchanges since the last call (child / IKE SA deleted)."""
+        return self._info.take_events() if self._info is not None else []
+
+    def delete_ike(self, now: float) -> list[bytes]:
+        """An INFORMATIONAL Delete of the IKE SA (RFC 7296 §1.4.1); its response -> CLOSED."""
+        if self._state is not ResponderState.ESTABLISHED or self._info is None:
+            return []
+        return self._info.delete_ike()
 
     # -- driving ------------------------------------------------------------------------------
 
@@ -357,6 +369,11 @@ class Ikev2Responder:
     # -- internals ----------------------------------------------------------------------------
 
     def _receive(self, data: bytes, remote: Address | None, local: Address | None) -> list[bytes]:
+        if self._state is ResponderState.ESTABLISHED and self._info is not None:
+            out = self._info.handle(data)  # InfoDrop is a ValueError -> dropped
+            if self._info.closed:
+                self._state = ResponderState.CLOSED
+            return out
         hdr = decode_header(data)
         if hdr.response or not hdr.initiator:
             raise _Drop
@@ -384,15 +401,6 @@ class Ikev2Responder:
             ):
                 raise _Drop
             return self._on_auth(data)
-        if self._state is ResponderState.ESTABLISHED:
-            if (
-                hdr.exchange_type != ExchangeType.INFORMATIONAL
-                or hdr.spi_r != self._spi_r
-                or self._last_mid is None
-                or hdr.message_id != self._last_mid + 1
-            ):
-                raise _Drop
-            return self._on_informational(data)
         raise _Drop
 
     def _fail(self, reason: str) -> None:
@@ -568,14 +576,17 @@ class Ikev2Responder:
             (my_id, my_auth, SA((chosen,)), TSi(ts_i), TSr(ts_r)),
         )
         self.result = IkeSaResult(self._spi_i, self._spi_r, self._keys, child, self.nat_t)
+        assert self._out is not None
+        self._info = InfoSession(
+            spi_i=self._spi_i,
+            spi_r=self._spi_r,
+            we_initiated=False,
+            cin=self._in,
+            cout=self._out,
+            child=(child.spi_in, child.spi_out),
+            our_next_mid=0,
+            peer_next_mid=2,
+            last=(1, ExchangeType.IKE_AUTH, out),
+        )
         self._state = ResponderState.ESTABLISHED
         return self._answer(ExchangeType.IKE_AUTH, 1, out)
-
-    def _on_informational(self, raw: bytes) -> list[bytes]:
-        assert self._in is not None
-        msg = decrypt_message(raw, self._in)
-        out = self._encrypted(ExchangeType.INFORMATIONAL, msg.message_id, ())
-        for p in msg.payloads:
-            if isinstance(p, Delete) and p.protocol_id == ProtocolId.IKE:
-                self._state = ResponderState.CLOSED
-        return self._answer(ExchangeType.INFORMATIONAL, msg.message_id, out)
