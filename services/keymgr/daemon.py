@@ -29,8 +29,11 @@ SAs (the connection is not initiated again). ``stop()`` (SIGTERM) sends a Delete
 for every established IKE SA, waits up to ``SHUTDOWN_WAIT`` for the responses, then removes the
 SAs from the worker.
 
-Scope: one IKE SA per connection, no rekey, no ACQUIRE-triggered negotiation. Keys are never
-logged: only SPIs appear in logs.
+A CHILD SA rekey started by the peer (CREATE_CHILD_SA, RFC 7296 §2.8) installs the new pair
+under the same reqid and removes the old pair when the peer's Delete of it arrives.
+
+Scope: one IKE SA per connection, we start no rekey, no ACQUIRE-triggered negotiation. Keys are
+never logged: only SPIs appear in logs.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from services.core.iana import IpProto
 from services.core.ike.constants import ExchangeType
 from services.core.ike.exchange import (
     NAT_T_PORT,
+    ChildSaResult,
     IkeSaResult,
     Ikev2Initiator,
     InitiatorConfig,
@@ -130,6 +134,8 @@ class Keymgr:
         self._spd_revision = 0
         # installed Child SAs per IKE SA (key: SPIi | SPIr): connection and (inbound, outbound)
         self._children: dict[bytes, tuple[Connection, tuple[SaConfig, SaConfig]]] = {}
+        # Child SAs replaced by a rekey, kept until the peer deletes them (make-before-break)
+        self._retiring: dict[bytes, list[tuple[SaConfig, SaConfig]]] = {}
         self.failed = False  # the punt stream broke (worker gone): the caller should exit non-zero
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -378,16 +384,94 @@ class Keymgr:
                     "child deleted by peer",
                     extra={**ike, "spi_in": e.spi_in.hex(), "spi_out": e.spi_out.hex()},
                 )
-                self._remove_children(r.spi_i + r.spi_r)
+                if not self._remove_retired(r.spi_i + r.spi_r, e.spi_in, e.spi_out):
+                    self._remove_children(r.spi_i + r.spi_r)
+            elif e.kind == "child_rekeyed" and e.child is not None:
+                self._rekeyed(r, e.spi_in, e.spi_out, e.child, ike)
             elif e.kind == "ike_deleted":
                 log.info("ike deleted", extra=ike)
                 self._remove_children(r.spi_i + r.spi_r)
             else:
                 log.debug("informational answered", extra=ike)
 
+    def _rekeyed(
+        self,
+        r: IkeSaResult,
+        old_in: bytes,
+        old_out: bytes,
+        child: ChildSaResult,
+        ike: dict[str, str],
+    ) -> None:
+        """The peer rekeyed a Child SA (RFC 7296 §2.8): install the new pair under the same
+        reqid (the worker sends on the newest outbound SA of a reqid) and keep the old pair
+        until the peer's Delete of it. The peer started the CREATE_CHILD_SA, so it is the
+        "initiator" for the new keys (§2.17): our inbound key is ``encr_i``."""
+        key = r.spi_i + r.spi_r
+        entry = self._children.get(key)
+        if entry is None:
+            return
+        c, (cur_in, cur_out) = entry
+        try:
+            inbound, outbound, _spd = child_sa_configs(
+                c,
+                replace(r, child=child),
+                cur_in.reqid,
+                initiator=False,
+                encap=cur_in.encap is not None,
+            )
+            self.client.install_sa(inbound)
+            self.client.install_sa(outbound)
+        except (grpc.RpcError, ValueError) as e:
+            code = e.code() if isinstance(e, grpc.RpcError) else None
+            log.error(
+                "rekeyed child install failed",
+                extra={**ike, "code": str(code), "error": type(e).__name__},
+            )
+            return
+        self._children[key] = (c, (inbound, outbound))
+        self._retiring.setdefault(key, []).append((cur_in, cur_out))
+        log.info(
+            "child rekeyed",
+            extra={
+                **ike,
+                "old_spi_in": old_in.hex(),
+                "old_spi_out": old_out.hex(),
+                "spi_in": child.spi_in.hex(),
+                "spi_out": child.spi_out.hex(),
+                "reqid": cur_in.reqid,
+            },
+        )
+
+    def _remove_retired(self, key: bytes, spi_in: bytes, spi_out: bytes) -> bool:
+        """Delete a Child SA pair replaced by a rekey; False if (spi_in, spi_out) is none."""
+        pairs = self._retiring.get(key, [])
+        want = (int.from_bytes(spi_in, "big"), int.from_bytes(spi_out, "big"))
+        for pair in pairs:
+            if (pair[0].spi, pair[1].spi) != want:
+                continue
+            pairs.remove(pair)
+            try:
+                for sa in pair:
+                    self.client.delete_sa(sa.spi, sa.dst, sa.protocol, sa.direction)
+            except grpc.RpcError as e:
+                log.error("old child removal failed", extra={"code": str(e.code())})
+            else:
+                log.info(
+                    "old child removed",
+                    extra={"spi_in": spi_in.hex(), "spi_out": spi_out.hex()},
+                )
+            return True
+        return False
+
     def _remove_children(self, key: bytes) -> None:
-        """Delete an IKE SA's Child SAs from the worker and withdraw the connection's SPD
-        entry (replace_spd with a higher revision)."""
+        """Delete an IKE SA's Child SAs (and any pair still retiring after a rekey) from the
+        worker and withdraw the connection's SPD entry (replace_spd with a higher revision)."""
+        for pair in self._retiring.pop(key, []):
+            try:
+                for sa in pair:
+                    self.client.delete_sa(sa.spi, sa.dst, sa.protocol, sa.direction)
+            except grpc.RpcError as e:
+                log.error("old child removal failed", extra={"code": str(e.code())})
         entry = self._children.pop(key, None)
         if entry is None:
             return
@@ -548,10 +632,6 @@ class Keymgr:
                 "encap": "udp-4500" if encap else "esp",
                 "spd_revision": self._spd_revision,
             },
-        )
-        log.info(
-            "rekey is not implemented: the peer's CREATE_CHILD_SA requests are not acted on",
-            extra={"conn": c.name},
         )
         return True
 

@@ -10,15 +10,15 @@ answers with NAT-D notifies it moves to UDP 4500 for IKE_AUTH (``port_float``): 
 then sends the IKE_AUTH datagrams from and to port 4500 with the 4-octet non-ESP marker
 (RFC 3948 §2.2) and strips it on receipt.
 
-Out of scope: COOKIE and INVALID_KE_PAYLOAD retries, EAP, certificates, CREATE_CHILD_SA,
-IKE fragmentation of received messages. An error Notify from the responder
+Out of scope: COOKIE and INVALID_KE_PAYLOAD retries, EAP, certificates, CREATE_CHILD_SA
+started by us, IKE fragmentation of received messages. An error Notify from the responder
 (NO_PROPOSAL_CHOSEN, AUTHENTICATION_FAILED, ...) ends in :attr:`State.FAILED` with the Notify's
 name as ``failure_reason``. Time comes in as ``now`` (seconds, any monotonic origin);
 randomness from ``rand`` (``secrets.token_bytes`` by default). No key appears in any repr.
 
 After ESTABLISHED, INFORMATIONAL exchanges (liveness, Delete of the Child SA or of the IKE SA ->
-:attr:`State.CLOSED`, our own ``delete_ike``) are handled by
-:mod:`services.core.ike.informational`; ``take_events`` reports what they did.
+:attr:`State.CLOSED`, our own ``delete_ike``) and the peer's CREATE_CHILD_SA (Child SA rekey)
+are handled by :mod:`services.core.ike.informational`; ``take_events`` reports what they did.
 """
 
 from __future__ import annotations
@@ -326,8 +326,8 @@ class Ikev2Initiator:
         if self._state is State.ESTABLISHED and self._info is not None:
             try:
                 out = self._info.handle(bytes(data))
-            except (InfoDrop, IkeDecodeError, SkError):
-                return []
+            except (InfoDrop, IkeDecodeError, SkError, ValueError):
+                return []  # ValueError: a bad KE in a CREATE_CHILD_SA request, too
             if self._info.closed:
                 self._state = State.CLOSED
             return out
@@ -518,6 +518,10 @@ class Ikev2Initiator:
             child=(child.spi_in, child.spi_out),
             our_next_mid=2,
             peer_next_mid=0,
+            sk_d=self._keys.sk_d,
+            peer_ts=child.ts_r,
+            our_ts=child.ts_i,
+            rand=self._rand,
         )
         self._state = State.ESTABLISHED
         return []

@@ -25,11 +25,11 @@ Behaviour:
   response again, unchanged (§2.1). Malformed, unauthenticated or unrelated datagrams are
   dropped: ``receive`` never raises for what arrives on the wire.
 
-Out of scope: COOKIEs, IKE fragmentation (we do not announce it), CREATE_CHILD_SA, EAP,
-certificates, more than one IKE SA per instance. INFORMATIONAL exchanges after ESTABLISHED
-are handled by :mod:`services.core.ike.informational` (liveness, Delete of the Child SA or of
-the IKE SA -> CLOSED, ``delete_ike``). Time comes in as ``now``; randomness from ``rand``. No
-key appears in any repr.
+Out of scope: COOKIEs, IKE fragmentation (we do not announce it), CREATE_CHILD_SA started by
+us, EAP, certificates, more than one IKE SA per instance. INFORMATIONAL and CREATE_CHILD_SA
+exchanges after ESTABLISHED are handled by :mod:`services.core.ike.informational` (liveness,
+Delete of the Child SA or of the IKE SA -> CLOSED, ``delete_ike``, the peer's Child SA rekey).
+Time comes in as ``now``; randomness from ``rand``. No key appears in any repr.
 """
 
 from __future__ import annotations
@@ -587,6 +587,10 @@ class Ikev2Responder:
             our_next_mid=0,
             peer_next_mid=2,
             last=(1, ExchangeType.IKE_AUTH, out),
+            sk_d=self._keys.sk_d,
+            peer_ts=child.ts_i,
+            our_ts=child.ts_r,
+            rand=self._rand,
         )
         self._state = ResponderState.ESTABLISHED
         return self._answer(ExchangeType.IKE_AUTH, 1, out)
