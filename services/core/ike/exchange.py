@@ -32,10 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from services.core.iana import Encr
+from services.core.ike.child import ENCR_ID, ENCR_KEY_BITS, esp_proposal
 from services.core.ike.constants import (
     AuthMethod,
-    Esn,
     ExchangeType,
     IdType,
     NotifyType,
@@ -74,8 +73,6 @@ KEY_PAD = b"Key Pad for IKEv2"  # RFC 7296 §2.15
 NONCE_LEN = 32  # RFC 7296 §2.10: at least half the PRF key size, 16..256 octets
 NAT_T_PORT = 4500  # RFC 3948
 NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2
-ENCR_ID = Encr.AES_GCM_16
-ENCR_KEY_BITS = 256
 GCM_SALT_LEN = 4  # RFC 5282 §7.1 (IKE), RFC 4106 §8.1 (ESP)
 PRF_ID = Prf.HMAC_SHA2_256
 DH_ID = DhGroupId.CURVE25519
@@ -190,18 +187,6 @@ def ike_proposal(spi: bytes = b"") -> Proposal:
             Transform(TransformType.ENCR, ENCR_ID, (TransformAttribute.key_length(ENCR_KEY_BITS),)),
             Transform(TransformType.PRF, PRF_ID),
             Transform(TransformType.DH, DH_ID),
-        ),
-        spi,
-    )
-
-
-def esp_proposal(spi: bytes) -> Proposal:
-    return Proposal(
-        1,
-        ProtocolId.ESP,
-        (
-            Transform(TransformType.ENCR, ENCR_ID, (TransformAttribute.key_length(ENCR_KEY_BITS),)),
-            Transform(TransformType.ESN, Esn.NO_ESN),
         ),
         spi,
     )

@@ -20,12 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from services.core.ike.child import ENCR_ID, ENCR_KEY_BITS, choose_esp_proposal, narrow
 from services.core.ike.constants import (
-    Esn,
     ExchangeType,
     NotifyType,
     ProtocolId,
-    TransformType,
 )
 from services.core.ike.dh import GROUPS, group
 from services.core.ike.keys import child_keys
@@ -37,9 +36,7 @@ from services.core.ike.message import (
     Nonce,
     Notify,
     Payload,
-    Proposal,
     TrafficSelector,
-    Transform,
     TSi,
     TSr,
     decode_header,
@@ -50,9 +47,7 @@ if TYPE_CHECKING:
     from services.core.ike.exchange import ChildSaResult
 
 _NONCE_LEN = 32
-_ESP_ENCR_ID = 20  # ENCR_AES_GCM_16 (mirrors exchange.ENCR_ID; no import cycle)
-_ESP_KEY_BITS = 256
-_ESP_KEY_LEN = _ESP_KEY_BITS // 8 + 4  # AES key + GCM salt (RFC 4106 §8.1)
+_ESP_KEY_LEN = ENCR_KEY_BITS // 8 + 4  # AES key + GCM salt (RFC 4106 §8.1)
 _PRF_ID = 5  # PRF_HMAC_SHA2_256, the IKE SA's PRF (exchange.PRF_ID)
 _PFS_GROUP = 31  # Curve25519, the group we ask for in INVALID_KE_PAYLOAD
 _PFS_GROUPS = frozenset(k for k, g in GROUPS.items() if not g.legacy)  # MODP 2048+, ECP, 25519/448
@@ -82,70 +77,6 @@ def _hull(sels: tuple[TrafficSelector, ...]) -> tuple[bytes, bytes] | None:
     if not v4:
         return None
     return min(s.start_address for s in v4), max(s.end_address for s in v4)
-
-
-def _narrow(
-    offered: tuple[object, ...], allowed: tuple[bytes, bytes] | None
-) -> tuple[TrafficSelector, ...]:
-    """Offered IPv4 selectors intersected with ``allowed`` (RFC 7296 §2.9)."""
-    if allowed is None:
-        return ()
-    lo, hi = allowed
-    out: list[TrafficSelector] = []
-    for s in offered:
-        if not isinstance(s, TrafficSelector) or len(s.start_address) != 4:
-            continue
-        start, end = max(s.start_address, lo), min(s.end_address, hi)
-        if start > end or s.start_port > s.end_port:
-            continue
-        ts = TrafficSelector(s.ip_protocol, s.start_port, s.end_port, start, end)
-        if ts not in out:
-            out.append(ts)
-    return tuple(out)
-
-
-def choose_rekey_proposal(
-    proposals: tuple[Proposal, ...], our_spi: bytes, ke_group: int | None
-) -> tuple[Proposal, Proposal] | None:
-    """ESP AES-GCM-16-256, no ESN, from a CREATE_CHILD_SA offer (RFC 7296 §1.3.1, §3.3.6).
-
-    With a KE payload (``ke_group``) the proposal must offer that DH group (PFS); without one,
-    DH, if offered, must include NONE. Returns (offered, chosen) or None.
-    """
-    for p in proposals:
-        if p.protocol_id != ProtocolId.ESP or len(p.spi) != 4:
-            continue
-        by_type: dict[int, list[tuple[int, int | None]]] = {}
-        for t in p.transforms:
-            by_type.setdefault(t.transform_type, []).append((t.transform_id, t.key_length))
-        if not set(by_type) <= {
-            TransformType.ENCR,
-            TransformType.INTEG,
-            TransformType.DH,
-            TransformType.ESN,
-        }:
-            continue
-        if (_ESP_ENCR_ID, _ESP_KEY_BITS) not in by_type.get(TransformType.ENCR, []):
-            continue
-        integ = by_type.get(TransformType.INTEG)
-        if integ is not None and not any(i == 0 for i, _ in integ):
-            continue
-        esn = by_type.get(TransformType.ESN)
-        if esn is not None and not any(i == Esn.NO_ESN for i, _ in esn):
-            continue
-        dh = [i for i, _ in by_type.get(TransformType.DH, [])]
-        if ke_group is None:
-            if dh and 0 not in dh:
-                continue
-        elif ke_group not in dh:
-            continue
-        from services.core.ike.exchange import esp_proposal  # import cycle: exchange -> here
-
-        transforms = esp_proposal(our_spi).transforms
-        if ke_group is not None:
-            transforms = (transforms[0], Transform(TransformType.DH, ke_group), *transforms[1:])
-        return p, Proposal(p.number, ProtocolId.ESP, transforms, our_spi)
-    return None
 
 
 class InfoSession:
@@ -330,16 +261,16 @@ class InfoSession:
                 raise ValueError("rand returned the wrong number of octets")
         picked = None
         if ke is None or ke.dh_group in _PFS_GROUPS:
-            picked = choose_rekey_proposal(
+            picked = choose_esp_proposal(
                 sa.proposals, our_spi, ke.dh_group if ke is not None else None
             )
         if picked is None:
-            if ke is not None and choose_rekey_proposal(sa.proposals, our_spi, _PFS_GROUP):
+            if ke is not None and choose_esp_proposal(sa.proposals, our_spi, _PFS_GROUP):
                 # §1.3: the KE is in a group we do not take, but X25519 is offered
                 return [Notify(NotifyType.INVALID_KE_PAYLOAD, _PFS_GROUP.to_bytes(2, "big"))], []
             return [Notify(NotifyType.NO_PROPOSAL_CHOSEN)], []
-        ts_i = _narrow(tsi.selectors, self._peer_ts)
-        ts_r = _narrow(tsr.selectors, self._our_ts)
+        ts_i = narrow(tsi.selectors, self._peer_ts)
+        ts_r = narrow(tsr.selectors, self._our_ts)
         if not ts_i or not ts_r:
             return [Notify(NotifyType.TS_UNACCEPTABLE)], []
         g_ir: bytes | None = None
@@ -365,8 +296,8 @@ class InfoSession:
         new = ChildSaResult(
             spi_in=our_spi,
             spi_out=picked[0].spi,
-            encr_id=_ESP_ENCR_ID,
-            key_bits=_ESP_KEY_BITS,
+            encr_id=ENCR_ID,
+            key_bits=ENCR_KEY_BITS,
             esn=False,
             keys=keys,
             ts_i=ts_i,

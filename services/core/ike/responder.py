@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from services.core.algorithms import AlgorithmError
+from services.core.ike.child import ENCR_ID, ENCR_KEY_BITS, choose_esp_proposal, narrow
 from services.core.ike.constants import (
     AuthMethod,
-    Esn,
     ExchangeType,
     IdType,
     NotifyType,
@@ -54,15 +54,12 @@ from services.core.ike.constants import (
 from services.core.ike.dh import DhPrivate, InvalidKeyExchange, group
 from services.core.ike.exchange import (
     DH_ID,
-    ENCR_ID,
-    ENCR_KEY_BITS,
     GCM_SALT_LEN,
     NAT_T_PORT,
     PRF_ID,
     ChildSaResult,
     IkeSaResult,
     Rand,
-    esp_proposal,
     ike_proposal,
     nat_detection_hash,
     psk_auth,
@@ -81,7 +78,6 @@ from services.core.ike.message import (
     Notify,
     Payload,
     Proposal,
-    TrafficSelector,
     TSi,
     TSr,
     decode_header,
@@ -188,68 +184,6 @@ def choose_ike_proposal(proposals: tuple[Proposal, ...]) -> Proposal | None:
         if any(i == DH_ID for i, _ in by_type.get(TransformType.DH, [])):
             return Proposal(p.number, ProtocolId.IKE, ike_proposal().transforms)
     return None
-
-
-def choose_esp_proposal(
-    proposals: tuple[Proposal, ...], our_spi: bytes
-) -> tuple[Proposal, Proposal] | None:
-    """Pick ESP AES-GCM-16-256, no ESN, from the Child SA offer (RFC 7296 §2.7, §3.3.6).
-
-    INTEG and DH, if offered, must include NONE (no PFS in IKE_AUTH, §1.2); ESN, if offered,
-    must include NO_ESN. Returns (the offered proposal, the chosen one to send back: the offer's
-    number, our transforms, ``our_spi``), or None.
-    """
-    for p in proposals:
-        if p.protocol_id != ProtocolId.ESP or len(p.spi) != 4:
-            continue
-        by_type: dict[int, list[tuple[int, int | None]]] = {}
-        for t in p.transforms:
-            by_type.setdefault(t.transform_type, []).append((t.transform_id, t.key_length))
-        if not set(by_type) <= {
-            TransformType.ENCR,
-            TransformType.INTEG,
-            TransformType.DH,
-            TransformType.ESN,
-        }:
-            continue
-        if (ENCR_ID, ENCR_KEY_BITS) not in by_type.get(TransformType.ENCR, []):
-            continue
-        ok = True
-        for ttype, none_id in (
-            (TransformType.INTEG, 0),
-            (TransformType.DH, 0),
-            (TransformType.ESN, Esn.NO_ESN),
-        ):
-            offered = by_type.get(ttype)
-            if offered is not None and not any(i == none_id for i, _ in offered):
-                ok = False
-        if not ok:
-            continue
-        return p, Proposal(p.number, ProtocolId.ESP, esp_proposal(our_spi).transforms, our_spi)
-    return None
-
-
-def narrow(
-    offered: tuple[object, ...], allowed: tuple[bytes, bytes]
-) -> tuple[TrafficSelector, ...]:
-    """Intersect each offered IPv4 selector with the allowed address range (RFC 7296 §2.9).
-
-    Protocol and ports are kept as offered (the configuration allows all of them); IPv6 and
-    other selector types are dropped; empty intersections vanish.
-    """
-    lo, hi = allowed
-    out: list[TrafficSelector] = []
-    for s in offered:
-        if not isinstance(s, TrafficSelector) or len(s.start_address) != 4:
-            continue
-        start = max(s.start_address, lo)
-        end = min(s.end_address, hi)
-        if start > end or s.start_port > s.end_port:
-            continue
-        ts = TrafficSelector(s.ip_protocol, s.start_port, s.end_port, start, end)
-        if ts not in out:
-            out.append(ts)
-    return tuple(out)
 
 
 def _first(payloads: tuple[Payload, ...], cls: type[Payload]) -> Payload | None:
