@@ -11,6 +11,22 @@ ENCR_ID = Encr.AES_GCM_16
 ENCR_KEY_BITS = 256
 
 
+_ESP_TYPES = frozenset(
+    {TransformType.ENCR, TransformType.INTEG, TransformType.DH, TransformType.ESN}
+)
+
+
+def transforms_by_type(
+    p: Proposal, allowed: frozenset[int]
+) -> dict[int, list[tuple[int, int | None]]] | None:
+    """A proposal's transforms as {type: [(id, key length)]}; None when it carries a transform
+    type outside ``allowed`` (such a proposal is not acceptable, RFC 7296 §3.3.6)."""
+    by_type: dict[int, list[tuple[int, int | None]]] = {}
+    for t in p.transforms:
+        by_type.setdefault(t.transform_type, []).append((t.transform_id, t.key_length))
+    return by_type if set(by_type) <= allowed else None
+
+
 def esp_proposal(spi: bytes) -> Proposal:
     """The ESP proposal we offer and answer with: AES-GCM-16 256, no ESN."""
     return Proposal(
@@ -37,15 +53,8 @@ def choose_esp_proposal(
     for p in proposals:
         if p.protocol_id != ProtocolId.ESP or len(p.spi) != 4:
             continue
-        by_type: dict[int, list[tuple[int, int | None]]] = {}
-        for t in p.transforms:
-            by_type.setdefault(t.transform_type, []).append((t.transform_id, t.key_length))
-        if not set(by_type) <= {
-            TransformType.ENCR,
-            TransformType.INTEG,
-            TransformType.DH,
-            TransformType.ESN,
-        }:
+        by_type = transforms_by_type(p, _ESP_TYPES)
+        if by_type is None:
             continue
         if (ENCR_ID, ENCR_KEY_BITS) not in by_type.get(TransformType.ENCR, []):
             continue

@@ -35,14 +35,19 @@ Time comes in as ``now``; randomness from ``rand``. No key appears in any repr.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import secrets
 import struct
 from dataclasses import dataclass, field
 from enum import Enum
 
 from services.core.algorithms import AlgorithmError
-from services.core.ike.child import ENCR_ID, ENCR_KEY_BITS, choose_esp_proposal, narrow
+from services.core.ike.child import (
+    ENCR_ID,
+    ENCR_KEY_BITS,
+    choose_esp_proposal,
+    narrow,
+    transforms_by_type,
+)
 from services.core.ike.constants import (
     AuthMethod,
     ExchangeType,
@@ -60,6 +65,7 @@ from services.core.ike.exchange import (
     ChildSaResult,
     IkeSaResult,
     Rand,
+    _ipv4,
     ike_proposal,
     nat_detection_hash,
     psk_auth,
@@ -112,10 +118,6 @@ class ResponderState(Enum):
     CLOSED = "closed"
 
 
-def _ipv4(text: str) -> bytes:
-    return ipaddress.IPv4Address(text).packed
-
-
 @dataclass(frozen=True)
 class ResponderConfig:
     """What the responder accepts. Addresses are IPv4 dotted quads; the PSK is never in repr.
@@ -153,6 +155,11 @@ class ResponderConfig:
 # -- negotiation helpers (pure) ---------------------------------------------------------------
 
 
+_IKE_TYPES = frozenset(
+    {TransformType.ENCR, TransformType.PRF, TransformType.INTEG, TransformType.DH}
+)
+
+
 def choose_ike_proposal(proposals: tuple[Proposal, ...]) -> Proposal | None:
     """Pick our IKE suite from the offer (RFC 7296 §2.7, §3.3.6); None if nothing fits.
 
@@ -164,15 +171,8 @@ def choose_ike_proposal(proposals: tuple[Proposal, ...]) -> Proposal | None:
     for p in proposals:
         if p.protocol_id != ProtocolId.IKE or p.spi:
             continue
-        by_type: dict[int, list[tuple[int, int | None]]] = {}
-        for t in p.transforms:
-            by_type.setdefault(t.transform_type, []).append((t.transform_id, t.key_length))
-        if not set(by_type) <= {
-            TransformType.ENCR,
-            TransformType.PRF,
-            TransformType.INTEG,
-            TransformType.DH,
-        }:
+        by_type = transforms_by_type(p, _IKE_TYPES)
+        if by_type is None:
             continue
         if (ENCR_ID, ENCR_KEY_BITS) not in by_type.get(TransformType.ENCR, []):
             continue
