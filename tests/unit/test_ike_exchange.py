@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from services.core.ike.authn import PskAuth, signed_octets
 from services.core.ike.constants import (
     AuthMethod,
     ExchangeType,
@@ -33,7 +34,6 @@ from services.core.ike.exchange import (
     InitiatorConfig,
     State,
     nat_detection_hash,
-    psk_auth,
 )
 from services.core.ike.message import (
     KE,
@@ -261,7 +261,8 @@ def test_psk_auth_matches_hand_computation() -> None:
     inner = hmac.new(PSK, b"Key Pad for IKEv2", hashlib.sha256).digest()
     macced = hmac.new(sk_p, id_body, hashlib.sha256).digest()
     want = hmac.new(inner, msg + nonce + macced, hashlib.sha256).digest()
-    assert psk_auth(5, PSK, msg, nonce, sk_p, id_body) == want
+    octets = signed_octets(5, msg, nonce, sk_p, id_body)
+    assert PskAuth(PSK).auth_payload(octets, 5, frozenset()).data == want
 
 
 def test_config_repr_hides_psk() -> None:

@@ -1,8 +1,8 @@
 """A minimal sans-IO IKEv2 initiator: RFC 7296 §1.2 (IKE_SA_INIT + IKE_AUTH), §2.14, §2.15, §2.17.
 
-Scope: one IKE SA and its first Child SA, authenticated with a pre-shared key (§2.15:
-AUTH = prf(prf(Shared Secret, "Key Pad for IKEv2"), <SignedOctets>)), IPv4 identities
-(ID_IPV4_ADDR) and one IPv4 traffic selector per side. The IKE proposal is fixed to
+Scope: one IKE SA and its first Child SA, authenticated through the
+:mod:`services.core.ike.authn` seam (pre-shared key or certificates; identities of any §3.5
+type) and one IPv4 traffic selector per side. The IKE proposal is fixed to
 ENCR_AES_GCM_16 with a 256-bit key, PRF_HMAC_SHA2_256 and Curve25519 (group 31); the ESP
 proposal to AES-GCM-16 256 without ESN. The initiator sends NAT_DETECTION_SOURCE_IP /
 NAT_DETECTION_DESTINATION_IP (§2.23, SHA-1 of SPIi | SPIr | IP | port); when the responder
@@ -24,7 +24,6 @@ are handled by :mod:`services.core.ike.informational`; ``take_events`` reports w
 from __future__ import annotations
 
 import hashlib
-import hmac
 import ipaddress
 import secrets
 import struct
@@ -32,11 +31,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from services.core.ike.authn import (
+    AuthFailure,
+    Identity,
+    LocalAuth,
+    PeerAuth,
+    PskAuth,
+    hash_algorithms_notify,
+    peer_hash_algorithms,
+    signed_octets,
+)
 from services.core.ike.child import ENCR_ID, ENCR_KEY_BITS, esp_proposal
 from services.core.ike.constants import (
-    AuthMethod,
     ExchangeType,
-    IdType,
     NotifyType,
     ProtocolId,
     TransformType,
@@ -48,6 +55,7 @@ from services.core.ike.message import (
     KE,
     SA,
     Auth,
+    Cert,
     IDi,
     IDr,
     IkeDecodeError,
@@ -64,12 +72,11 @@ from services.core.ike.message import (
     decode_message,
     encode_message,
 )
-from services.core.ike.prf import Prf, prf
+from services.core.ike.prf import Prf
 from services.core.ike.sk import SkCipher, SkError, decrypt_message, encrypt_message
 
 Rand = Callable[[int], bytes]
 
-KEY_PAD = b"Key Pad for IKEv2"  # RFC 7296 §2.15
 NONCE_LEN = 32  # RFC 7296 §2.10: at least half the PRF key size, 16..256 octets
 NAT_T_PORT = 4500  # RFC 3948
 NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2
@@ -94,33 +101,68 @@ def _ipv4(text: str) -> bytes:
     return ipaddress.IPv4Address(text).packed
 
 
-@dataclass(frozen=True)
-class InitiatorConfig:
-    """What the initiator proposes. Addresses are IPv4 dotted quads; the PSK is never in repr.
+ANY_ID = "%any"  # configured remote identity: accept whatever the authenticated peer claims
 
-    ``local_id`` / ``remote_id`` default to the addresses (ID_IPV4_ADDR). ``ts_local`` and
-    ``ts_remote`` are inclusive (start, end) IPv4 ranges: TSi and TSr, all protocols and ports.
-    ``local_port`` / ``remote_port`` are the IKE_SA_INIT ports the NAT-D hashes cover.
+
+def identity_of(value: str | Identity | None, default_addr: str | None) -> Identity | None:
+    """A configured identity: an :class:`Identity`, its text form, ``"%any"`` (None: any
+    identity) or None (then the address ``default_addr`` as ID_IPV4/IPV6_ADDR, if given)."""
+    if isinstance(value, Identity):
+        return value
+    if value is None:
+        if default_addr is None:
+            return None
+        return Identity.address(ipaddress.ip_address(default_addr).packed)
+    if value.strip() == ANY_ID:
+        return None
+    return Identity.parse(value)
+
+
+def credentials(
+    psk: bytes | None, local_auth: LocalAuth | None, peer_auth: PeerAuth | None
+) -> tuple[LocalAuth, PeerAuth]:
+    """Our authentication and the peer's: explicit objects, else the PSK for both directions."""
+    if psk is not None and not psk:
+        raise ValueError("empty pre-shared key")
+    shared = PskAuth(psk) if psk else None
+    mine = local_auth or shared
+    theirs = peer_auth or shared
+    if mine is None or theirs is None:
+        raise ValueError("no authentication configured (a pre-shared key or certificates)")
+    return mine, theirs
+
+
+@dataclass(frozen=True, kw_only=True)
+class InitiatorConfig:
+    """What the initiator proposes. Addresses are IPv4 dotted quads; secrets are never in repr.
+
+    Authentication: ``psk`` (both directions) or ``local_auth`` / ``peer_auth`` objects of the
+    :mod:`services.core.ike.authn` seam (e.g. certificates). ``local_id`` defaults to the local
+    address (ID_IPV4_ADDR); ``remote_id`` to the remote address, and ``"%any"`` sends no IDr and
+    accepts whichever identity the peer proves. Identities are :class:`Identity` or its text
+    form. ``ts_local`` and ``ts_remote`` are inclusive (start, end) IPv4 ranges: TSi and TSr, all
+    protocols and ports. ``local_port`` / ``remote_port`` are the IKE_SA_INIT ports the NAT-D
+    hashes cover.
     """
 
     local_addr: str
     remote_addr: str
-    psk: bytes = field(repr=False)
     ts_local: tuple[str, str]
     ts_remote: tuple[str, str]
-    local_id: str | None = None
-    remote_id: str | None = None
+    psk: bytes | None = field(default=None, repr=False)
+    local_auth: LocalAuth | None = field(default=None, repr=False)
+    peer_auth: PeerAuth | None = field(default=None, repr=False)
+    local_id: str | Identity | None = None
+    remote_id: str | Identity | None = None
     local_port: int = 500
     remote_port: int = 500
 
     def __post_init__(self) -> None:
         for a in (self.local_addr, self.remote_addr, *self.ts_local, *self.ts_remote):
             _ipv4(a)
-        for i in (self.local_id, self.remote_id):
-            if i is not None:
-                _ipv4(i)
-        if not self.psk:
-            raise ValueError("empty pre-shared key")
+        identity_of(self.local_id, self.local_addr)
+        identity_of(self.remote_id, self.remote_addr)
+        credentials(self.psk, self.local_auth, self.peer_auth)
 
 
 @dataclass(frozen=True)
@@ -151,16 +193,6 @@ class IkeSaResult:
 def nat_detection_hash(spi_i: bytes, spi_r: bytes, addr: bytes, port: int) -> bytes:
     """RFC 7296 §2.23: SHA-1(SPIi | SPIr | IP address | port); SPIr is zero in the request."""
     return hashlib.sha1(spi_i + spi_r + addr + struct.pack("!H", port)).digest()  # noqa: S324
-
-
-def psk_auth(
-    alg: int, psk: bytes, real_message: bytes, nonce: bytes, sk_p: bytes, id_body: bytes
-) -> bytes:
-    """RFC 7296 §2.15: prf(prf(Shared Secret, "Key Pad for IKEv2"), RealMessage | Nonce |
-    prf(SK_p, ID')). ``nonce`` is the *peer's* nonce; ``id_body`` is the ID payload without its
-    generic header (ID Type, three reserved octets, data)."""
-    signed = real_message + nonce + prf(alg, sk_p, id_body)
-    return prf(alg, prf(alg, psk, KEY_PAD), signed)
 
 
 def _nonzero(rand: Rand, n: int, minimum: int) -> bytes:
@@ -241,6 +273,12 @@ class Ikev2Initiator:
         self._interval = RETRANSMIT_INITIAL
         self._tries = 0
         self._info: InfoSession | None = None
+        self._local_id = identity_of(config.local_id, config.local_addr)
+        self._remote_id = identity_of(config.remote_id, config.remote_addr)
+        self._local_auth, self._peer_auth = credentials(
+            config.psk, config.local_auth, config.peer_auth
+        )
+        self._peer_hashes: frozenset[int] = frozenset()
 
     def __repr__(self) -> str:
         return f"Ikev2Initiator(state={self._state.value}, spi_i={self._spi_i.hex()})"
@@ -288,6 +326,7 @@ class Ikev2Initiator:
                 NotifyType.NAT_DETECTION_DESTINATION_IP,
                 nat_detection_hash(self._spi_i, bytes(8), _ipv4(cfg.remote_addr), cfg.remote_port),
             ),
+            *hash_algorithms_notify(self._peer_auth.hash_algorithms()),
         )
         msg = Message(self._spi_i, bytes(8), ExchangeType.IKE_SA_INIT, 0, payloads, initiator=True)
         self._msg1 = encode_message(msg)
@@ -336,7 +375,7 @@ class Ikev2Initiator:
                 return self._on_sa_init(msg, bytes(data), now)
             if msg.exchange_type != ExchangeType.IKE_AUTH or msg.spi_r != self._spi_r:
                 return []
-            return self._on_auth(bytes(data))
+            return self._on_auth(bytes(data), now)
         except IkeFailure as e:
             self._fail(str(e))
             return []
@@ -389,6 +428,7 @@ class Ikev2Initiator:
             raise IkeFailure(f"invalid KE from responder: {e}") from None
         self._spi_r = msg.spi_r
         self._nr = nonce.data
+        self._peer_hashes = peer_hash_algorithms(msg.payloads)
         self._msg2 = raw
         seed = skeyseed(PRF_ID, self._ni, self._nr, g_ir)
         self._keys = derive_ike_keys(
@@ -411,21 +451,22 @@ class Ikev2Initiator:
         )
         return self._send_auth(now)
 
-    def _id_payloads(self) -> tuple[IDi, IDr]:
-        cfg = self.config
-        idi = IDi(IdType.ID_IPV4_ADDR, _ipv4(cfg.local_id or cfg.local_addr))
-        idr = IDr(IdType.ID_IPV4_ADDR, _ipv4(cfg.remote_id or cfg.remote_addr))
-        return idi, idr
-
     def _send_auth(self, now: float) -> list[bytes]:
         assert self._keys is not None and self._out is not None
         cfg = self.config
-        idi, idr = self._id_payloads()
-        auth = psk_auth(PRF_ID, cfg.psk, self._msg1, self._nr, self._keys.sk_pi, idi.encode_body())
+        assert self._local_id is not None  # identity_of with an address never gives None
+        idi = IDi(self._local_id.id_type, self._local_id.data)
+        octets = signed_octets(PRF_ID, self._msg1, self._nr, self._keys.sk_pi, idi.encode_body())
+        auth = self._local_auth.auth_payload(octets, PRF_ID, self._peer_hashes)
+        idr: tuple[Payload, ...] = ()
+        if self._remote_id is not None:
+            idr = (IDr(self._remote_id.id_type, self._remote_id.data),)
         inner: tuple[Payload, ...] = (
             idi,
-            idr,
-            Auth(AuthMethod.SHARED_KEY_MIC, auth),
+            *self._local_auth.cert_payloads(),
+            *self._peer_auth.cert_requests(),
+            *idr,
+            auth,
             SA((esp_proposal(self._child_spi),)),
             TSi((_selector(cfg.ts_local),)),
             TSr((_selector(cfg.ts_remote),)),
@@ -436,7 +477,7 @@ class Ikev2Initiator:
         self._state = State.AUTH_SENT
         return self._send(datagrams, now)
 
-    def _on_auth(self, raw: bytes) -> list[bytes]:
+    def _on_auth(self, raw: bytes, now: float) -> list[bytes]:
         assert self._keys is not None and self._in is not None
         try:
             msg = decrypt_message(raw, self._in)
@@ -450,16 +491,17 @@ class Ikev2Initiator:
         auth = _first(msg.payloads, Auth)
         if not isinstance(idr, IDr) or not isinstance(auth, Auth):
             raise IkeFailure("IKE_AUTH response lacks IDr or AUTH")
-        _, want_idr = self._id_payloads()
-        if (idr.id_type, idr.data) != (want_idr.id_type, want_idr.data):
-            raise IkeFailure("responder identity differs from the configured one")
-        if auth.method != AuthMethod.SHARED_KEY_MIC:
-            raise IkeFailure(f"responder AUTH method {auth.method}, not shared key")
-        want = psk_auth(
-            PRF_ID, self.config.psk, self._msg2, self._ni, self._keys.sk_pr, idr.encode_body()
-        )
-        if not hmac.compare_digest(want, auth.data):
-            raise IkeFailure("responder AUTH does not verify (wrong PSK on one side?)")
+        peer = Identity(idr.id_type, idr.data)
+        if self._remote_id is not None and not self._remote_id.matches(peer):
+            raise IkeFailure(
+                f"responder identity {peer} differs from the configured {self._remote_id}"
+            )
+        octets = signed_octets(PRF_ID, self._msg2, self._ni, self._keys.sk_pr, idr.encode_body())
+        certs = tuple(p for p in msg.payloads if isinstance(p, Cert))
+        try:
+            self._peer_auth.verify(auth, octets, PRF_ID, peer, certs, now)
+        except AuthFailure as e:
+            raise IkeFailure(f"responder not authenticated: {e}") from None
         sa = _first(msg.payloads, SA)
         tsi = _first(msg.payloads, TSi)
         tsr = _first(msg.payloads, TSr)

@@ -1,8 +1,9 @@
 """A minimal sans-IO IKEv2 responder: RFC 7296 §1.2 (IKE_SA_INIT + IKE_AUTH), §2.1, §2.9, §2.15.
 
 The counterpart of :mod:`services.core.ike.exchange` (the initiator), with the same scope: one
-IKE SA and its first Child SA (ESP, tunnel mode), PSK authentication (§2.15), ID_IPV4_ADDR
-identities, IPv4 traffic selectors. Accepted are exactly the initiator module's algorithms:
+IKE SA and its first Child SA (ESP, tunnel mode), authentication through the
+:mod:`services.core.ike.authn` seam (PSK or certificates; identities of any §3.5 type), IPv4
+traffic selectors. Accepted are exactly the initiator module's algorithms:
 IKE ENCR_AES_GCM_16-256 / PRF_HMAC_SHA2_256 / Curve25519 (group 31) and ESP AES-GCM-16-256
 without ESN, picked from whatever the initiator offers (§2.7).
 
@@ -15,9 +16,10 @@ Behaviour:
   the addresses are known (``remote`` / ``local`` of :meth:`Ikev2Responder.receive`, or the
   config); the initiator then moves to UDP 4500, where the I/O shell strips the non-ESP marker
   (RFC 3948 §2.2) before calling ``receive``.
-* IKE_AUTH: the initiator's AUTH is checked in constant time; a mismatch (or an IDi other than
-  the configured ``remote_id``) is answered with an encrypted AUTHENTICATION_FAILED (§2.21.2)
-  and ends in FAILED. Otherwise IDr and our AUTH are sent; the Child SA needs an acceptable ESP
+* IKE_AUTH: the initiator's AUTH is checked by the configured :class:`PeerAuth` (for a PSK in
+  constant time); a failure (or an IDi other than the configured ``remote_id``) is answered
+  with an encrypted AUTHENTICATION_FAILED (§2.21.2) and ends in FAILED with the reason.
+  Otherwise IDr and our AUTH are sent; the Child SA needs an acceptable ESP
   proposal (else NO_PROPOSAL_CHOSEN) and TSi/TSr that overlap the configured ranges, which are
   narrowed to the intersection (§2.9; else TS_UNACCEPTABLE). A Child SA error still
   authenticates the IKE SA to the peer, but here it ends in FAILED (no Child SA, no result).
@@ -34,13 +36,21 @@ Time comes in as ``now``; randomness from ``rand``. No key appears in any repr.
 
 from __future__ import annotations
 
-import hmac
 import secrets
 import struct
 from dataclasses import dataclass, field
 from enum import Enum
 
 from services.core.algorithms import AlgorithmError
+from services.core.ike.authn import (
+    AuthFailure,
+    Identity,
+    LocalAuth,
+    PeerAuth,
+    hash_algorithms_notify,
+    peer_hash_algorithms,
+    signed_octets,
+)
 from services.core.ike.child import (
     ENCR_ID,
     ENCR_KEY_BITS,
@@ -49,9 +59,7 @@ from services.core.ike.child import (
     transforms_by_type,
 )
 from services.core.ike.constants import (
-    AuthMethod,
     ExchangeType,
-    IdType,
     NotifyType,
     ProtocolId,
     TransformType,
@@ -66,9 +74,10 @@ from services.core.ike.exchange import (
     IkeSaResult,
     Rand,
     _ipv4,
+    credentials,
+    identity_of,
     ike_proposal,
     nat_detection_hash,
-    psk_auth,
 )
 from services.core.ike.informational import InfoEvent, InfoSession
 from services.core.ike.keys import IkeKeys, child_keys, derive_ike_keys, skeyseed
@@ -76,6 +85,7 @@ from services.core.ike.message import (
     KE,
     SA,
     Auth,
+    Cert,
     IDi,
     IDr,
     IkeDecodeError,
@@ -118,23 +128,28 @@ class ResponderState(Enum):
     CLOSED = "closed"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ResponderConfig:
-    """What the responder accepts. Addresses are IPv4 dotted quads; the PSK is never in repr.
+    """What the responder accepts. Addresses are IPv4 dotted quads; secrets are never in repr.
 
-    ``local_id`` defaults to ``local_addr`` (sent as IDr, ID_IPV4_ADDR). ``remote_id``, when set,
-    is the only IDi accepted. ``ts_local`` / ``ts_remote`` are inclusive (start, end) IPv4
+    Authentication: ``psk`` (both directions) or ``local_auth`` / ``peer_auth`` objects of the
+    :mod:`services.core.ike.authn` seam. ``local_id`` defaults to ``local_addr`` (sent as IDr,
+    ID_IPV4_ADDR). ``remote_id``, when set (an :class:`Identity` or its text form), is the only
+    IDi accepted; None or ``"%any"`` accepts whichever identity the initiator proves.
+    ``ts_local`` / ``ts_remote`` are inclusive (start, end) IPv4
     ranges the Child SA may cover on our side (TSr) and the initiator's side (TSi).
     ``remote_addr`` / ports are only the defaults for NAT detection when ``receive`` is not
     told the datagram's addresses.
     """
 
     local_addr: str
-    psk: bytes = field(repr=False)
     ts_local: tuple[str, str]
     ts_remote: tuple[str, str]
-    local_id: str | None = None
-    remote_id: str | None = None
+    psk: bytes | None = field(default=None, repr=False)
+    local_auth: LocalAuth | None = field(default=None, repr=False)
+    peer_auth: PeerAuth | None = field(default=None, repr=False)
+    local_id: str | Identity | None = None
+    remote_id: str | Identity | None = None
     remote_addr: str | None = None
     local_port: int = 500
     remote_port: int = 500
@@ -142,14 +157,14 @@ class ResponderConfig:
     def __post_init__(self) -> None:
         for a in (self.local_addr, *self.ts_local, *self.ts_remote):
             _ipv4(a)
-        for i in (self.local_id, self.remote_id, self.remote_addr):
-            if i is not None:
-                _ipv4(i)
+        if self.remote_addr is not None:
+            _ipv4(self.remote_addr)
+        identity_of(self.local_id, self.local_addr)
+        identity_of(self.remote_id, None)
         for lo, hi in (self.ts_local, self.ts_remote):
             if _ipv4(lo) > _ipv4(hi):
                 raise ValueError("traffic selector range start after end")
-        if not self.psk:
-            raise ValueError("empty pre-shared key")
+        credentials(self.psk, self.local_auth, self.peer_auth)
 
 
 # -- negotiation helpers (pure) ---------------------------------------------------------------
@@ -252,6 +267,14 @@ class Ikev2Responder:
         self._last_mid: int | None = None
         self._last_response: list[bytes] = []
         self._info: InfoSession | None = None
+        local_id = identity_of(config.local_id, config.local_addr)
+        assert local_id is not None  # defaults to the address
+        self._local_id = local_id
+        self._remote_id = identity_of(config.remote_id, None)
+        self._local_auth, self._peer_auth = credentials(
+            config.psk, config.local_auth, config.peer_auth
+        )
+        self._peer_hashes: frozenset[int] = frozenset()
 
     def __repr__(self) -> str:
         return (
@@ -293,7 +316,7 @@ class Ikev2Responder:
     ) -> list[bytes]:
         """Process one received IKE message; return the response datagram(s), maybe none."""
         try:
-            out = self._receive(bytes(data), remote, local)
+            out = self._receive(bytes(data), now, remote, local)
         except (_Drop, IkeDecodeError, SkError, AlgorithmError, InvalidKeyExchange, ValueError):
             self.dropped += 1
             return []
@@ -302,7 +325,9 @@ class Ikev2Responder:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _receive(self, data: bytes, remote: Address | None, local: Address | None) -> list[bytes]:
+    def _receive(
+        self, data: bytes, now: float, remote: Address | None, local: Address | None
+    ) -> list[bytes]:
         if self._state is ResponderState.ESTABLISHED and self._info is not None:
             out = self._info.handle(data)  # InfoDrop is a ValueError -> dropped
             if self._info.closed:
@@ -334,7 +359,7 @@ class Ikev2Responder:
                 or hdr.spi_r != self._spi_r
             ):
                 raise _Drop
-            return self._on_auth(data)
+            return self._on_auth(data, now)
         raise _Drop
 
     def _fail(self, reason: str) -> None:
@@ -380,6 +405,8 @@ class Ikev2Responder:
         spi_r = _nonzero(self._rand, 8, 1)
         nr = self._rand(_NONCE_LEN)
         payloads: list[Payload] = [SA((chosen,)), KE(DH_ID, dh.public_bytes()), Nonce(nr)]
+        payloads.extend(self._peer_auth.cert_requests())
+        payloads.extend(hash_algorithms_notify(self._peer_auth.hash_algorithms()))
         nat_src = _has_notify(msg.payloads, NotifyType.NAT_DETECTION_SOURCE_IP)
         nat_dst = _has_notify(msg.payloads, NotifyType.NAT_DETECTION_DESTINATION_IP)
         cfg = self.config
@@ -420,6 +447,7 @@ class Ikev2Responder:
         self._out = SkCipher(ENCR_ID, keys.sk_er, key_bits=ENCR_KEY_BITS)
         self._spi_i, self._spi_r = msg.spi_i, spi_r
         self._ni, self._nr = nonce.data, nr
+        self._peer_hashes = peer_hash_algorithms(msg.payloads)
         self._msg1, self._msg2 = raw, resp
         self._state = ResponderState.WAIT_AUTH
         return self._answer(ExchangeType.IKE_SA_INIT, 0, [resp])
@@ -429,7 +457,27 @@ class Ikev2Responder:
         msg = Message(self._spi_i, self._spi_r, exchange, mid, inner, response=True)
         return encrypt_message(msg, self._out)
 
-    def _on_auth(self, raw: bytes) -> list[bytes]:
+    def _check_initiator(self, msg: Message, idi: IDi, auth: Auth, now: float) -> str | None:
+        """Why the initiator is not authenticated (a reason for the log), or None."""
+        assert self._keys is not None
+        peer = Identity(idi.id_type, idi.data)
+        if self._remote_id is not None and not self._remote_id.matches(peer):
+            return f"initiator identity {peer} is not the configured {self._remote_id}"
+        idr_req = _first(msg.payloads, IDr)
+        if isinstance(idr_req, IDr) and not self._local_id.matches(
+            Identity(idr_req.id_type, idr_req.data)
+        ):
+            wanted = Identity(idr_req.id_type, idr_req.data)
+            return f"initiator asked for responder identity {wanted}, we are {self._local_id}"
+        octets = signed_octets(PRF_ID, self._msg1, self._nr, self._keys.sk_pi, idi.encode_body())
+        certs = tuple(p for p in msg.payloads if isinstance(p, Cert))
+        try:
+            self._peer_auth.verify(auth, octets, PRF_ID, peer, certs, now)
+        except AuthFailure as e:
+            return str(e)
+        return None
+
+    def _on_auth(self, raw: bytes, now: float) -> list[bytes]:
         assert self._keys is not None and self._in is not None
         msg = decrypt_message(raw, self._in)  # SkError / IkeDecodeError -> dropped (§2.21.2)
         cfg = self.config
@@ -437,39 +485,24 @@ class Ikev2Responder:
         auth = _first(msg.payloads, Auth)
         if not isinstance(idi, IDi) or not isinstance(auth, Auth):
             raise _Drop
-        idr_req = _first(msg.payloads, IDr)
-        my_id = IDr(IdType.ID_IPV4_ADDR, _ipv4(cfg.local_id or cfg.local_addr))
-        want = psk_auth(PRF_ID, cfg.psk, self._msg1, self._nr, self._keys.sk_pi, idi.encode_body())
-        auth_ok = hmac.compare_digest(want, auth.data) and auth.method == AuthMethod.SHARED_KEY_MIC
-        reason = None
-        if not auth_ok:
-            reason = "AUTHENTICATION_FAILED: initiator AUTH does not verify (wrong PSK?)"
-        elif cfg.remote_id is not None and (idi.id_type, idi.data) != (
-            IdType.ID_IPV4_ADDR,
-            _ipv4(cfg.remote_id),
-        ):
-            reason = "AUTHENTICATION_FAILED: initiator identity is not the configured one"
-        elif isinstance(idr_req, IDr) and (idr_req.id_type, idr_req.data) != (
-            my_id.id_type,
-            my_id.data,
-        ):
-            reason = "AUTHENTICATION_FAILED: initiator asked for another responder identity"
+        my_id = IDr(self._local_id.id_type, self._local_id.data)
+        why = self._check_initiator(msg, idi, auth, now)
+        reason = None if why is None else f"AUTHENTICATION_FAILED: {why}"
         if reason is not None:
             self._fail(reason)
             out = self._encrypted(
                 ExchangeType.IKE_AUTH, 1, (Notify(NotifyType.AUTHENTICATION_FAILED),)
             )
             return self._answer(ExchangeType.IKE_AUTH, 1, out)
-        my_auth = Auth(
-            AuthMethod.SHARED_KEY_MIC,
-            psk_auth(PRF_ID, cfg.psk, self._msg2, self._ni, self._keys.sk_pr, my_id.encode_body()),
-        )
+        octets = signed_octets(PRF_ID, self._msg2, self._ni, self._keys.sk_pr, my_id.encode_body())
+        my_auth = self._local_auth.auth_payload(octets, PRF_ID, self._peer_hashes)
+        my_certs = self._local_auth.cert_payloads()
         sa = _first(msg.payloads, SA)
         tsi = _first(msg.payloads, TSi)
         tsr = _first(msg.payloads, TSr)
         if not isinstance(sa, SA) or not isinstance(tsi, TSi) or not isinstance(tsr, TSr):
             self._fail("no Child SA requested (SA, TSi or TSr missing)")
-            out = self._encrypted(ExchangeType.IKE_AUTH, 1, (my_id, my_auth))
+            out = self._encrypted(ExchangeType.IKE_AUTH, 1, (my_id, *my_certs, my_auth))
             return self._answer(ExchangeType.IKE_AUTH, 1, out)
         self._child_spi = _nonzero(self._rand, 4, 256)  # RFC 4303 §2.1: 1..255 reserved
         picked = choose_esp_proposal(sa.proposals, self._child_spi)
@@ -483,7 +516,9 @@ class Ikev2Responder:
         if error is not None or picked is None:
             error = error or NotifyType.NO_PROPOSAL_CHOSEN
             self._fail(NotifyType(error).name)
-            out = self._encrypted(ExchangeType.IKE_AUTH, 1, (my_id, my_auth, Notify(error)))
+            out = self._encrypted(
+                ExchangeType.IKE_AUTH, 1, (my_id, *my_certs, my_auth, Notify(error))
+            )
             return self._answer(ExchangeType.IKE_AUTH, 1, out)
         ck = child_keys(
             PRF_ID,
@@ -507,7 +542,7 @@ class Ikev2Responder:
         out = self._encrypted(
             ExchangeType.IKE_AUTH,
             1,
-            (my_id, my_auth, SA((chosen,)), TSi(ts_i), TSr(ts_r)),
+            (my_id, *my_certs, my_auth, SA((chosen,)), TSi(ts_i), TSr(ts_r)),
         )
         self.result = IkeSaResult(self._spi_i, self._spi_r, self._keys, child, self.nat_t)
         assert self._out is not None
