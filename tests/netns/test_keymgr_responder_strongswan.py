@@ -49,6 +49,7 @@ class ResponderLab(KeymgrLab):
         self.psk = secrets.token_hex(32)  # keymgr's
         self.psk_for_strongswan = self.psk
         self.client = None
+        self.conn_extra: dict[str, object] = {}
         self.bench.netns()  # 198.51.100.1/32 on A's lo, 203.0.113.1/32 on B's lo
 
     def start_initiator_charon(self) -> None:
@@ -67,7 +68,7 @@ class ResponderLab(KeymgrLab):
         fd = os.open(psk_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(f"0x{self.psk}\n")
-        cfg = {
+        cfg: dict[str, list[dict[str, object]]] = {
             "connections": [
                 {
                     "name": "from-b",
@@ -82,6 +83,7 @@ class ResponderLab(KeymgrLab):
                 }
             ]
         }
+        cfg["connections"][0].update(self.conn_extra)
         cfg_file = self.workdir / "keymgr.json"
         cfg_file.write_text(json.dumps(cfg))
         argv = [sys.executable, "-m", "services.keymgr", "--config", str(cfg_file)]

@@ -75,6 +75,7 @@ class KeymgrLab:
         self.psk = secrets.token_hex(32)  # strongSwan's
         self.psk_for_keymgr = self.psk  # a test may hand keymgr a different one
         self.client: DataplaneClient | None = None
+        self.conn_extra: dict[str, object] = {}  # merged into keymgr's connection by a test
         self.bench.netns()  # also puts 198.51.100.1/32 on A's lo, 203.0.113.1/32 on B's lo
 
     def _popen(self, argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
@@ -147,7 +148,7 @@ class KeymgrLab:
         fd = os.open(psk_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(f"0x{self.psk_for_keymgr}\n")
-        cfg = {
+        cfg: dict[str, list[dict[str, object]]] = {
             "connections": [
                 {
                     "name": "to-b",
@@ -162,6 +163,7 @@ class KeymgrLab:
                 }
             ]
         }
+        cfg["connections"][0].update(self.conn_extra)
         cfg_file = self.workdir / "keymgr.json"
         cfg_file.write_text(json.dumps(cfg))
         argv = [sys.executable, "-m", "services.keymgr", "--config", str(cfg_file)]
