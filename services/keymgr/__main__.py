@@ -14,12 +14,33 @@ import signal
 import sys
 from types import FrameType
 
+from services.core.ike.cookies import DEFAULT_PERIOD, DEFAULT_THRESHOLD
 from services.dataplane.client import DataplaneClient
 from services.keymgr.config import ConfigError, load_config
 from services.keymgr.daemon import Keymgr
 from services.runtime.logging import configure_logging
 
 log = logging.getLogger("keymgr")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,6 +85,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="use <client-name>.pem / .key from --tls-dir as the client certificate",
     )
     p.add_argument(
+        "--cookie-threshold",
+        type=_non_negative_int,
+        default=env("KEYMGR_COOKIE_THRESHOLD", str(DEFAULT_THRESHOLD)),
+        help="half-open responder IKE SAs from which an IKE_SA_INIT must carry a valid COOKIE "
+        "(RFC 7296 section 2.6); 0 demands cookies always. Demand stops at half of it",
+    )
+    p.add_argument(
+        "--cookie-period",
+        type=_positive_float,
+        default=env("KEYMGR_COOKIE_PERIOD", str(DEFAULT_PERIOD)),
+        help="seconds between cookie secret rotations (a cookie stays valid up to two periods)",
+    )
+    p.add_argument(
         "--log-level",
         default=env("KEYMGR_LOG_LEVEL", "info"),
         choices=("debug", "info", "warning", "error"),
@@ -82,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     client = DataplaneClient(
         args.dataplane, args.tls_dir, server_name=args.server_name, client_name=args.client_name
     )
-    km = Keymgr(client, cfg.connections)
+    km = Keymgr(
+        client,
+        cfg.connections,
+        cookie_threshold=args.cookie_threshold,
+        cookie_period=args.cookie_period,
+    )
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         log.info("stopping", extra={"signal": signal.Signals(signum).name})

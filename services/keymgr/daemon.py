@@ -16,8 +16,11 @@ Responder role, per connection with ``start_action`` ``"none"`` / ``"respond"``:
 IKE_SA_INIT request whose (local, remote) address pair matches the connection starts an
 :class:`~services.core.ike.responder.Ikev2Responder`, keyed by the initiator's IKE SPI; its
 answers go back through punt-inject on the ports the request arrived on (500, or 4500 after
-the initiator floated). At most ``MAX_HALF_OPEN`` responders may be half-open (not yet
-ESTABLISHED); further IKE_SA_INIT requests are dropped and counted (cookies: future work).
+the initiator floated). Before a responder is created a
+:class:`~services.core.ike.cookies.CookieGuard` is asked (RFC 7296 §2.6): from
+``cookie_threshold`` half-open responders on, an IKE_SA_INIT without a valid COOKIE gets a
+stateless COOKIE response instead. At most ``MAX_HALF_OPEN`` responders may be half-open (not
+yet ESTABLISHED) whatever the cookies say; further IKE_SA_INIT requests are dropped and counted.
 Half-open responders expire after ``HALF_OPEN_TIMEOUT``. On ESTABLISHED the same
 installation path as the initiator's runs, with the keys of the responder's side.
 
@@ -51,6 +54,7 @@ import grpc
 
 from services.core.iana import IpProto
 from services.core.ike.constants import ExchangeType
+from services.core.ike.cookies import DEFAULT_PERIOD, DEFAULT_THRESHOLD, CookieGuard
 from services.core.ike.exchange import (
     NAT_T_PORT,
     ChildSaResult,
@@ -78,6 +82,7 @@ MAX_HALF_OPEN = 64  # responders not yet ESTABLISHED; more IKE_SA_INITs are drop
 HALF_OPEN_TIMEOUT = 30.0  # seconds a half-open (or failed) responder is kept
 SHUTDOWN_WAIT = 2.0  # seconds to wait for the peers' responses to our Delete on stop()
 MAX_RESPONDERS = 1024  # all responder IKE SAs kept (established ones answer liveness checks)
+COOKIE_LOG_INTERVAL = 5.0  # at most one "ike cookies" counters line per this many seconds
 
 
 @dataclass
@@ -117,9 +122,14 @@ class Keymgr:
         connections: tuple[Connection, ...],
         *,
         clock: Callable[[], float] = time.monotonic,
+        cookie_threshold: int = DEFAULT_THRESHOLD,
+        cookie_period: float = DEFAULT_PERIOD,
     ) -> None:
         self.client = client
         self.clock = clock
+        # RFC 7296 §2.6 COOKIEs for the responder role (its secret is never logged)
+        self.cookies = CookieGuard(now=clock(), threshold=cookie_threshold, period=cookie_period)
+        self._cookie_logged: tuple[float, tuple[int, ...]] = (float("-inf"), (0, 0, 0, 0))
         self.sessions = [
             Session(c, reqid=i + 1) for i, c in enumerate(connections) if not c.responds
         ]
@@ -267,6 +277,49 @@ class Keymgr:
             if r.responder.state is not ResponderState.ESTABLISHED
         )
 
+    def _cookie_gate(self, c: Connection, d: IkeDatagram, now: float) -> bool:
+        """Ask the cookie guard about a new IKE_SA_INIT; True when it was answered (a stateless
+        COOKIE response) or dropped, so no responder may be created for it."""
+        was = self.cookies.demanding
+        remote_ip = ipaddress.ip_address(d.remote_addr).packed
+        reply = self.cookies.check(d.data, remote_ip, now, self._half_open())
+        if self.cookies.demanding != was:
+            log.warning(
+                "ike cookies demanded"
+                if self.cookies.demanding
+                else "ike cookies no longer demanded",
+                extra={"conn": c.name, "half_open": self._half_open()},
+            )
+        if reply is None:
+            return False
+        if reply and self._stream is not None:
+            self._stream.send(
+                IkeDatagram(d.local_addr, d.local_port, d.remote_addr, d.remote_port, reply)
+            )
+        self._cookie_report(now)
+        return True
+
+    def _cookie_report(self, now: float) -> None:
+        """Log the cookie counters when they changed, at most once per COOKIE_LOG_INTERVAL."""
+        st = self.cookies.stats
+        counts = (st.sent, st.valid, st.invalid, st.malformed)
+        last_at, last = self._cookie_logged
+        if counts == last or now - last_at < COOKIE_LOG_INTERVAL:
+            return
+        self._cookie_logged = (now, counts)
+        log.info(
+            "ike cookies",
+            extra={
+                "sent": st.sent,
+                "valid": st.valid,
+                "invalid": st.invalid,
+                "malformed": st.malformed,
+                "demanding": self.cookies.demanding,
+                "half_open": self._half_open(),
+                "responders": len(self.responders),
+            },
+        )
+
     def _respond(self, c: Connection, reqid: int, d: IkeDatagram, now: float) -> None:
         try:
             hdr = decode_header(d.data)
@@ -285,6 +338,8 @@ class Keymgr:
                 or hdr.message_id != 0
             ):
                 log.debug("IKE datagram for no IKE SA", extra={"conn": c.name})
+                return
+            if self._cookie_gate(c, d, now):
                 return
             if self._half_open() >= MAX_HALF_OPEN or len(self.responders) >= MAX_RESPONDERS:
                 self.half_open_dropped += 1
@@ -552,6 +607,7 @@ class Keymgr:
 
     def _timers(self, now: float) -> None:
         self._expire_responders(now)
+        self._cookie_report(now)
         for s in self.sessions:
             if s.retry_at is not None and now >= s.retry_at:
                 self._initiate(s, now)
