@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -143,7 +143,7 @@ class KeymgrLab:
                     raise
                 time.sleep(0.2)
 
-    def start_keymgr(self) -> subprocess.Popen[bytes]:
+    def start_keymgr(self, extra_args: Sequence[str] = ()) -> subprocess.Popen[bytes]:
         psk_file = self.workdir / "psk"
         fd = os.open(psk_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -169,7 +169,7 @@ class KeymgrLab:
         argv = [sys.executable, "-m", "services.keymgr", "--config", str(cfg_file)]
         argv += ["--dataplane", f"unix:{self.sock}", "--tls-dir", str(self.pki)]
         argv += ["--server-name", WORKER_ID, "--client-name", CLIENT, "--log-level", "debug"]
-        return self._popen(argv, "keymgr.log")
+        return self._popen([*argv, *extra_args], "keymgr.log")
 
     def list_sas_b(self) -> str:
         return self.bench.swanctl("b", "--list-sas")

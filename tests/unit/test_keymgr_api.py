@@ -418,10 +418,10 @@ def test_responder_lifecycle_listed_streamed_and_terminated(api: Api) -> None:
 
     # the key export has this IKE SA and both ESP SAs, in tshark's formats
     lines = api.keys.read_text().splitlines()
-    assert lines[0] == (
-        f"uat:ikev2_decryption_table:{r.spi_i.hex()},{r.spi_r.hex()},{r.keys.sk_ei.hex()},"
-        f'{r.keys.sk_er.hex()},"AES-GCM-256 with 16 octet ICV [RFC5282]",,,"NONE [RFC4306]"'
+    assert lines[0] == tshark.ike_uat(
+        r.spi_i, r.spi_r, r.keys.sk_ei, r.keys.sk_er, "AES-GCM-256 with 16 octet ICV [RFC5282]"
     )
+    assert tshark.key_file_prefs(api.keys)[2:] == lines
     esp = sorted(lines[1:])
     assert len(esp) == 2 and all(x.startswith('uat:esp_sa:"IPv4",') for x in esp)
     assert any(f'"0x{r.child.spi_in.hex()}"' in x and keys.encr_r.hex() in x for x in esp)
