@@ -695,6 +695,8 @@ class Keymgr:
             if resp.state is ResponderState.ESTABLISHED:
                 log.info("ike deleting", extra={"conn": rs.conn.name, "spi_i": resp.spi_i.hex()})
                 waiting.append((resp, functools.partial(self._send_responder, rs)))
+        for rec in self.records.values():
+            rec.closing = rec.closing or "keymgr stopping"
         for x, send in waiting:
             send(x.delete_ike(now))
         deadline = now + SHUTDOWN_WAIT

@@ -33,6 +33,7 @@ import pytest
 from services.core.ike.exchange import NAT_T_PORT, Ikev2Initiator, InitiatorConfig, State
 from services.core.sa import Direction, Mode, SaConfig
 from services.dataplane.client import IkeDatagram
+from services.keymgr import ctl
 from services.keymgr import events as ev
 from services.keymgr.api import ApiServer
 from services.keymgr.config import Connection
@@ -521,3 +522,43 @@ def test_key_export_formats_mode_and_warning(
     )
     exp.child_sas((chacha,))
     assert exp.failures == 1 and len(path.read_text().splitlines()) == 1
+
+
+def test_stopping_keymgr_reports_down_with_the_reason(api: Api) -> None:
+    ini = peer(api.psk)
+    api.exchange(ini, ini.start(time.monotonic()))
+    assert ini.state is State.ESTABLISHED
+    sub = api.km.events.subscribe()
+    api.km.stop()  # sends a Delete the peer never answers; SAs removed after the wait
+    api.thread.join(timeout=10)
+    seen: list[KeymgrEvent] = []
+    while (e := sub.get(0)) is not None:
+        seen.append(e)
+    assert [e.kind for e in seen] == [ev.CHILD_DOWN, ev.DOWN], seen
+    assert all(e.reason == "keymgr stopping" for e in seen), seen
+    assert not api.client.sas
+
+
+def test_ctl_lists_initiates_and_reports_errors(
+    api: Api, pki: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--api", f"unix:{api.sock}", "--tls-dir", str(pki), "--server-name", "keymgr"]
+    base += ["--client-name", "admin"]
+    wait_for(lambda: api.stub.ListIkeSas(pb.ListIkeSasRequest(), timeout=WAIT).ike_sas, "dial")
+    assert ctl.main([*base, "--list-sas"]) == 0
+    out = capsys.readouterr().out
+    assert "dial: #0, CONNECTING, IKEv2" in out and f"{A}[500]" in out
+    assert ctl.main([*base, "--initiate", "nope"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert ctl.main([*base, "--terminate", "dial"]) == 0
+    assert "abandoned" in capsys.readouterr().out
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(ctl.main([*base, "--events", "--count", "1"])))
+    t.start()
+    wait_for(lambda: api.km.events.subscribers == 1, "ctl subscribed")
+    ini = peer(secrets.token_bytes(32))  # wrong PSK: one auth_failed event
+    api.exchange(ini, ini.start(time.monotonic()))
+    t.join(timeout=WAIT)
+    assert got == [0]
+    line = capsys.readouterr().out
+    assert " auth_failed resp " in line and "pre-shared key" in line
