@@ -177,7 +177,7 @@ def child_sa_to_pb(v: ChildSaView, counters: Counters | None) -> pb.ChildSaInfo:
     return msg
 
 
-class KeyManagerService(pb_grpc.KeyManagerServicer):  # type: ignore[misc]
+class KeyManagerService(pb_grpc.KeyManagerServicer):
     """The servicer: thin glue between gRPC threads and keymgr's main loop."""
 
     def __init__(self, km: Keymgr, *, call_timeout: float = CALL_TIMEOUT) -> None:

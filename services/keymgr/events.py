@@ -217,6 +217,9 @@ _WS_ESP_INTEG: dict[int, str] = {
 }
 
 
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+
+
 class KeyExportError(ValueError):
     """An SA whose algorithms Wireshark's tables cannot name (nothing is written)."""
 
@@ -266,8 +269,9 @@ class KeyExporter:
         self.failures = 0
 
     def open(self) -> None:
-        """Create the file (0600) now so a bad path fails at start-up; warn once."""
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        """Create the file (0600; an existing one is narrowed to 0600, a symlink refused) now
+        so a bad path fails at start-up; warn once."""
+        fd = os.open(self.path, _OPEN_FLAGS, 0o600)
         try:
             os.fchmod(fd, 0o600)
         finally:
@@ -284,7 +288,7 @@ class KeyExporter:
         data = "".join(f"{line}\n" for line in lines).encode()
         with self._lock:
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                fd = os.open(self.path, _OPEN_FLAGS, 0o600)
                 try:
                     os.write(fd, data)
                 finally:

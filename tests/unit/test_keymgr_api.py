@@ -509,6 +509,14 @@ def test_key_export_formats_mode_and_warning(
     assert line == f"uat:esp_sa:{rec.uat()}"
     assert line.count(key.hex()) == 1
     assert all(key.hex() not in r.getMessage() for r in caplog.records)
+    # an existing file is narrowed to 0600; a symlink is refused
+    path.chmod(0o644)
+    KeyExporter(path).open()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    link = tmp_path / "k" / "link.txt"
+    link.symlink_to(path)
+    with pytest.raises(OSError):
+        KeyExporter(link).open()
     # a cipher Wireshark cannot name is skipped (counted), nothing half-written
     chacha = SaConfig(
         spi=0x0102A0B1,
