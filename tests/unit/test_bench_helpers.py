@@ -90,6 +90,7 @@ def test_rate_summary_and_section() -> None:
         bi.RunResult("charon kernel-libipsec", 4000, 10.0, 2, 5.0, (("charon", 7.5),)),
         bi.RunResult("keymgr + dataplane worker", 1200, 10.0),
         bi.RunResult("charon kernel-libipsec", 0, 0.0, error="boom"),
+        bi.RunResult("charon kernel-libipsec", 0, 0.0, error="a | b\n  c"),
     ]
     assert results[0].rate == 100.0 and results[3].rate == 0.0
     med = bi.summarize(results)
@@ -102,6 +103,7 @@ def test_rate_summary_and_section() -> None:
     assert "| 1 | keymgr + dataplane worker | 100 | 0 |" in text
     assert "| 1 | charon kernel-libipsec | 400 | 2 |" in text and "| 50% | charon 75% |" in text
     assert "| 2 | charon kernel-libipsec | (failed: boom) |" in text
+    assert "| 3 | charon kernel-libipsec | (failed: a / b c) |" in text  # one table cell
     assert "Goal keymgr >= charon: NOT met (ratio 0.28)" in text
 
 
