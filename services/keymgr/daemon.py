@@ -640,7 +640,8 @@ class Keymgr:
 
     def _remove_children(self, key: bytes, reason: str = "") -> None:
         """Delete an IKE SA's Child SAs (and any pair still retiring after a rekey) from the
-        worker and withdraw the connection's SPD entry (replace_spd with a higher revision)."""
+        worker and withdraw the connection's SPD entry (replace_spd with a higher revision)
+        unless another IKE SA of the connection still has a Child SA installed."""
         for pair in self._retiring.pop(key, []):
             try:
                 for sa in pair:
@@ -651,13 +652,17 @@ class Keymgr:
         if entry is None:
             return
         c, sas = entry
+        # Another IKE SA of the same connection (a responder answers many) still has its Child
+        # SA installed under the connection's entry: withdrawing it would cut that traffic off.
+        still_used = any(other.name == c.name for other, _ in self._children.values())
         try:
             for sa in sas:
                 self.client.delete_sa(sa.spi, sa.dst, sa.protocol, sa.direction)
-            entries = {k: v for k, v in self._spd.items() if k != c.name}
-            self._spd_revision += 1
-            self.client.replace_spd(list(entries.values()), self._spd_revision)
-            self._spd = entries
+            if not still_used:
+                entries = {k: v for k, v in self._spd.items() if k != c.name}
+                self._spd_revision += 1
+                self.client.replace_spd(list(entries.values()), self._spd_revision)
+                self._spd = entries
         except grpc.RpcError as e:
             log.error("child removal failed", extra={"conn": c.name, "code": str(e.code())})
             return
