@@ -436,7 +436,7 @@ class Keymgr:
         for e in events:
             if e.kind == "child_deleted":
                 log.info(
-                    "child deleted",
+                    "child deleted" if e.initiated else "child deleted by peer",
                     extra={**ike, "spi_in": e.spi_in.hex(), "spi_out": e.spi_out.hex()},
                 )
                 if st is not None:

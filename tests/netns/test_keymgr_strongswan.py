@@ -142,7 +142,8 @@ class KeymgrLab:
                     raise
                 time.sleep(0.2)
 
-    def start_keymgr(self) -> subprocess.Popen[bytes]:
+    def start_keymgr(self, extra: dict[str, object] | None = None) -> subprocess.Popen[bytes]:
+        """Start keymgr; ``extra`` adds connection fields (lifetimes, dpd, ...)."""
         psk_file = self.workdir / "psk"
         fd = os.open(psk_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -159,6 +160,7 @@ class KeymgrLab:
                     "local_ts": f"{bsw.INNER_A}/32",
                     "remote_ts": f"{bsw.INNER_B}/32",
                     "start_action": "start",
+                    **(extra or {}),
                 }
             ]
         }

@@ -191,7 +191,7 @@ def test_initiator_rekeys_ike_sa_checked_independently() -> None:
     )
     (follow,) = ini.receive(encrypt_message(resp_msg, r2i)[0], 1.0)
     (ev,) = ini.take_events()
-    assert ev.kind == "ike_rekeyed"
+    assert ev.kind == "ike_rekeyed" and ev.initiated
     assert ev.ike_spis == (prop.spi, new_spi_r) and ev.old_ike_spis == (r.spi_i, r.spi_r)
     assert info.spis == (prop.spi, new_spi_r) and info.we_initiated
     # the Delete of the old IKE SA goes on the old SA, with its next message ID
@@ -263,6 +263,7 @@ def test_responder_answers_peer_ike_rekey_checked_independently() -> None:
     g_ir = priv.exchange(X25519PublicKey.from_public_bytes(ker.data))
     (ev,) = resp.take_events()
     assert ev.kind == "ike_rekeyed" and ev.ike_spis == (new_spi_i, chosen.spi)
+    assert not ev.initiated
     assert info.spis == (new_spi_i, chosen.spi) and not info.we_initiated
     _sk_d, sk_ei, sk_er = _ike_keys(r.keys.sk_d, g_ir, ni, nr, new_spi_i, chosen.spi)
     new_i2r = SkCipher(20, sk_ei, key_bits=256)

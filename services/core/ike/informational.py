@@ -108,8 +108,9 @@ class InfoEvent:
     started the CREATE_CHILD_SA; the new child's keys follow RFC 7296 §2.17 with the starter as
     initiator: ``keys.encr_i`` protects starter→other traffic. So when ``initiated`` is False
     ``keys.encr_i`` is the key of our ``spi_in``, when True the key of ``spi_out``. ``ts_i`` is
-    the starter's side. ``ike_spis`` / ``old_ike_spis``: (SPIi, SPIr) of the new and the
-    replaced IKE SA for ``ike_rekeyed``."""
+    the starter's side. For ``child_deleted`` and ``ike_rekeyed``, ``initiated`` says that our
+    Delete / our rekey request did it. ``ike_spis`` / ``old_ike_spis``: (SPIi, SPIr) of the new
+    and the replaced IKE SA for ``ike_rekeyed``."""
 
     kind: str
     spi_in: bytes = b""
@@ -600,7 +601,9 @@ class InfoSession:
             self._deleting.discard(req.pair[0])
             if req.pair in self.children:
                 self.children.remove(req.pair)
-                self.events.append(InfoEvent("child_deleted", req.pair[0], req.pair[1]))
+                self.events.append(
+                    InfoEvent("child_deleted", req.pair[0], req.pair[1], initiated=True)
+                )
             return []
         if req.kind == "liveness":
             return []
@@ -743,7 +746,11 @@ class InfoSession:
         old = self._sa
         self._others.append(old)
         self._sa = new
-        self.events.append(InfoEvent("ike_rekeyed", ike_spis=new.spis, old_ike_spis=old.spis))
+        self.events.append(
+            InfoEvent(
+                "ike_rekeyed", initiated=new.initiator, ike_spis=new.spis, old_ike_spis=old.spis
+            )
+        )
 
     def _new_ike_sa(
         self,
