@@ -11,6 +11,11 @@ Cases (each while a ping loop with a 20 ms interval runs through the tunnel):
 * ``keymgr-ike``: keymgr's ``ike_rekey_time`` (6 s) starts the IKE SA rekey;
 * ``charon-ike``: ``swanctl --rekey --ike`` on B.
 
+The ``keymgr-child``, ``keymgr-ike`` and ``charon-ike`` cases run a second time with keymgr
+as IKE responder (charon initiated the IKE SA; lab of
+tests/netns/test_keymgr_responder_strongswan.py), so the IKE SA rekey's new SPIs are routed to
+a responder session too.
+
 After each rekey: charon lists exactly one Child SA (one IKE SA) with SPIs other than the old
 ones, our worker holds exactly the same Child SA pair (the old pair deleted, same reqid), and
 for IKE rekeys the new IKE SPIs charon lists are the ones keymgr logged. After an IKE rekey a
@@ -31,6 +36,7 @@ import pytest
 
 from scripts import bench_strongswan as bsw
 from services.core.sa import Direction
+from tests.netns.test_keymgr_responder_strongswan import ResponderLab
 from tests.netns.test_keymgr_strongswan import KeymgrLab, _skip_reason
 
 pytestmark = pytest.mark.netns
@@ -55,6 +61,12 @@ CASES = {
     "keymgr-child": Case(conn={"rekey_time": 6, "rand_time": 0, "life_time": 60}, by_keymgr=True),
     "keymgr-ike": Case(conn={"ike_rekey_time": 6, "rekey_time": 0}, ike=True, by_keymgr=True),
     "charon-ike": Case(charon=("--rekey", "--ike", bsw.CONN), ike=True),
+}
+# keymgr as IKE responder (charon initiated the IKE SA): the rekeys of either side
+RESPONDER_CASES = {
+    "keymgr-child": CASES["keymgr-child"],
+    "keymgr-ike": CASES["keymgr-ike"],
+    "charon-ike": CASES["charon-ike"],
 }
 
 
@@ -146,13 +158,44 @@ def _ping_loop(kmlab: KeymgrLab) -> subprocess.Popen[str]:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.fixture
+def rlab() -> Iterator[ResponderLab]:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    kl = None
+    try:
+        kl = ResponderLab()
+        yield kl
+    finally:
+        if kl is not None:
+            kl.cleanup()
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_rekey_with_strongswan_under_traffic(lab: KeymgrLab, name: str) -> None:
     case = CASES[name]
-    kmlab = lab
-    _start_responder(kmlab, case.esp)
-    kmlab.start_worker()
-    keymgr = kmlab.start_keymgr(case.conn)
+    _start_responder(lab, case.esp)
+    lab.start_worker()
+    keymgr = lab.start_keymgr(case.conn)
+    _exercise(lab, keymgr, case, name)
+
+
+@pytest.mark.parametrize("name", list(RESPONDER_CASES))
+def test_rekey_keymgr_responder_with_strongswan_under_traffic(
+    rlab: ResponderLab, name: str
+) -> None:
+    case = RESPONDER_CASES[name]
+    rlab.start_worker()
+    keymgr = rlab.start_responder_keymgr(case.conn)
+    rlab.wait_punt_connected(keymgr)
+    rlab.start_initiator_charon()
+    init = rlab.initiate()
+    assert init.returncode == 0, f"{init.stdout[-2000:]}\n{rlab.logs()}"
+    _exercise(rlab, keymgr, case, f"{name}, keymgr responding")
+
+
+def _exercise(kmlab: KeymgrLab, keymgr: subprocess.Popen[bytes], case: Case, name: str) -> None:
     client = kmlab.client
     assert client is not None
     assert _wait(lambda: "INSTALLED" in kmlab.list_sas_b() and _ours(kmlab) is not None, 20), (

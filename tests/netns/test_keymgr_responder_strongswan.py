@@ -62,7 +62,10 @@ class ResponderLab(KeymgrLab):
             "b", "--load-all", "--noprompt", "--file", str(b.workdir / "b/swanctl/swanctl.conf")
         )
 
-    def start_responder_keymgr(self) -> subprocess.Popen[bytes]:
+    def start_responder_keymgr(
+        self, extra: dict[str, object] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start keymgr responding; ``extra`` adds connection fields (lifetimes, dpd, ...)."""
         psk_file = self.workdir / "psk"
         fd = os.open(psk_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -79,6 +82,7 @@ class ResponderLab(KeymgrLab):
                     "local_ts": f"{bsw.INNER_A}/32",
                     "remote_ts": f"{bsw.INNER_B}/32",
                     "start_action": "respond",
+                    **(extra or {}),
                 }
             ]
         }
