@@ -417,9 +417,8 @@ class Keymgr:
             return
         info = ini.info
         if info is None or (hdr.spi_i, hdr.spi_r) not in info.all_spis:
-            if not (hdr.exchange_type == ExchangeType.CREATE_CHILD_SA and not hdr.response):
-                log.debug("IKE datagram for another IKE SA", extra={"conn": s.conn.name})
-                return
+            log.debug("IKE datagram for another IKE SA", extra={"conn": s.conn.name})
+            return
         self._send(s, ini.receive(d.data, now))
         assert ini.result is not None
         self._info_events(s.conn, ini.result, ini.take_events(), "initiator", now)
@@ -466,8 +465,6 @@ class Keymgr:
                 )
                 if st is not None:
                     self._schedule_ike(st, now)
-                    if st.responder is not None:
-                        self.responders[new_i] = st.responder  # route the new IKE SA's SPIs
             elif e.kind == "rekey_failed":
                 log.warning("rekey failed", extra={**ike, "reason": e.reason})
                 if st is not None:
@@ -484,6 +481,14 @@ class Keymgr:
                 self._untrack(key)
             else:
                 log.debug("informational answered", extra=ike)
+        if st is not None and st.responder is not None and st.key in self._ikes:
+            # route every live IKE SA of the session (rekeys add SPIs, Deletes retire them)
+            live = {ike_spi_i for ike_spi_i, _ in st.info.all_spis}
+            for k in [k for k, v in self.responders.items() if v is st.responder]:
+                if k not in live:
+                    del self.responders[k]
+            for k in live:
+                self.responders.setdefault(k, st.responder)
 
     def _rekeyed(
         self,

@@ -131,6 +131,7 @@ def test_ike_rekey_by_time_moves_to_new_spis(tmp_path: pathlib.Path) -> None:
     new_spis = info.spis
     assert new_spis[0] != ini.spi_i and info.all_spis == (new_spis,)
     assert new_spis[0] in km.responders  # the new IKE SA's SPIi routes to the same session
+    assert ini.spi_i not in km.responders  # the old one is deleted: no longer routed
     # the peer uses the new IKE SA: a Child SA rekey of its own is answered and installed
     n = len(client.sas)
     _talk(km, stream, ini, 51.0, info.rekey_child(51.0))

@@ -264,8 +264,9 @@ class InfoSession:
     @property
     def all_spis(self) -> tuple[tuple[bytes, bytes], ...]:
         """Every IKE SA this session answers for: the current one first, then replaced or
-        redundant ones still being deleted."""
-        return (self._sa.spis, *(o.spis for o in self._others))
+        redundant ones still being deleted, then the peer's new one during a rekey collision."""
+        pending = (self._peer_ike_rekey.spis,) if self._peer_ike_rekey is not None else ()
+        return (self._sa.spis, *(o.spis for o in self._others), *pending)
 
     @property
     def we_initiated(self) -> bool:
@@ -929,13 +930,19 @@ class InfoSession:
             return [Notify(NotifyType.INVALID_SYNTAX)], [], None
         if self._outstanding("rekey_child") is not None or self._outstanding("delete_child"):
             return [Notify(NotifyType.TEMPORARY_FAILURE)], [], None  # a Child SA task first
-        spis = {p.number: p.spi for p in offer.proposals if p.protocol_id == ProtocolId.IKE}
-        stripped = tuple(
-            Proposal(p.number, p.protocol_id, p.transforms)
+        usable = [
+            p
             for p in offer.proposals
             if p.protocol_id == ProtocolId.IKE and len(p.spi) == SPI_LEN and any(p.spi)
-        )
-        chosen = choose_ike_proposal(stripped)
+        ]
+        # the chooser takes IKE_SA_INIT offers (no SPI): offer each proposal alone without it
+        chosen = None
+        their_spi = b""
+        for p in usable:
+            chosen = choose_ike_proposal((Proposal(p.number, p.protocol_id, p.transforms),))
+            if chosen is not None:
+                their_spi = p.spi
+                break
         if chosen is None:
             return [Notify(NotifyType.NO_PROPOSAL_CHOSEN)], [], None
         dh_id = next(
@@ -945,7 +952,6 @@ class InfoSession:
             return [Notify(NotifyType.INVALID_KE_PAYLOAD, dh_id.to_bytes(2, "big"))], [], None
         dh = group(dh_id).generate(self._rand)
         g_ir = dh.shared(ke.data)  # InvalidKeyExchange (ValueError) -> dropped
-        their_spi = spis[chosen.number]
         our_spi = self._new_ike_spi()
         nr = self._rand(_NONCE_LEN)
         answer = Proposal(chosen.number, ProtocolId.IKE, chosen.transforms, our_spi)
