@@ -299,3 +299,17 @@ def test_lifetime_fields_parse_with_strongswan_defaults() -> None:
 def test_bad_lifetime_fields_are_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         config_from_json(_conn_json(**bad), check_psk=False)
+
+
+def test_hard_lifetime_deletes_child_that_was_not_rekeyed(tmp_path: pathlib.Path) -> None:
+    km, client, stream, ini = _responder_role(tmp_path, rekey_time=0, life_time=30)
+    assert client.sas[0].lifetime.hard_seconds == 30
+    km._timers(29.0)
+    assert len(stream.sent) == 2
+    km._timers(30.0)
+    (req,) = stream.sent[2:]
+    assert decode_header(req.data).exchange_type == ExchangeType.INFORMATIONAL
+    _talk(km, stream, ini, 30.0, ini.receive(req.data, 30.0))
+    assert [e.kind for e in ini.take_events()] == ["child_deleted"]
+    assert sorted(x[0] for x in client.deleted) == sorted(s.spi for s in client.sas)
+    assert client.spd[-1][0] == []  # no Child SA left: the SPD entry is withdrawn
