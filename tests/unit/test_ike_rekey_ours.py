@@ -25,7 +25,10 @@ from services.core.ike.message import (
     Message,
     Nonce,
     Notify,
+    Payload,
     Proposal,
+    Transform,
+    TransformAttribute,
     TSi,
     TSr,
     decode_header,
@@ -415,3 +418,97 @@ def test_dpd_sends_liveness_after_idle_delay() -> None:
     assert a.on_timer(11.0) == []  # the answer counts as activity
     assert a.next_timeout == 21.0
     assert not a.closed and ini.take_events() == []
+
+
+# -- hostile input ------------------------------------------------------------------------------
+
+
+def test_bad_ike_rekey_requests_get_errors_or_drops_and_the_sa_lives_on() -> None:
+    _ini, resp, r = _established()
+    info = _info(resp)
+    i2r, r2i = _ciphers(r)
+    _priv, pub = _x25519()
+    good = ike_proposal(b"\x1d" * 8)
+    no_spi = Proposal(1, ProtocolId.IKE, good.transforms, b"")
+    zero_spi = Proposal(1, ProtocolId.IKE, good.transforms, bytes(8))
+    cases: list[tuple[tuple[Payload, ...], Notify | None]] = [
+        ((SA((no_spi,)), Nonce(NR), KE(31, pub)), Notify(NotifyType.NO_PROPOSAL_CHOSEN)),
+        ((SA((zero_spi,)), Nonce(NR), KE(31, pub)), Notify(NotifyType.NO_PROPOSAL_CHOSEN)),
+        ((SA((good,)), Nonce(NR)), Notify(NotifyType.INVALID_SYNTAX)),
+        ((SA((good,)), KE(31, pub)), Notify(NotifyType.INVALID_SYNTAX)),
+        (
+            (SA((good,)), Nonce(NR), KE(19, b"\x04" * 64)),
+            Notify(NotifyType.INVALID_KE_PAYLOAD, b"\x00\x1f"),
+        ),
+        ((SA((good,)), Nonce(NR), KE(31, b"\x01" * 7)), None),  # bad KE data: dropped
+    ]
+    mid = 2
+    for payloads, want in cases:
+        req = Message(r.spi_i, r.spi_r, ExchangeType.CREATE_CHILD_SA, mid, payloads, initiator=True)
+        out = resp.receive(encrypt_message(req, i2r)[0], 1.0)
+        if want is None:
+            assert out == []
+            continue
+        (ans,) = out
+        assert decrypt_message(ans, r2i).payloads == (want,), payloads
+        mid += 1
+    assert resp.take_events() == [] and info.spis == (r.spi_i, r.spi_r) and not info.closed
+    req = Message(
+        r.spi_i,
+        r.spi_r,
+        ExchangeType.CREATE_CHILD_SA,
+        mid,
+        (SA((good,)), Nonce(NR), KE(31, pub)),
+        initiator=True,
+    )
+    assert resp.receive(encrypt_message(req, i2r)[0], 1.0) != []
+    assert [e.kind for e in resp.take_events()] == ["ike_rekeyed"]
+
+
+def test_bad_answers_to_our_rekeys_are_reported_and_the_sa_lives_on() -> None:
+    ini, _resp, r = _established()
+    info = _info(ini)
+    _i2r, r2i = _ciphers(r)
+    mid = 2
+    bad_answers: list[tuple[Payload, ...]] = [
+        (),  # nothing
+        (Nonce(NR),),  # no SA
+        (Notify(NotifyType.NO_PROPOSAL_CHOSEN),),
+        (
+            SA((Proposal(1, ProtocolId.IKE, ike_proposal().transforms[:1], b"\x5e" * 8),)),
+            Nonce(NR),
+            KE(31, b"\x09" * 32),
+        ),
+    ]
+    for payloads in bad_answers:
+        (req,) = info.rekey_ike(1.0)
+        assert decode_header(req).message_id == mid
+        ans = Message(r.spi_i, r.spi_r, ExchangeType.CREATE_CHILD_SA, mid, payloads, response=True)
+        assert ini.receive(encrypt_message(ans, r2i)[0], 1.0) == []
+        (ev,) = ini.take_events()
+        assert ev.kind == "rekey_failed" and ev.reason.startswith("rekey_ike"), ev
+        assert info.spis == (r.spi_i, r.spi_r) and not info.closed and not info.busy
+        mid += 1
+    # a Child SA rekey answered with a proposal we did not offer (AES-CBC) fails the same way
+    (req,) = info.rekey_child(1.0)
+    cbc = Proposal(
+        1,
+        ProtocolId.ESP,
+        (Transform(TransformType.ENCR, 12, (TransformAttribute.key_length(128),)),),
+        b"\x01\x02\x03\x04",
+    )
+    c = r.child
+    ans = Message(
+        r.spi_i,
+        r.spi_r,
+        ExchangeType.CREATE_CHILD_SA,
+        mid,
+        (SA((cbc,)), Nonce(NR), TSi(c.ts_i), TSr(c.ts_r)),
+        response=True,
+    )
+    assert ini.receive(encrypt_message(ans, r2i)[0], 1.0) == []
+    (ev,) = ini.take_events()
+    assert ev.kind == "rekey_failed" and len(info.children) == 1
+    # the IKE SA still answers and carries requests
+    (live,) = info.liveness(2.0)
+    assert decode_header(live).message_id == mid + 1
