@@ -715,7 +715,13 @@ class InfoSession:
             raise ValueError("response lacks SA, Nr or KEr")
         chosen = sa.proposals[0]
         offered = ike_proposal(req.new_spi)
-        if chosen.protocol_id != ProtocolId.IKE or _tset(chosen) != _tset(offered):
+        types = [t.transform_type for t in chosen.transforms]
+        if (
+            chosen.protocol_id != ProtocolId.IKE
+            or not _tset(chosen) <= _tset(offered)
+            or len(types) != len(set(types))
+            or not {TransformType.ENCR, TransformType.PRF, TransformType.DH} <= set(types)
+        ):
             raise ValueError("the peer chose an IKE proposal we did not offer")
         if len(chosen.spi) != SPI_LEN or chosen.spi == bytes(SPI_LEN) or req.dh is None:
             raise ValueError("the peer's new IKE SPI is not 8 non-zero octets")
