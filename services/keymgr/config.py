@@ -13,6 +13,15 @@ file looks like::
 ``local_id`` / ``remote_id`` are IPv4 address identities (ID_IPV4_ADDR) and default to the
 addresses. ``start_action`` is ``"start"`` (keymgr initiates) or ``"none"`` / ``"respond"``
 (keymgr only answers the peer's IKE_SA_INIT arriving from ``remote_addr`` at ``local_addr``).
+Lifetimes and liveness (all optional; seconds, 0 = off) follow strongSwan's swanctl.conf
+names: ``rekey_time`` (CHILD SA rekey, default 3600), ``life_time`` (CHILD SA hard lifetime,
+default 110 % of ``rekey_time``), ``rand_time`` (the rekey happens up to this much earlier at
+random, default ``life_time - rekey_time``), ``rekey_bytes`` / ``rekey_packets`` (CHILD SA soft
+limits enforced by the worker, default off), ``ike_rekey_time`` (IKE SA rekey, default 14400,
+up to 10 % earlier at random), ``dpd_delay`` (liveness check after that much silence from the
+peer, default off), ``dpd_action`` (``clear``, ``restart``, ``hold`` or ``trap``: what happens
+when the peer is found dead, default ``clear``), ``retransmit_timeout`` / ``retransmit_tries``
+(first retransmission after 1 s, doubled each time, 5 sends before the peer is dead).
 The PSK lives in its own file (a Kubernetes Secret mount); its content is read only
 when a connection starts and never logged. A PSK file holding ``0x<hex>`` is decoded as hex
 (strongSwan's notation), anything else is used as the raw octets with surrounding whitespace
@@ -23,12 +32,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import pathlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 START_ACTIONS = ("start", "none", "respond")
+DPD_ACTIONS = ("clear", "restart", "hold", "trap")
 RESPONDER_ACTIONS = ("none", "respond")  # keymgr answers the peer's IKE_SA_INIT
 MAX_NAME_LEN = 64
 MAX_PATH_LEN = 4096
@@ -65,6 +76,14 @@ def _prefix(value: object, what: str) -> str:
         raise ConfigError(f"{what}: not an IPv4 prefix: {_show(value)}") from None
 
 
+def _seconds(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{what}: expected a number of seconds")
+    if not math.isfinite(value) or not 0 <= value <= 1e9:
+        raise ConfigError(f"{what}: must be from 0 to 1e9 seconds")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class Connection:
     """One IKEv2 connection with one Child SA (tunnel mode, one IPv4 prefix per side)."""
@@ -78,6 +97,17 @@ class Connection:
     local_id: str | None = None
     remote_id: str | None = None
     start_action: str = "start"
+    # lifetimes and liveness (seconds; 0 = off), see the module docstring
+    rekey_time: float = 3600.0
+    life_time: float | None = None
+    rand_time: float | None = None
+    rekey_bytes: int = 0
+    rekey_packets: int = 0
+    ike_rekey_time: float = 14400.0
+    dpd_delay: float = 0.0
+    dpd_action: str = "clear"
+    retransmit_timeout: float = 1.0
+    retransmit_tries: int = 5
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -99,6 +129,43 @@ class Connection:
         _prefix(self.remote_ts, f"{w} remote_ts")
         if not isinstance(self.start_action, str) or self.start_action not in START_ACTIONS:
             raise ConfigError(f"{w} start_action must be one of {START_ACTIONS}")
+        self._check_lifetimes(w)
+
+    def _check_lifetimes(self, w: str) -> None:
+        for attr in ("rekey_time", "ike_rekey_time", "dpd_delay", "retransmit_timeout"):
+            _seconds(getattr(self, attr), f"{w} {attr}")
+        for attr in ("life_time", "rand_time"):
+            if getattr(self, attr) is not None:
+                _seconds(getattr(self, attr), f"{w} {attr}")
+        for attr in ("rekey_bytes", "rekey_packets"):
+            v = getattr(self, attr)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 64:
+                raise ConfigError(f"{w} {attr} must be an integer from 0 to 2^64-1")
+        t = self.retransmit_tries
+        if not isinstance(t, int) or isinstance(t, bool) or not 1 <= t <= 20:
+            raise ConfigError(f"{w} retransmit_tries must be an integer from 1 to 20")
+        if self.retransmit_timeout <= 0:
+            raise ConfigError(f"{w} retransmit_timeout must be positive")
+        if self.rekey_time and self.child_life_time <= self.rekey_time:
+            raise ConfigError(f"{w} life_time must exceed rekey_time")
+        if self.child_rand_time > self.rekey_time:
+            raise ConfigError(f"{w} rand_time must not exceed rekey_time")
+        if not isinstance(self.dpd_action, str) or self.dpd_action not in DPD_ACTIONS:
+            raise ConfigError(f"{w} dpd_action must be one of {DPD_ACTIONS}")
+
+    @property
+    def child_life_time(self) -> float:
+        """The CHILD SA hard lifetime in seconds (0: none)."""
+        if self.life_time is not None:
+            return self.life_time
+        return self.rekey_time * 1.1
+
+    @property
+    def child_rand_time(self) -> float:
+        """Up to how many seconds before ``rekey_time`` a CHILD SA rekey may start."""
+        if self.rand_time is not None:
+            return self.rand_time
+        return max(0.0, self.child_life_time - self.rekey_time) if self.rekey_time else 0.0
 
     @property
     def responds(self) -> bool:
@@ -155,13 +222,25 @@ _FIELDS = {
     "remote_ts",
     "start_action",
 }
+_LIFETIME_FIELDS = {
+    "rekey_time",
+    "life_time",
+    "rand_time",
+    "rekey_bytes",
+    "rekey_packets",
+    "ike_rekey_time",
+    "dpd_delay",
+    "dpd_action",
+    "retransmit_timeout",
+    "retransmit_tries",
+}
 
 
 def connection_from_dict(d: Mapping[str, Any], *, base: pathlib.Path | None = None) -> Connection:
     """Build a Connection from a JSON object; relative psk_file paths resolve against ``base``."""
     if not isinstance(d, Mapping):
         raise ConfigError("each connection must be a JSON object")
-    unknown = set(d) - _FIELDS
+    unknown = set(d) - _FIELDS - _LIFETIME_FIELDS
     if unknown:
         shown = ", ".join(_show(k) for k in sorted(unknown)[:5])
         raise ConfigError(f"unknown connection field(s): {shown}")
@@ -189,6 +268,7 @@ def connection_from_dict(d: Mapping[str, Any], *, base: pathlib.Path | None = No
         local_id=d.get("local_id"),
         remote_id=d.get("remote_id"),
         start_action=d.get("start_action", "start"),
+        **{k: d[k] for k in _LIFETIME_FIELDS if k in d},
     )
 
 

@@ -32,8 +32,14 @@ SAs (the connection is not initiated again). ``stop()`` (SIGTERM) sends a Delete
 for every established IKE SA, waits up to ``SHUTDOWN_WAIT`` for the responses, then removes the
 SAs from the worker.
 
-A CHILD SA rekey started by the peer (CREATE_CHILD_SA, RFC 7296 §2.8) installs the new pair
-under the same reqid and removes the old pair when the peer's Delete of it arrives.
+A CHILD SA rekey (CREATE_CHILD_SA, RFC 7296 §2.8), started by the peer or by us, installs the
+new pair under the same reqid and removes the old pair once its Delete completed
+(make-before-break). Lifetimes per connection: the CHILD SA is rekeyed at ``rekey_time`` (minus
+a random part of ``rand_time``) or when the worker reports a soft byte/packet expiry, and
+deleted at ``life_time``; the IKE SA is rekeyed at ``ike_rekey_time`` (RFC 7296 §2.18), after
+which its datagrams are routed by the new SPIs. With ``dpd_delay`` an idle IKE SA gets a
+liveness check; a request never answered means the peer is dead and ``dpd_action`` applies
+(clear, restart, or hold/trap: keep the policy and initiate again on the worker's ACQUIRE).
 
 Operator commands (services/keymgr/api.py) run on the main loop too: a gRPC thread hands a
 callable to :meth:`Keymgr.submit`, which queues it next to the punted datagrams and returns a
@@ -41,8 +47,7 @@ future. Every SA lifecycle step is published on :attr:`Keymgr.events` (up, down,
 child_down, rekeyed, auth_failed, negotiation_failed). With a :class:`KeyExporter` the IKE and
 ESP keys of each new SA are appended to its file (troubleshooting only, off by default).
 
-Scope: one IKE SA per connection, we start no rekey, no ACQUIRE-triggered negotiation. Keys are
-never logged: only SPIs appear in logs.
+Scope: one IKE SA per connection. Keys are never logged: only SPIs appear in logs.
 """
 
 from __future__ import annotations
@@ -50,7 +55,9 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import math
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -60,6 +67,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from services.core.events import Acquire, HardExpire, SoftExpire
 from services.core.iana import IpProto
 from services.core.ike.child import ENCR_ID, ENCR_KEY_BITS
 from services.core.ike.constants import ExchangeType
@@ -74,13 +82,19 @@ from services.core.ike.exchange import (
     InitiatorConfig,
     State,
 )
-from services.core.ike.informational import InfoEvent
+from services.core.ike.informational import InfoEvent, InfoSession
 from services.core.ike.message import IkeDecodeError, decode_header
 from services.core.ike.responder import Ikev2Responder, ResponderConfig, ResponderState
-from services.core.sa import Direction, Mode, SaConfig, UdpEncap
+from services.core.sa import Direction, Lifetime, Mode, SaConfig, UdpEncap
 from services.core.selectors import Selector
 from services.core.spd import Action, SpdEntry
-from services.dataplane.client import DataplaneClient, IkeDatagram, PuntStream
+from services.dataplane.client import (
+    DataplaneClient,
+    EventStream,
+    IkeDatagram,
+    PuntStream,
+    WorkerEvent,
+)
 from services.keymgr import events as ev
 from services.keymgr.config import Connection
 from services.keymgr.events import ChildSaView, EventBus, IkeSaView, KeyExporter, KeymgrEvent
@@ -95,6 +109,8 @@ MAX_HALF_OPEN = 64  # responders not yet ESTABLISHED; more IKE_SA_INITs are drop
 HALF_OPEN_TIMEOUT = 30.0  # seconds a half-open (or failed) responder is kept
 SHUTDOWN_WAIT = 2.0  # seconds to wait for the peers' responses to our Delete on stop()
 MAX_RESPONDERS = 1024  # all responder IKE SAs kept (established ones answer liveness checks)
+REKEY_RETRY = 10.0  # seconds before a rekey that failed is tried again
+IKE_RAND_FRACTION = 0.1  # an IKE SA rekey starts up to 10 % of ike_rekey_time early
 COOKIE_LOG_INTERVAL = 5.0  # at most one "ike cookies" counters line per this many seconds
 TERMINATE_WAIT = 5.0  # seconds an operator's Delete of an IKE SA waits for the peer's response
 T = TypeVar("T")
@@ -148,6 +164,25 @@ class Session:
     retry_at: float | None = None
     spd: SpdEntry | None = None
     spis: dict[str, str] = field(default_factory=dict)
+    held: bool = False  # dpd_action hold/trap: initiate again on the worker's ACQUIRE
+
+
+@dataclass
+class IkeSaState:
+    """Lifetimes and liveness of one established IKE SA (either role). ``key`` is SPIi | SPIr
+    as of IKE_AUTH (the key of the installed Child SAs; it survives IKE SA rekeys)."""
+
+    conn: Connection
+    key: bytes
+    role: str
+    result: IkeSaResult
+    info: InfoSession
+    send: Callable[[list[bytes]], None]
+    session: Session | None = None
+    responder: ResponderSession | None = None
+    ike_rekey_at: float = math.inf
+    child_rekey_at: dict[bytes, float] = field(default_factory=dict)  # our inbound SPI -> when
+    child_hard_at: dict[bytes, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -178,6 +213,7 @@ class Keymgr:
         cookie_period: float = DEFAULT_PERIOD,
         events: EventBus | None = None,
         key_export: KeyExporter | None = None,
+        jitter: Callable[[float], float] | None = None,
     ) -> None:
         self.client = client
         self.clock = clock
@@ -188,6 +224,11 @@ class Keymgr:
         self.key_export = key_export
         self.records: dict[bytes, IkeRecord] = {}  # established IKE SAs, key SPIi | SPIr
         self._next_id = 0
+        # a random delay in [0, x] (rekey jitter, strongSwan's rand_time)
+        self.jitter = jitter or (lambda x: random.uniform(0.0, x) if x > 0 else 0.0)  # noqa: S311
+        self._ikes: dict[bytes, IkeSaState] = {}  # established IKE SAs by ``key``
+        self._wev: queue.Queue[WorkerEvent] = queue.Queue()
+        self._events: EventStream | None = None
         self.sessions = [
             Session(c, reqid=i + 1) for i, c in enumerate(connections) if not c.responds
         ]
@@ -266,6 +307,7 @@ class Keymgr:
         reader = threading.Thread(target=self._reader, args=(stream,), daemon=True)
         reader.start()
         log.info("punt stream connected", extra={"target": self.client.target})
+        self._watch_events()
         try:
             now = self.clock()
             for s in self.sessions:
@@ -280,11 +322,14 @@ class Keymgr:
                     self._run_call(d, now)
                 elif d is not None:
                     self._dispatch(d, now)
+                self._worker_events(now)
                 self._timers(now)
             if not self.failed:
                 self._shutdown()
         finally:
             stream.cancel()
+            if self._events is not None:
+                self._events.cancel()
             reader.join(timeout=2.0)
             for rec in list(self.records.values()):
                 self._down(rec, "keymgr stopped")
@@ -301,6 +346,8 @@ class Keymgr:
                 deadline = min(deadline, ini.next_timeout)
             if s.retry_at is not None:
                 deadline = min(deadline, s.retry_at)
+        for st in self._ikes.values():
+            deadline = min(deadline, self._next_lifetime_event(st))
         return max(0.0, deadline - now)
 
     def _initiate(self, s: Session, now: float) -> None:
@@ -495,12 +542,15 @@ class Keymgr:
             rs.installed = self._install(c, r, rs.reqid, initiator=False, encap=encap)
             if not rs.installed:
                 self.responders.pop(hdr.spi_i, None)
+            elif rs.responder.info is not None:
+                send = functools.partial(self._send_responder, rs)
+                self._track(c, r, "responder", rs.responder.info, send, now, responder=rs)
         elif before is ResponderState.ESTABLISHED:
             r = rs.responder.result
             assert r is not None
-            self._info_events(c, r, rs.responder.take_events(), "responder")
+            self._info_events(c, r, rs.responder.take_events(), "responder", now)
             if st is ResponderState.CLOSED:
-                self.responders.pop(hdr.spi_i, None)
+                self._forget_responder(rs)
                 self._down_key(r.spi_i + r.spi_r, "deleted by the peer")
 
     # --- after ESTABLISHED (RFC 7296 §1.4) ---------------------------------------------------
@@ -512,38 +562,84 @@ class Keymgr:
             hdr = decode_header(d.data)
         except IkeDecodeError:
             return
-        if hdr.spi_i != ini.spi_i:
+        info = ini.info
+        if info is None or (hdr.spi_i, hdr.spi_r) not in info.all_spis:
             log.debug("IKE datagram for another IKE SA", extra={"conn": s.conn.name})
             return
         self._send(s, ini.receive(d.data, now))
         assert ini.result is not None
-        self._info_events(s.conn, ini.result, ini.take_events(), "initiator")
+        self._info_events(s.conn, ini.result, ini.take_events(), "initiator", now)
         if ini.state is State.CLOSED:
             s.installed = False
             self._down_key(ini.result.spi_i + ini.result.spi_r, "deleted by the peer")
 
     def _info_events(
-        self, c: Connection, r: IkeSaResult, events: list[InfoEvent], role: str
+        self, c: Connection, r: IkeSaResult, events: list[InfoEvent], role: str, now: float
     ) -> None:
-        ike = {"conn": c.name, "role": role, "spi_i": r.spi_i.hex(), "spi_r": r.spi_r.hex()}
+        key = r.spi_i + r.spi_r
+        st = self._ikes.get(key)
+        spi_i, spi_r = st.info.spis if st is not None else (r.spi_i, r.spi_r)
+        ike = {"conn": c.name, "role": role, "spi_i": spi_i.hex(), "spi_r": spi_r.hex()}
         for e in events:
             if e.kind == "child_deleted":
                 log.info(
-                    "child deleted by peer",
+                    "child deleted" if e.initiated else "child deleted by peer",
                     extra={**ike, "spi_in": e.spi_in.hex(), "spi_out": e.spi_out.hex()},
                 )
-                if not self._remove_retired(r.spi_i + r.spi_r, e.spi_in, e.spi_out):
-                    self._remove_children(r.spi_i + r.spi_r, "deleted by the peer")
+                if st is not None:
+                    st.child_rekey_at.pop(e.spi_in, None)
+                    st.child_hard_at.pop(e.spi_in, None)
+                if not self._remove_retired(key, e.spi_in, e.spi_out):
+                    self._remove_current(key, e.spi_in, e.spi_out)
             elif e.kind == "child_rekeyed" and e.child is not None:
-                self._rekeyed(r, e.spi_in, e.spi_out, e.child, ike)
+                self._rekeyed(r, e.spi_in, e.spi_out, e.child, ike, initiator=e.initiated)
+                if st is not None:
+                    st.child_rekey_at.pop(e.spi_in, None)
+                    st.child_hard_at.pop(e.spi_in, None)
+                    self._schedule_child(st, e.child.spi_in, now)
+            elif e.kind == "ike_rekeyed":
+                new_i, new_r = e.ike_spis
+                log.info(
+                    "ike rekeyed",
+                    extra={
+                        "conn": c.name,
+                        "role": role,
+                        "old_spi_i": e.old_ike_spis[0].hex(),
+                        "old_spi_r": e.old_ike_spis[1].hex(),
+                        "spi_i": new_i.hex(),
+                        "spi_r": new_r.hex(),
+                        "started_by": "us" if e.initiated else "peer",
+                    },
+                )
+                if st is not None:
+                    self._schedule_ike(st, now)
+            elif e.kind == "rekey_failed":
+                log.warning("rekey failed", extra={**ike, "reason": e.reason})
+                if st is not None:
+                    if e.spi_in and any(x[0] == e.spi_in for x in st.info.children):
+                        st.child_rekey_at[e.spi_in] = now + REKEY_RETRY
+                    elif not e.spi_in:
+                        st.ike_rekey_at = now + REKEY_RETRY
+            elif e.kind == "dead":
+                log.warning("peer dead", extra={**ike, "reason": e.reason, "action": c.dpd_action})
+                self._dead(key, now)
             elif e.kind == "ike_deleted":
                 log.info("ike deleted", extra=ike)
                 rec = self.records.get(r.spi_i + r.spi_r)
                 why = rec.closing if rec is not None and rec.closing else "deleted by the peer"
                 self._remove_children(r.spi_i + r.spi_r, why)
                 self._down_key(r.spi_i + r.spi_r, why)
+                self._untrack(key)
             else:
                 log.debug("informational answered", extra=ike)
+        if st is not None and st.responder is not None and st.key in self._ikes:
+            # route every live IKE SA of the session (rekeys add SPIs, Deletes retire them)
+            live = {ike_spi_i for ike_spi_i, _ in st.info.all_spis}
+            for k in [k for k, v in self.responders.items() if v is st.responder]:
+                if k not in live:
+                    del self.responders[k]
+            for k in live:
+                self.responders.setdefault(k, st.responder)
 
     def _rekeyed(
         self,
@@ -552,11 +648,13 @@ class Keymgr:
         old_out: bytes,
         child: ChildSaResult,
         ike: dict[str, str],
+        *,
+        initiator: bool = False,
     ) -> None:
-        """The peer rekeyed a Child SA (RFC 7296 §2.8): install the new pair under the same
-        reqid (the worker sends on the newest outbound SA of a reqid) and keep the old pair
-        until the peer's Delete of it. The peer started the CREATE_CHILD_SA, so it is the
-        "initiator" for the new keys (§2.17): our inbound key is ``encr_i``."""
+        """A Child SA was rekeyed (RFC 7296 §2.8): install the new pair under the same reqid
+        (the worker sends on the newest outbound SA of a reqid) and keep the old pair until the
+        Delete of it completes (make-before-break). ``initiator``: we started the
+        CREATE_CHILD_SA, so our outbound key is ``encr_i`` (§2.17); else our inbound one."""
         key = r.spi_i + r.spi_r
         entry = self._children.get(key)
         if entry is None:
@@ -567,7 +665,7 @@ class Keymgr:
                 c,
                 replace(r, child=child),
                 cur_in.reqid,
-                initiator=False,
+                initiator=initiator,
                 encap=cur_in.encap is not None,
             )
             self.client.install_sa(inbound)
@@ -604,6 +702,7 @@ class Keymgr:
                 "spi_in": child.spi_in.hex(),
                 "spi_out": child.spi_out.hex(),
                 "reqid": cur_in.reqid,
+                "started_by": "us" if initiator else "peer",
             },
         )
 
@@ -684,6 +783,201 @@ class Keymgr:
             reason=reason,
         )
 
+    # --- lifetimes, rekeying and dead peers (RFC 7296 §1.3.2, §1.3.3, §2.4, §2.8) ------------
+
+    def _track(
+        self,
+        c: Connection,
+        r: IkeSaResult,
+        role: str,
+        info: InfoSession,
+        send: Callable[[list[bytes]], None],
+        now: float,
+        *,
+        session: Session | None = None,
+        responder: ResponderSession | None = None,
+    ) -> None:
+        """Start the lifetime and liveness clocks of a freshly established IKE SA."""
+        info.dpd_delay = c.dpd_delay
+        info.retransmit_timeout = c.retransmit_timeout
+        info.retransmit_tries = c.retransmit_tries
+        st = IkeSaState(c, r.spi_i + r.spi_r, role, r, info, send, session, responder)
+        self._ikes[st.key] = st
+        self._schedule_child(st, r.child.spi_in, now)
+        self._schedule_ike(st, now)
+        info.on_timer(now)  # the liveness clock starts now
+
+    def _untrack(self, key: bytes) -> IkeSaState | None:
+        return self._ikes.pop(key, None)
+
+    def _schedule_child(self, st: IkeSaState, spi_in: bytes, now: float) -> None:
+        c = st.conn
+        if c.rekey_time > 0:
+            st.child_rekey_at[spi_in] = now + c.rekey_time - self.jitter(c.child_rand_time)
+        if c.child_life_time > 0:
+            st.child_hard_at[spi_in] = now + c.child_life_time
+
+    def _schedule_ike(self, st: IkeSaState, now: float) -> None:
+        t = st.conn.ike_rekey_time
+        st.ike_rekey_at = now + t - self.jitter(t * IKE_RAND_FRACTION) if t > 0 else math.inf
+
+    @staticmethod
+    def _next_lifetime_event(st: IkeSaState) -> float:
+        times = [st.ike_rekey_at, *st.child_rekey_at.values(), *st.child_hard_at.values()]
+        nxt = st.info.next_timeout
+        if nxt is not None:
+            times.append(nxt)
+        return min(times)
+
+    def _lifetime_timers(self, st: IkeSaState, now: float) -> None:
+        """Retransmissions and liveness checks of the core, then rekeys and hard expiries."""
+        info = st.info
+        ike = {"conn": st.conn.name, "role": st.role, "spi_i": info.spis[0].hex()}
+        out = info.on_timer(now)
+        if now >= st.ike_rekey_at and not info.closed:
+            st.ike_rekey_at = math.inf  # rescheduled by ike_rekeyed / rekey_failed
+            log.info("ike rekey starting", extra=ike)
+            out += info.rekey_ike(now)
+        for spi, at in list(st.child_rekey_at.items()):
+            if now >= at:
+                del st.child_rekey_at[spi]
+                log.info("child rekey starting", extra={**ike, "spi_in": spi.hex()})
+                out += info.rekey_child(now, spi)
+        for spi, at in list(st.child_hard_at.items()):
+            if now >= at:
+                del st.child_hard_at[spi]
+                log.warning("child hard lifetime expired", extra={**ike, "spi_in": spi.hex()})
+                out += info.delete_child(now, spi)
+        if out:
+            st.send(out)
+        events = info.take_events()
+        if events:
+            self._info_events(st.conn, st.result, events, st.role, now)
+
+    def _dead(self, key: bytes, now: float) -> None:
+        """The peer did not answer (RFC 7296 §2.4): remove the IKE SA's Child SAs and apply the
+        connection's dpd_action. ``restart`` initiates again at once (and keeps retrying until
+        the peer answers); ``hold`` / ``trap`` keep the SPD entry without SAs, so the worker
+        reports matching traffic as ACQUIRE, which initiates again. A connection on which we
+        only respond can do neither: it waits for the peer."""
+        st = self._untrack(key)
+        self._remove_children(key)
+        if st is None:
+            return
+        if st.responder is not None:
+            self._forget_responder(st.responder)
+        s = st.session
+        if s is None:
+            return
+        s.installed = False
+        s.initiator = None
+        action = st.conn.dpd_action
+        if action == "restart":
+            s.retry_at = now
+        elif action in ("hold", "trap") and s.spd is not None:
+            s.held = True
+            entries = {**self._spd, s.conn.name: s.spd}
+            try:
+                self._spd_revision += 1
+                self.client.replace_spd(list(entries.values()), self._spd_revision)
+            except grpc.RpcError as e:
+                log.error("hold policy install failed", extra={"code": str(e.code())})
+                s.retry_at = now  # like restart
+                return
+            self._spd = entries
+            log.info("holding for traffic", extra={"conn": s.conn.name, "reqid": s.reqid})
+
+    def _forget_responder(self, rs: ResponderSession) -> None:
+        for spi in [k for k, v in self.responders.items() if v is rs]:
+            del self.responders[spi]
+
+    def _remove_current(self, key: bytes, spi_in: bytes, spi_out: bytes) -> None:
+        """Delete the IKE SA's current Child SA pair (spi_in, spi_out): a pair still installed
+        from a rekey takes over; without one the SPD entry is withdrawn too."""
+        entry = self._children.get(key)
+        if entry is None:
+            return
+        c, (cur_in, cur_out) = entry
+        want = (int.from_bytes(spi_in, "big"), int.from_bytes(spi_out, "big"))
+        if (cur_in.spi, cur_out.spi) != want:
+            return
+        older = self._retiring.get(key)
+        if not older:
+            self._remove_children(key)
+            return
+        self._children[key] = (c, older.pop())
+        try:
+            for sa in (cur_in, cur_out):
+                self.client.delete_sa(sa.spi, sa.dst, sa.protocol, sa.direction)
+        except grpc.RpcError as e:
+            log.error("child removal failed", extra={"conn": c.name, "code": str(e.code())})
+            return
+        log.info(
+            "redundant child removed",
+            extra={"conn": c.name, "spi_in": spi_in.hex(), "spi_out": spi_out.hex()},
+        )
+
+    def _watch_events(self) -> None:
+        """Subscribe to the worker's events: byte/packet soft and hard expiries of our Child
+        SAs and ACQUIREs for held connections. Without them keymgr still rekeys by time."""
+        try:
+            events = self.client.events()
+        except grpc.RpcError as e:
+            log.warning("worker events unavailable", extra={"code": str(e.code())})
+            return
+        self._events = events
+
+        def reader() -> None:
+            try:
+                for item in events:
+                    self._wev.put(item)
+            except grpc.RpcError as e:
+                if not self._stop.is_set():
+                    log.warning("worker event stream ended", extra={"code": str(e.code())})
+
+        threading.Thread(target=reader, daemon=True).start()
+
+    def _worker_events(self, now: float) -> None:
+        while True:
+            try:
+                wev = self._wev.get_nowait()
+            except queue.Empty:
+                return
+            e = wev.event
+            if isinstance(e, Acquire):
+                for s in self.sessions:
+                    if s.held and s.reqid == e.reqid and s.initiator is None:
+                        log.info("acquire: initiating", extra={"conn": s.conn.name})
+                        s.held = False
+                        self._initiate(s, now)
+            elif isinstance(e, (SoftExpire, HardExpire)):
+                self._expired(e, now)
+
+    def _expired(self, e: SoftExpire | HardExpire, now: float) -> None:
+        """A worker lifetime (bytes, packets or time) of one of our Child SAs ran out: soft ->
+        rekey it now, hard -> delete it."""
+        spi = e.sa.spi.to_bytes(4, "big")
+        for st in self._ikes.values():
+            pair = next((p for p in st.info.children if spi in p), None)
+            if pair is None:
+                continue
+            hard = isinstance(e, HardExpire)
+            log.info(
+                "child lifetime expired",
+                extra={
+                    "conn": st.conn.name,
+                    "spi_in": pair[0].hex(),
+                    "kind": e.kind.name.lower(),
+                    "hard": hard,
+                },
+            )
+            if hard:
+                st.child_hard_at[pair[0]] = now
+            else:
+                st.child_rekey_at[pair[0]] = now
+            self._lifetime_timers(st, now)
+            return
+
     def _shutdown(self) -> None:
         """Send a Delete of each established IKE SA (best effort), wait up to SHUTDOWN_WAIT for
         the responses, and remove every installed Child SA from the worker."""
@@ -750,6 +1044,8 @@ class Keymgr:
         self._expire_responders(now)
         self._cookie_report(now)
         self._closing_timers(now)
+        for st in list(self._ikes.values()):
+            self._lifetime_timers(st, now)
         for s in self.sessions:
             if s.retry_at is not None and now >= s.retry_at:
                 self._initiate(s, now)
@@ -782,8 +1078,13 @@ class Keymgr:
             s.retry_at = now + RETRY_AFTER_FAILURE
             return
         s.installed = True
+        s.held = False
         s.spd = self._spd.get(s.conn.name)
         s.spis = {"in": r.child.spi_in.hex(), "out": r.child.spi_out.hex()}
+        ini = s.initiator
+        if ini is not None and ini.info is not None:
+            send = functools.partial(self._send, s)
+            self._track(s.conn, r, "initiator", ini.info, send, now, session=s)
 
     def _install(
         self, c: Connection, r: IkeSaResult, reqid: int, *, initiator: bool, encap: bool
@@ -1130,6 +1431,11 @@ def child_sa_configs(
         encap=encap_cfg,
         reqid=reqid,
         selectors=(sel_in,),
+        lifetime=Lifetime(
+            hard_seconds=c.child_life_time,
+            soft_bytes=c.rekey_bytes,
+            soft_packets=c.rekey_packets,
+        ),
     )
     outbound = replace(
         inbound,

@@ -135,7 +135,9 @@ def test_api_and_exported_keys_decrypt_every_ike_message_and_esp(lab: KeymgrLab)
     cap = start_capture(kl)
     keys = kl.workdir / "keys.txt"
     api_sock = kl.workdir / "api.sock"
-    keymgr = kl.start_keymgr(["--api-listen", f"unix:{api_sock}", "--export-keys", str(keys)])
+    keymgr = kl.start_keymgr(
+        extra_args=["--api-listen", f"unix:{api_sock}", "--export-keys", str(keys)]
+    )
     deadline = time.monotonic() + WAIT
     while not api_sock.exists():
         assert keymgr.poll() is None, f"keymgr exited\n{kl.logs()}"

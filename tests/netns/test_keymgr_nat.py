@@ -106,7 +106,6 @@ def _init_nat_lab(lab: KeymgrLab, prefix: str, toward: str) -> None:
     lab.pki = lab.workdir / "pki"
     lab.sock = lab.workdir / "a.sock"
     lab.client = None
-    lab.conn_extra = {}
     lab.bench.netns()
 
 
@@ -217,9 +216,8 @@ def test_strongswan_behind_nat_initiates_to_keymgr(rnatlab: KeymgrLab) -> None:
     pair = lab.bench
     assert isinstance(pair, NatPair)
     # The peer's address as keymgr sees it is the NAT's; its identity stays 192.0.2.2.
-    lab.conn_extra = {"remote_addr": R_A, "remote_id": bsw.OUTER_B}
     lab.start_worker()
-    keymgr = lab.start_responder_keymgr()
+    keymgr = lab.start_responder_keymgr({"remote_addr": R_A, "remote_id": bsw.OUTER_B})
     lab.wait_punt_connected(keymgr)
     lab.start_initiator_charon()
     init = lab.initiate()

@@ -49,7 +49,6 @@ class ResponderLab(KeymgrLab):
         self.psk = secrets.token_hex(32)  # keymgr's
         self.psk_for_strongswan = self.psk
         self.client = None
-        self.conn_extra: dict[str, object] = {}
         self.bench.netns()  # 198.51.100.1/32 on A's lo, 203.0.113.1/32 on B's lo
 
     def start_initiator_charon(self) -> None:
@@ -63,7 +62,10 @@ class ResponderLab(KeymgrLab):
             "b", "--load-all", "--noprompt", "--file", str(b.workdir / "b/swanctl/swanctl.conf")
         )
 
-    def start_responder_keymgr(self) -> subprocess.Popen[bytes]:
+    def start_responder_keymgr(
+        self, extra: dict[str, object] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start keymgr responding; ``extra`` adds connection fields (lifetimes, dpd, ...)."""
         psk_file = self.workdir / "psk"
         fd = os.open(psk_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -80,10 +82,10 @@ class ResponderLab(KeymgrLab):
                     "local_ts": f"{bsw.INNER_A}/32",
                     "remote_ts": f"{bsw.INNER_B}/32",
                     "start_action": "respond",
+                    **(extra or {}),
                 }
             ]
         }
-        cfg["connections"][0].update(self.conn_extra)
         cfg_file = self.workdir / "keymgr.json"
         cfg_file.write_text(json.dumps(cfg))
         argv = [sys.executable, "-m", "services.keymgr", "--config", str(cfg_file)]

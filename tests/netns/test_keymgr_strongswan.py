@@ -75,7 +75,6 @@ class KeymgrLab:
         self.psk = secrets.token_hex(32)  # strongSwan's
         self.psk_for_keymgr = self.psk  # a test may hand keymgr a different one
         self.client: DataplaneClient | None = None
-        self.conn_extra: dict[str, object] = {}  # merged into keymgr's connection by a test
         self.bench.netns()  # also puts 198.51.100.1/32 on A's lo, 203.0.113.1/32 on B's lo
 
     def _popen(self, argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
@@ -143,7 +142,11 @@ class KeymgrLab:
                     raise
                 time.sleep(0.2)
 
-    def start_keymgr(self, extra_args: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    def start_keymgr(
+        self, extra: dict[str, object] | None = None, extra_args: Sequence[str] = ()
+    ) -> subprocess.Popen[bytes]:
+        """Start keymgr; ``extra`` adds connection fields (lifetimes, dpd, ...), ``extra_args``
+        command-line flags."""
         psk_file = self.workdir / "psk"
         fd = os.open(psk_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -160,10 +163,10 @@ class KeymgrLab:
                     "local_ts": f"{bsw.INNER_A}/32",
                     "remote_ts": f"{bsw.INNER_B}/32",
                     "start_action": "start",
+                    **(extra or {}),
                 }
             ]
         }
-        cfg["connections"][0].update(self.conn_extra)
         cfg_file = self.workdir / "keymgr.json"
         cfg_file.write_text(json.dumps(cfg))
         argv = [sys.executable, "-m", "services.keymgr", "--config", str(cfg_file)]

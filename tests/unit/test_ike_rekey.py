@@ -205,13 +205,13 @@ def test_unsupported_requests_are_refused() -> None:
     new_child = (SA((_offer(None),)), Nonce(NI), *ts)
     (out,) = resp.receive(_request(r, i2r, 2, new_child, from_initiator=True), 0.0)
     assert decrypt_message(out, r2i).payloads == (Notify(NotifyType.NO_ADDITIONAL_SAS),)
-    # IKE SA rekey -> NO_ADDITIONAL_SAS
+    # an IKE SA rekey offering only a DH transform -> NO_PROPOSAL_CHOSEN
     ike = Proposal(1, ProtocolId.IKE, (Transform(TransformType.DH, 31),), b"\x11" * 8)
     (out,) = resp.receive(
         _request(r, i2r, 3, (SA((ike,)), Nonce(NI), KE(31, b"\x09" * 32)), from_initiator=True),
         0.0,
     )
-    assert decrypt_message(out, r2i).payloads == (Notify(NotifyType.NO_ADDITIONAL_SAS),)
+    assert decrypt_message(out, r2i).payloads == (Notify(NotifyType.NO_PROPOSAL_CHOSEN),)
     # only AES-CBC offered -> NO_PROPOSAL_CHOSEN
     cbc = Proposal(
         1,

@@ -109,6 +109,10 @@ class FakeClient:
     def replace_spd(self, entries: Any, revision: int) -> int:
         return revision
 
+    def events(self) -> Any:
+        """No worker events in these tests (an empty stream)."""
+        return iter(())
+
     def list_sas(self) -> list[Counter]:
         with self.lock:
             return [Counter(s.spi, s.direction, 7 + s.direction, 700) for s in self.sas]

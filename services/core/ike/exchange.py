@@ -302,6 +302,11 @@ class Ikev2Initiator:
         """Events of INFORMATIONAL exchanges since the last call (child / IKE SA deleted)."""
         return self._info.take_events() if self._info is not None else []
 
+    @property
+    def info(self) -> InfoSession | None:
+        """The ESTABLISHED IKE SA's exchanges (rekeys, liveness, timers); None before."""
+        return self._info
+
     def delete_ike(self, now: float) -> list[bytes]:
         """An INFORMATIONAL Delete of the IKE SA (RFC 7296 §1.4.1); its response -> CLOSED."""
         if self._state is not State.ESTABLISHED or self._info is None:

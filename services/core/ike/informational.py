@@ -1,33 +1,65 @@
-"""Sans-IO INFORMATIONAL exchanges of an ESTABLISHED IKE SA (RFC 7296 §1.4, §1.4.1, §2.1).
+"""After IKE_AUTH, sans-IO: RFC 7296 §1.3.2, §1.3.3, §1.4, §2.1, §2.4, §2.8, §2.18, §2.25.
 
-Shared by both roles (:mod:`services.core.ike.exchange`, :mod:`services.core.ike.responder`).
-Handled peer requests: empty (liveness) -> empty response; Delete of ESP SPIs naming the peer's
-outbound SPI of our Child SA -> response with a Delete of our inbound SPI and a
-``child_deleted`` event; Delete of the IKE SA -> empty response, ``closed``. Requests must carry
-the next message ID from the peer; a retransmit of the last one gets the cached response; others
-are dropped (:class:`InfoDrop`). CREATE_CHILD_SA requests from the peer share that window and
-cache: a rekey of one of our Child SAs (N(REKEY_SA), RFC 7296 §1.3.3, §2.8) is answered with
-ESP AES-GCM-16-256 / no ESN, with PFS when the offer carries a KE (same group), and reported as
-a ``child_rekeyed`` event; a rekey of an unknown SPI gets CHILD_SA_NOT_FOUND (§3.10.1), other
-CREATE_CHILD_SA requests (new Child SA, IKE SA rekey) NO_ADDITIONAL_SAS. ``delete_ike()``
-builds our Delete of the IKE SA; its response sets ``closed`` as well.
+Shared by both roles (:mod:`services.core.ike.exchange`, :mod:`services.core.ike.responder`),
+which hand every datagram received after IKE_AUTH to :meth:`InfoSession.handle`.
+
+Peer requests (each IKE SA keeps its own message-ID window and response cache, §2.1; a
+retransmit of the last request gets the cached response, anything else outside the window is
+dropped as :class:`InfoDrop`):
+
+* INFORMATIONAL: empty (liveness) -> empty response; Delete of ESP SPIs naming the peer's
+  outbound SPI of one of our Child SAs -> a Delete of our inbound SPI (none when we are deleting
+  that Child SA ourselves, §1.4.1) and ``child_deleted``; Delete of the IKE SA -> ``closed`` and
+  ``ike_deleted`` (on an IKE SA replaced by a rekey: only that SA goes away).
+* CREATE_CHILD_SA with N(REKEY_SA) (§1.3.3): answered with the ESP proposal of
+  :func:`~services.core.ike.child.choose_esp_proposal`, with PFS when the offer carries a KE;
+  ``child_rekeyed``. Unknown SPI -> CHILD_SA_NOT_FOUND; a Child SA we are deleting, or any
+  request while our own IKE SA rekey is outstanding -> TEMPORARY_FAILURE (§2.25).
+* CREATE_CHILD_SA with an IKE proposal (§1.3.2): IKE SA rekey. Answered with the suite of
+  :func:`~services.core.ike.responder.choose_ike_proposal`, our new SPI, Nr and KE; the new IKE
+  SA (SKEYSEED = prf(SK_d (old), g^ir (new) | Ni | Nr), §2.18) takes over the Child SAs, starts
+  its message IDs at 0, and the peer is expected to delete the old one; ``ike_rekeyed``.
+* Other CREATE_CHILD_SA requests (a new Child SA) -> NO_ADDITIONAL_SAS.
+
+Our requests (:meth:`InfoSession.rekey_child`, :meth:`~InfoSession.rekey_ike`,
+:meth:`~InfoSession.delete_child`, :meth:`~InfoSession.delete_ike`, liveness checks) are queued
+and sent one at a time (window size 1, §2.3), retransmitted with back-off from
+:meth:`~InfoSession.on_timer`; a request never answered after ``retransmit_tries`` sends ends the
+IKE SA with a ``dead`` event (§2.4). With ``dpd_delay`` > 0 an empty INFORMATIONAL is sent when
+nothing arrived from the peer for that long. A CHILD SA rekey of ours installs the new SA first
+(``child_rekeyed`` with ``initiated``) and then deletes the old one (``child_deleted`` once the
+peer answered); an IKE SA rekey of ours moves everything to the new IKE SA and deletes the old
+one on the old SA. A TEMPORARY_FAILURE answer is retried after a random delay.
+
+Simultaneous rekeys (§2.8.1 CHILD, §2.8.2 IKE): when the peer rekeyed the same SA while our
+rekey was outstanding, the exchange holding the lowest of the four nonces produced the
+redundant SA; whoever created it deletes it, and the creator of the surviving one deletes the
+old SA. No key material appears in any repr or event text.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
 
-from services.core.ike.child import ENCR_ID, ENCR_KEY_BITS, choose_esp_proposal, narrow
+from services.core.algorithms import AlgorithmError, encr_algorithm, integ_algorithm
+from services.core.ike.child import (
+    ENCR_ID,
+    ENCR_KEY_BITS,
+    choose_esp_proposal,
+    esp_proposal,
+    narrow,
+)
 from services.core.ike.constants import (
     ExchangeType,
     NotifyType,
     ProtocolId,
+    TransformType,
 )
-from services.core.ike.dh import GROUPS, group
-from services.core.ike.keys import child_keys
+from services.core.ike.dh import GROUPS, DhPrivate, group
+from services.core.ike.keys import SPI_LEN, child_keys, derive_ike_keys, rekey_skeyseed
 from services.core.ike.message import (
     KE,
     SA,
@@ -36,7 +68,9 @@ from services.core.ike.message import (
     Nonce,
     Notify,
     Payload,
+    Proposal,
     TrafficSelector,
+    Transform,
     TSi,
     TSr,
     decode_header,
@@ -46,11 +80,16 @@ from services.core.ike.sk import SkCipher, decrypt_message, encrypt_message
 if TYPE_CHECKING:
     from services.core.ike.exchange import ChildSaResult
 
+_P = TypeVar("_P")
 _NONCE_LEN = 32
 _ESP_KEY_LEN = ENCR_KEY_BITS // 8 + 4  # AES key + GCM salt (RFC 4106 §8.1)
 _PRF_ID = 5  # PRF_HMAC_SHA2_256, the IKE SA's PRF (exchange.PRF_ID)
 _PFS_GROUP = 31  # Curve25519, the group we ask for in INVALID_KE_PAYLOAD
 _PFS_GROUPS = frozenset(k for k, g in GROUPS.items() if not g.legacy)  # MODP 2048+, ECP, 25519/448
+_ERROR_NOTIFY_MAX = 16383  # RFC 7296 §3.10.1
+RETRANSMIT_TIMEOUT = 1.0  # seconds before the first retransmission; doubled each time
+RETRANSMIT_TRIES = 5  # sends of one request before the peer is declared dead
+RETRY_DELAY = 2.0  # base delay before retrying a request answered with TEMPORARY_FAILURE
 
 
 class InfoDrop(ValueError):
@@ -59,17 +98,28 @@ class InfoDrop(ValueError):
 
 @dataclass(frozen=True)
 class InfoEvent:
-    """What a peer request did: ``kind`` is ``liveness``, ``child_deleted`` or ``ike_deleted``;
+    """What an exchange did.
+
+    ``kind``: ``liveness`` (a peer request changed nothing), ``child_deleted``,
+    ``child_rekeyed``, ``ike_rekeyed``, ``ike_deleted``, ``dead`` (a request of ours was never
+    answered; the IKE SA is closed) or ``rekey_failed`` (``reason`` names the error notify).
     ``spi_in`` / ``spi_out`` name the Child SA (ours / the peer's) for ``child_deleted``, and
-    the OLD Child SA for ``child_rekeyed``, whose ``child`` is the new one. The new child's
-    keys follow RFC 7296 §2.17 with the peer as initiator (it started the CREATE_CHILD_SA):
-    ``keys.encr_i`` protects peer→us traffic (our ``spi_in``), ``keys.encr_r`` us→peer;
-    ``ts_i`` is the peer's side, ``ts_r`` ours."""
+    the OLD Child SA for ``child_rekeyed``, whose ``child`` is the new one. ``initiated``: we
+    started the CREATE_CHILD_SA; the new child's keys follow RFC 7296 §2.17 with the starter as
+    initiator: ``keys.encr_i`` protects starter→other traffic. So when ``initiated`` is False
+    ``keys.encr_i`` is the key of our ``spi_in``, when True the key of ``spi_out``. ``ts_i`` is
+    the starter's side. For ``child_deleted`` and ``ike_rekeyed``, ``initiated`` says that our
+    Delete / our rekey request did it. ``ike_spis`` / ``old_ike_spis``: (SPIi, SPIr) of the new
+    and the replaced IKE SA for ``ike_rekeyed``."""
 
     kind: str
     spi_in: bytes = b""
     spi_out: bytes = b""
     child: ChildSaResult | None = None
+    initiated: bool = False
+    ike_spis: tuple[bytes, bytes] = (b"", b"")
+    old_ike_spis: tuple[bytes, bytes] = (b"", b"")
+    reason: str = ""
 
 
 def _hull(sels: tuple[TrafficSelector, ...]) -> tuple[bytes, bytes] | None:
@@ -79,12 +129,62 @@ def _hull(sels: tuple[TrafficSelector, ...]) -> tuple[bytes, bytes] | None:
     return min(s.start_address for s in v4), max(s.end_address for s in v4)
 
 
+@dataclass(eq=False)
+class _IkeSa:
+    """One IKE SA's protection and message-ID windows (RFC 7296 §2.1, §2.2). ``initiator`` is
+    our I flag on it; ``nonces`` (Ni, Nr) of the rekey that created it (collisions)."""
+
+    spi_i: bytes
+    spi_r: bytes
+    initiator: bool
+    cin: SkCipher = field(repr=False)
+    cout: SkCipher = field(repr=False)
+    sk_d: bytes = field(repr=False)
+    prf_id: int
+    our_mid: int
+    peer_mid: int
+    last_mid: int | None = None
+    last_exchange: int = ExchangeType.INFORMATIONAL
+    last_response: list[bytes] = field(default_factory=list, repr=False)
+    nonces: tuple[bytes, bytes] = field(default=(b"", b""), repr=False)
+
+    @property
+    def spis(self) -> tuple[bytes, bytes]:
+        return self.spi_i, self.spi_r
+
+
+@dataclass(eq=False)
+class _Request:
+    """One request of ours. ``kind``: liveness, delete_child, delete_ike, rekey_child,
+    rekey_ike. ``sa``: the IKE SA it must go on (None: the current one when sent)."""
+
+    kind: str
+    sa: _IkeSa | None = None
+    pair: tuple[bytes, bytes] = (b"", b"")  # the Child SA deleted / rekeyed
+    not_before: float = 0.0
+    # while outstanding
+    on: _IkeSa | None = None
+    mid: int = -1
+    exchange: int = ExchangeType.INFORMATIONAL
+    datagrams: list[bytes] = field(default_factory=list, repr=False)
+    sent_at: float = 0.0
+    interval: float = RETRANSMIT_TIMEOUT
+    tries: int = 0
+    # rekey state (never shown)
+    nonce: bytes = field(default=b"", repr=False)
+    dh: DhPrivate | None = field(default=None, repr=False)
+    new_spi: bytes = b""
+    pfs_group: int | None = None
+
+
 class InfoSession:
-    """Post-ESTABLISHED message handling for one IKE SA.
+    """Post-ESTABLISHED message handling for one IKE SA and its successors after rekeys.
 
     ``we_initiated``: we are the original initiator (our I flag). ``peer_next_mid``: the message
     ID the peer's next request must carry; ``last``: (message ID, exchange type, cached
-    response) of the last peer request answered, for retransmits.
+    response) of the last peer request answered, for retransmits. Time reaches the session
+    through :meth:`on_timer` and the ``now`` arguments; datagrams that ``handle`` sends on its
+    own (the next queued request) are timed from the last ``now`` seen.
     """
 
     def __init__(
@@ -103,112 +203,607 @@ class InfoSession:
         peer_ts: tuple[TrafficSelector, ...] = (),
         our_ts: tuple[TrafficSelector, ...] = (),
         rand: Callable[[int], bytes] = secrets.token_bytes,
+        prf_id: int = _PRF_ID,
+        dpd_delay: float = 0.0,
+        retransmit_timeout: float = RETRANSMIT_TIMEOUT,
+        retransmit_tries: int = RETRANSMIT_TRIES,
+        pfs_group: int | None = None,
     ) -> None:
-        self._spi_i = spi_i
-        self._spi_r = spi_r
-        self._we_initiated = we_initiated
-        self._in = cin
-        self._out = cout
+        self._sa = _IkeSa(
+            spi_i,
+            spi_r,
+            we_initiated,
+            cin,
+            cout,
+            sk_d,
+            prf_id,
+            our_next_mid,
+            peer_next_mid,
+            last[0] if last else None,
+            last[1] if last else ExchangeType.INFORMATIONAL,
+            list(last[2]) if last else [],
+        )
+        self._others: list[_IkeSa] = []  # replaced / redundant IKE SAs still being deleted
         # (spi_in, spi_out) of our live Child SAs, newest last (a rekey adds one; Delete drops)
         self.children: list[tuple[bytes, bytes]] = [child]
-        self._sk_d = sk_d  # empty: CREATE_CHILD_SA is refused (NO_ADDITIONAL_SAS)
+        self._peer_ts_sel = tuple(peer_ts)
+        self._our_ts_sel = tuple(our_ts)
         self._peer_ts = _hull(peer_ts)
         self._our_ts = _hull(our_ts)
         self._rand = rand
-        self._our_mid = our_next_mid
-        self._peer_mid = peer_next_mid
-        self._last_mid: int | None = last[0] if last else None
-        self._last_exchange: int = last[1] if last else ExchangeType.INFORMATIONAL
-        self._last_response: list[bytes] = list(last[2]) if last else []
-        self._pending_mid: int | None = None
-        self.pending: list[bytes] = []  # our outstanding request (for retransmission)
+        self.dpd_delay = dpd_delay
+        self.retransmit_timeout = retransmit_timeout
+        self.retransmit_tries = retransmit_tries
+        self.pfs_group = pfs_group  # DH group of our CHILD SA rekeys (None: no PFS)
+        self._queue: list[_Request] = []
+        self._out: _Request | None = None  # the outstanding request (window size 1)
+        self._now: float | None = None
+        self._rx = 0  # authenticated messages received (liveness bookkeeping)
+        self._rx_seen = -1
+        self._last_rx = 0.0
+        self._deleting: set[bytes] = set()  # spi_in of Child SAs we are deleting
+        # Child SA rekeys of the peer answered while our rekey of the same SA was outstanding:
+        # old spi_in -> (the peer's exchange nonces, new pair)
+        self._peer_child_rekeys: dict[bytes, tuple[tuple[bytes, bytes], tuple[bytes, bytes]]] = {}
+        self._peer_ike_rekey: _IkeSa | None = None  # the peer's new IKE SA during a collision
         self.closed = False
         self.events: list[InfoEvent] = []
+
+    # -- state --------------------------------------------------------------------------------
 
     @property
     def child(self) -> tuple[bytes, bytes] | None:
         """The newest live Child SA (spi_in, spi_out), None once all are deleted."""
         return self.children[-1] if self.children else None
 
+    @property
+    def spis(self) -> tuple[bytes, bytes]:
+        """(SPIi, SPIr) of the current IKE SA (changes on an IKE SA rekey)."""
+        return self._sa.spis
+
+    @property
+    def all_spis(self) -> tuple[tuple[bytes, bytes], ...]:
+        """Every IKE SA this session answers for: the current one first, then replaced or
+        redundant ones still being deleted, then the peer's new one during a rekey collision."""
+        pending = (self._peer_ike_rekey.spis,) if self._peer_ike_rekey is not None else ()
+        return (self._sa.spis, *(o.spis for o in self._others), *pending)
+
+    @property
+    def we_initiated(self) -> bool:
+        """Our I flag on the current IKE SA (after a rekey: we started that rekey)."""
+        return self._sa.initiator
+
+    @property
+    def busy(self) -> bool:
+        """A request of ours is outstanding or queued."""
+        return self._out is not None or bool(self._queue)
+
+    @property
+    def pending(self) -> list[bytes]:
+        """The datagrams of our outstanding request (empty when none)."""
+        return list(self._out.datagrams) if self._out is not None else []
+
     def take_events(self) -> list[InfoEvent]:
         out, self.events = self.events, []
         return out
 
-    def delete_ike(self) -> list[bytes]:
-        """Our INFORMATIONAL request with a Delete of the IKE SA (§1.4.1)."""
+    @property
+    def next_timeout(self) -> float | None:
+        """When :meth:`on_timer` has something to do next (None: nothing is scheduled)."""
+        if self.closed:
+            return None
+        if self._out is not None:
+            return self._out.sent_at + self._out.interval
+        times = [r.not_before for r in self._queue]
+        if self.dpd_delay > 0:
+            times.append(self._last_rx + self.dpd_delay)
+        return min(times) if times else None
+
+    # -- our requests -------------------------------------------------------------------------
+
+    def rekey_child(self, now: float, spi_in: bytes | None = None) -> list[bytes]:
+        """Queue a rekey of the Child SA with our inbound SPI ``spi_in`` (default: the newest);
+        returns what can be sent now. Nothing happens for an unknown or dying Child SA or when
+        a rekey of it is already queued."""
+        pair = self._find_child(spi_in)
+        if pair is None or pair[0] in self._deleting or self._queued("rekey_child", pair):
+            return []
+        self._queue.append(_Request("rekey_child", pair=pair))
+        return self._pump(now)
+
+    def rekey_ike(self, now: float) -> list[bytes]:
+        """Queue a rekey of the IKE SA (§1.3.2); returns what can be sent now."""
+        if self.closed or self._queued("rekey_ike", None):
+            return []
+        self._queue.append(_Request("rekey_ike"))
+        return self._pump(now)
+
+    def delete_child(self, now: float, spi_in: bytes | None = None) -> list[bytes]:
+        """Queue an INFORMATIONAL Delete of a Child SA (§1.4.1); ``child_deleted`` follows the
+        peer's answer."""
+        pair = self._find_child(spi_in)
+        if pair is None or pair[0] in self._deleting:
+            return []
+        self._deleting.add(pair[0])
+        self._queue.append(_Request("delete_child", pair=pair))
+        return self._pump(now)
+
+    def liveness(self, now: float) -> list[bytes]:
+        """Queue an empty INFORMATIONAL request (a liveness check, §1.4)."""
+        if self.closed or self._queued("liveness", None):
+            return []
+        self._queue.append(_Request("liveness"))
+        return self._pump(now)
+
+    def delete_ike(self, now: float | None = None) -> list[bytes]:
+        """Our INFORMATIONAL request with a Delete of the IKE SA (§1.4.1). While another request
+        is outstanding, that one is retransmitted and the Delete follows it."""
         if self.closed:
             return []
-        if self._pending_mid is not None:
-            return list(self.pending)
-        mid = self._our_mid
-        self._our_mid += 1
-        msg = Message(
-            self._spi_i,
-            self._spi_r,
-            ExchangeType.INFORMATIONAL,
-            mid,
-            (Delete(ProtocolId.IKE),),
-            initiator=self._we_initiated,
-        )
-        self._pending_mid = mid
-        self.pending = encrypt_message(msg, self._out)
-        return list(self.pending)
+        if self._out is not None:
+            if now is not None:
+                self._now = now
+            if self._out.kind != "delete_ike" or self._out.on is not self._sa:
+                if not any(r.kind == "delete_ike" and r.sa is None for r in self._queue):
+                    self._queue.insert(0, _Request("delete_ike"))
+            return list(self._out.datagrams)
+        self._queue.insert(0, _Request("delete_ike"))
+        return self._pump(now)
+
+    def on_timer(self, now: float) -> list[bytes]:
+        """Retransmit, declare the peer dead, start queued requests and liveness checks."""
+        self._now = now
+        if self._rx != self._rx_seen:
+            self._rx_seen = self._rx
+            self._last_rx = now
+        if self.closed:
+            return []
+        out = self._out
+        if out is not None:
+            if now < out.sent_at + out.interval:
+                return []
+            if out.tries >= self.retransmit_tries:
+                return self._unanswered(out, now)
+            out.tries += 1
+            out.interval *= 2
+            out.sent_at = now
+            return list(out.datagrams)
+        if not self._queue and self.dpd_delay > 0 and now - self._last_rx >= self.dpd_delay:
+            self._queue.append(_Request("liveness"))
+        return self._pump(now)
+
+    # -- received datagrams -------------------------------------------------------------------
 
     def handle(self, data: bytes) -> list[bytes]:
-        """One received message of this IKE SA; raises InfoDrop / SkError / IkeDecodeError."""
+        """One received message of this IKE SA; raises InfoDrop / SkError / IkeDecodeError
+        (and ValueError for a bad KE)."""
         if self.closed:
             raise InfoDrop("IKE SA closed")
         hdr = decode_header(data)
-        if hdr.spi_i != self._spi_i or hdr.spi_r != self._spi_r:
-            raise InfoDrop("other IKE SA")
-        if hdr.initiator == self._we_initiated:
+        sa = self._sa_of(hdr.spi_i, hdr.spi_r)
+        if hdr.initiator == sa.initiator:
             raise InfoDrop("our own I flag")  # the peer's messages carry the other I flag
         if hdr.response:
-            if hdr.message_id != self._pending_mid or hdr.exchange_type != (
-                ExchangeType.INFORMATIONAL
-            ):
+            out = self._out
+            if out is None or out.on is not sa or hdr.message_id != out.mid:
                 raise InfoDrop("not a response to our request")
-            decrypt_message(data, self._in)
-            self._pending_mid = None
-            self.pending = []
-            self.closed = True  # the only request we send is the Delete of the IKE SA
-            self.events.append(InfoEvent("ike_deleted"))
-            return []
-        if self._last_mid is not None and hdr.message_id == self._last_mid:
-            if hdr.exchange_type != self._last_exchange:
+            if hdr.exchange_type != out.exchange:
+                raise InfoDrop("response with another exchange type")
+            msg = decrypt_message(data, sa.cin)
+            self._rx += 1
+            self._out = None
+            follow = self._response(out, msg.payloads)
+            return follow + self._pump(None)
+        if sa.last_mid is not None and hdr.message_id == sa.last_mid:
+            if hdr.exchange_type != sa.last_exchange:
                 raise InfoDrop("retransmit with another exchange type")
-            decrypt_message(data, self._in)  # forged "retransmissions" are dropped
-            return list(self._last_response)
-        if hdr.message_id != self._peer_mid:
+            decrypt_message(data, sa.cin)  # forged "retransmissions" are dropped
+            self._rx += 1
+            return list(sa.last_response)
+        if hdr.message_id != sa.peer_mid:
             raise InfoDrop("message ID outside the window")
         if hdr.exchange_type not in (ExchangeType.INFORMATIONAL, ExchangeType.CREATE_CHILD_SA):
             raise InfoDrop("only INFORMATIONAL and CREATE_CHILD_SA are handled after IKE_AUTH")
-        msg = decrypt_message(data, self._in)
+        msg = decrypt_message(data, sa.cin)
+        self._rx += 1
         close = False
+        after: Callable[[], None] | None = None
         if hdr.exchange_type == ExchangeType.CREATE_CHILD_SA:
-            inner, events = self._create_child_sa(msg.payloads)
+            inner, events, after = self._create_child_sa(sa, msg.payloads)
         else:
-            inner, events, close = self._informational(msg.payloads)
+            inner, events, close = self._informational(sa, msg.payloads)
         resp = Message(
-            self._spi_i,
-            self._spi_r,
+            sa.spi_i,
+            sa.spi_r,
             hdr.exchange_type,
             hdr.message_id,
             tuple(inner),
-            initiator=self._we_initiated,
+            initiator=sa.initiator,
             response=True,
         )
-        out = encrypt_message(resp, self._out)
-        self._peer_mid = hdr.message_id + 1
-        self._last_mid = hdr.message_id
-        self._last_exchange = hdr.exchange_type
-        self._last_response = list(out)
-        self.closed = close
+        answer = encrypt_message(resp, sa.cout)
+        sa.peer_mid = hdr.message_id + 1
+        sa.last_mid = hdr.message_id
+        sa.last_exchange = hdr.exchange_type
+        sa.last_response = list(answer)
+        if after is not None:
+            after()  # e.g. switch to a new IKE SA only once the old one's response is built
+        if close:
+            if sa is self._sa:
+                self.closed = True
+                self._queue.clear()
+                self._out = None
+            else:
+                self._drop_other(sa)
         self.events.extend(events)
-        return list(out)
+        return list(answer) + self._pump(None)
+
+    # -- internals: our requests --------------------------------------------------------------
+
+    def _find_child(self, spi_in: bytes | None) -> tuple[bytes, bytes] | None:
+        if self.closed or not self.children:
+            return None
+        if spi_in is None:
+            return self.children[-1]
+        return next((c for c in self.children if c[0] == spi_in), None)
+
+    def _queued(self, kind: str, pair: tuple[bytes, bytes] | None) -> bool:
+        reqs = [*self._queue, *((self._out,) if self._out is not None else ())]
+        return any(r.kind == kind and (pair is None or r.pair == pair) for r in reqs)
+
+    def _pump(self, now: float | None) -> list[bytes]:
+        """Send the next queued request when none is outstanding."""
+        if now is not None:
+            self._now = now
+        t = self._now if self._now is not None else 0.0
+        while self._out is None and self._queue and not self.closed:
+            ready = [r for r in self._queue if r.not_before <= t]
+            if not ready:
+                return []
+            req = ready[0]
+            self._queue.remove(req)
+            built = self._build(req)
+            if built is None:
+                continue  # no longer applicable (the Child SA is gone, ...)
+            on, exchange, payloads = built
+            mid = on.our_mid
+            on.our_mid += 1
+            msg = Message(
+                on.spi_i, on.spi_r, exchange, mid, tuple(payloads), initiator=on.initiator
+            )
+            req.on, req.mid, req.exchange = on, mid, exchange
+            req.datagrams = encrypt_message(msg, on.cout)
+            req.sent_at, req.interval, req.tries = t, self.retransmit_timeout, 1
+            self._out = req
+            return list(req.datagrams)
+        return []
+
+    def _build(self, req: _Request) -> tuple[_IkeSa, int, list[Payload]] | None:
+        sa = req.sa or self._sa
+        if req.sa is not None and req.sa is not self._sa and req.sa not in self._others:
+            return None
+        if req.kind == "liveness":
+            return sa, ExchangeType.INFORMATIONAL, []
+        if req.kind == "delete_ike":
+            return sa, ExchangeType.INFORMATIONAL, [Delete(ProtocolId.IKE)]
+        if req.kind == "delete_child":
+            if req.pair not in self.children:
+                self._deleting.discard(req.pair[0])
+                return None
+            return sa, ExchangeType.INFORMATIONAL, [Delete(ProtocolId.ESP, 4, (req.pair[0],))]
+        if req.kind == "rekey_child":
+            if req.pair not in self.children or req.pair[0] in self._deleting:
+                return None
+            return sa, ExchangeType.CREATE_CHILD_SA, self._child_rekey_request(req)
+        if req.kind == "rekey_ike":
+            return sa, ExchangeType.CREATE_CHILD_SA, self._ike_rekey_request(req)
+        return None
+
+    def _new_child_spi(self) -> bytes:
+        ours = {c[0] for c in self.children}
+        spi = b""
+        while int.from_bytes(spi, "big") < 256 or spi in ours:  # RFC 4303 §2.1
+            spi = self._rand(4)
+            if len(spi) != 4:
+                raise ValueError("rand returned the wrong number of octets")
+        return spi
+
+    def _new_ike_spi(self) -> bytes:
+        taken = {s for pair in self.all_spis for s in pair}
+        spi = bytes(SPI_LEN)
+        while spi == bytes(SPI_LEN) or spi in taken:
+            spi = self._rand(SPI_LEN)
+            if len(spi) != SPI_LEN:
+                raise ValueError("rand returned the wrong number of octets")
+        return spi
+
+    def _child_rekey_request(self, req: _Request) -> list[Payload]:
+        """CREATE_CHILD_SA { N(REKEY_SA), SA, Ni, [KEi], TSi, TSr } (§1.3.3)."""
+        req.new_spi = self._new_child_spi()
+        req.nonce = self._rand(_NONCE_LEN)
+        req.pfs_group = self.pfs_group
+        prop = esp_proposal(req.new_spi)
+        # §1.3.3: REKEY_SA names the SPI we expect inbound on the old Child SA
+        payloads: list[Payload] = [Notify(NotifyType.REKEY_SA, b"", ProtocolId.ESP, req.pair[0])]
+        if req.pfs_group is not None:
+            t = prop.transforms
+            prop = Proposal(
+                prop.number,
+                prop.protocol_id,
+                (t[0], Transform(TransformType.DH, req.pfs_group), *t[1:]),
+                prop.spi,
+            )
+        payloads += [SA((prop,)), Nonce(req.nonce)]
+        if req.pfs_group is not None:
+            req.dh = group(req.pfs_group).generate(self._rand)
+            payloads.append(KE(req.pfs_group, req.dh.public_bytes()))
+        payloads += [TSi(self._our_ts_sel), TSr(self._peer_ts_sel)]
+        return payloads
+
+    def _ike_rekey_request(self, req: _Request) -> list[Payload]:
+        """CREATE_CHILD_SA { SA, Ni, KEi } for the IKE SA (§1.3.2)."""
+        from services.core.ike.exchange import DH_ID, ike_proposal  # import cycle
+
+        req.new_spi = self._new_ike_spi()
+        req.nonce = self._rand(_NONCE_LEN)
+        prop = ike_proposal(req.new_spi)
+        dh_id = next(
+            (t.transform_id for t in prop.transforms if t.transform_type == TransformType.DH),
+            int(DH_ID),
+        )
+        req.dh = group(dh_id).generate(self._rand)
+        return [SA((prop,)), Nonce(req.nonce), KE(dh_id, req.dh.public_bytes())]
+
+    def _retry_later(self, req: _Request) -> None:
+        """TEMPORARY_FAILURE (§2.25): try again after RETRY_DELAY plus up to as much jitter."""
+        t = self._now if self._now is not None else 0.0
+        jitter = self._rand(1)[0] / 255 if RETRY_DELAY > 0 else 0.0
+        again = _Request(req.kind, sa=req.sa, pair=req.pair)
+        again.not_before = t + RETRY_DELAY * (1 + jitter)
+        self._queue.append(again)
+
+    def _unanswered(self, req: _Request, now: float) -> list[bytes]:
+        self._out = None
+        if req.on is not None and req.on is not self._sa:
+            # a Delete on a replaced IKE SA: forget that SA, the current one lives on
+            self._drop_other(req.on)
+            return self._pump(now)
+        self.closed = True
+        self._queue.clear()
+        self.events.append(
+            InfoEvent("dead", reason=f"no answer to {req.kind} after {req.tries} transmissions")
+        )
+        return []
+
+    def _drop_other(self, sa: _IkeSa) -> None:
+        if sa in self._others:
+            self._others.remove(sa)
+        if self._out is not None and self._out.on is sa:
+            self._requeue(self._out)
+            self._out = None
+
+    def _requeue(self, req: _Request) -> None:
+        if req.kind in ("rekey_child", "delete_child", "liveness"):
+            self._queue.insert(0, _Request(req.kind, pair=req.pair))
+
+    def _response(self, req: _Request, payloads: tuple[Payload, ...]) -> list[bytes]:
+        errors = [
+            p for p in payloads if isinstance(p, Notify) and p.notify_type <= _ERROR_NOTIFY_MAX
+        ]
+        if req.kind == "delete_ike":
+            if req.on is self._sa:
+                self.closed = True
+                self._queue.clear()
+                self.events.append(InfoEvent("ike_deleted"))
+            elif req.on is not None:
+                self._drop_other(req.on)
+            return []
+        if req.kind == "delete_child":
+            self._deleting.discard(req.pair[0])
+            if req.pair in self.children:
+                self.children.remove(req.pair)
+                self.events.append(
+                    InfoEvent("child_deleted", req.pair[0], req.pair[1], initiated=True)
+                )
+            return []
+        if req.kind == "liveness":
+            return []
+        if errors:
+            first = errors[0].notify_type
+            self._peer_child_rekeys.pop(req.pair[0], None)
+            if first == NotifyType.TEMPORARY_FAILURE:
+                self._retry_later(req)
+                return []
+            try:
+                name = NotifyType(first).name
+            except ValueError:
+                name = f"error notify {first}"
+            self.events.append(
+                InfoEvent("rekey_failed", req.pair[0], req.pair[1], reason=f"{req.kind}: {name}")
+            )
+            if req.kind == "rekey_ike" and self._peer_ike_rekey is not None:
+                self._adopt_peer_ike(self._peer_ike_rekey)
+            return []
+        try:
+            if req.kind == "rekey_child":
+                self._child_rekeyed(req, payloads)
+            elif req.kind == "rekey_ike":
+                self._ike_rekeyed(req, payloads)
+        except (AlgorithmError, ValueError) as e:
+            self.events.append(
+                InfoEvent("rekey_failed", req.pair[0], req.pair[1], reason=f"{req.kind}: {e}")
+            )
+        return []
+
+    def _child_rekeyed(self, req: _Request, payloads: tuple[Payload, ...]) -> None:
+        """The answer to our CHILD SA rekey: new SA first, then (collisions aside) the Delete of
+        the old one (§1.3.3, §2.8)."""
+        sa = _one(payloads, SA)
+        nonce = _one(payloads, Nonce)
+        ke = _one(payloads, KE)
+        tsi = _one(payloads, TSi)
+        tsr = _one(payloads, TSr)
+        if sa is None or nonce is None or tsi is None or tsr is None or len(sa.proposals) != 1:
+            raise ValueError("response lacks SA, Nr, TSi or TSr")
+        if choose_esp_proposal(sa.proposals, req.new_spi, req.pfs_group) is None:
+            raise ValueError("the peer chose a proposal we did not offer")
+        chosen = sa.proposals[0]
+        g_ir: bytes | None = None
+        if req.pfs_group is not None:
+            if ke is None or ke.dh_group != req.pfs_group or req.dh is None:
+                raise ValueError("response lacks the KE of the PFS group")
+            g_ir = req.dh.shared(ke.data)
+        ts_i = narrow(tsi.selectors, self._our_ts)
+        ts_r = narrow(tsr.selectors, self._peer_ts)
+        if not ts_i or not ts_r:
+            raise ValueError("the peer's traffic selectors are outside ours")
+        keys = child_keys(
+            self._sa.prf_id,
+            self._sa.sk_d,
+            req.nonce,
+            nonce.data,
+            encr_key_len=_ESP_KEY_LEN,
+            integ_key_len=0,
+            g_ir_new=g_ir,
+        )
+        from services.core.ike.exchange import ChildSaResult  # import cycle: exchange -> here
+
+        new = ChildSaResult(
+            spi_in=req.new_spi,
+            spi_out=chosen.spi,
+            encr_id=ENCR_ID,
+            key_bits=ENCR_KEY_BITS,
+            esn=False,
+            keys=keys,
+            ts_i=ts_i,
+            ts_r=ts_r,
+        )
+        new_pair = (new.spi_in, new.spi_out)
+        self.children.append(new_pair)
+        self.events.append(InfoEvent("child_rekeyed", req.pair[0], req.pair[1], new, True))
+        theirs = self._peer_child_rekeys.pop(req.pair[0], None)
+        if theirs is None:
+            if req.pair in self.children:
+                self.delete_child_queued(req.pair, front=True)
+            return
+        # §2.8.1: the exchange with the lowest nonce made the redundant SA; its maker deletes it
+        ours_low = min(req.nonce, nonce.data)
+        if ours_low < min(theirs[0]):
+            self.delete_child_queued(new_pair, front=True)  # ours is redundant
+        elif req.pair in self.children:
+            self.delete_child_queued(req.pair, front=True)  # ours survives: the old one goes
+
+    def delete_child_queued(self, pair: tuple[bytes, bytes], *, front: bool = False) -> None:
+        """Queue the Delete of ``pair`` without sending (the caller pumps)."""
+        if pair[0] in self._deleting or pair not in self.children:
+            return
+        self._deleting.add(pair[0])
+        req = _Request("delete_child", pair=pair)
+        if front:
+            self._queue.insert(0, req)
+        else:
+            self._queue.append(req)
+
+    def _ike_rekeyed(self, req: _Request, payloads: tuple[Payload, ...]) -> None:
+        """The answer to our IKE SA rekey (§1.3.2, §2.18)."""
+        from services.core.ike.exchange import ike_proposal  # import cycle
+
+        sa = _one(payloads, SA)
+        nonce = _one(payloads, Nonce)
+        ke = _one(payloads, KE)
+        if sa is None or nonce is None or ke is None or len(sa.proposals) != 1:
+            raise ValueError("response lacks SA, Nr or KEr")
+        chosen = sa.proposals[0]
+        offered = ike_proposal(req.new_spi)
+        types = [t.transform_type for t in chosen.transforms]
+        if (
+            chosen.protocol_id != ProtocolId.IKE
+            or not _tset(chosen) <= _tset(offered)
+            or len(types) != len(set(types))
+            or not {TransformType.ENCR, TransformType.PRF, TransformType.DH} <= set(types)
+        ):
+            raise ValueError("the peer chose an IKE proposal we did not offer")
+        if len(chosen.spi) != SPI_LEN or chosen.spi == bytes(SPI_LEN) or req.dh is None:
+            raise ValueError("the peer's new IKE SPI is not 8 non-zero octets")
+        if ke.dh_group != int(req.dh.group.transform_id):
+            raise ValueError("KEr in another group")
+        g_ir = req.dh.shared(ke.data)
+        new = self._new_ike_sa(
+            chosen, g_ir, req.nonce, nonce.data, req.new_spi, chosen.spi, initiator=True
+        )
+        theirs = self._peer_ike_rekey
+        self._peer_ike_rekey = None
+        if theirs is not None and min(req.nonce, nonce.data) < min(theirs.nonces):
+            # §2.8.2: ours is redundant: delete it (on itself); the peer deletes the old SA
+            self._others.append(new)
+            self._queue.insert(0, _Request("delete_ike", sa=new))
+            self._adopt_peer_ike(theirs)
+            return
+        old = self._sa
+        self._switch(new)
+        if theirs is not None:
+            self._others.append(theirs)  # the peer deletes its redundant SA
+        self._queue.insert(0, _Request("delete_ike", sa=old))
+
+    def _adopt_peer_ike(self, theirs: _IkeSa) -> None:
+        self._peer_ike_rekey = None
+        self._switch(theirs)
+
+    def _switch(self, new: _IkeSa) -> None:
+        old = self._sa
+        self._others.append(old)
+        self._sa = new
+        self.events.append(
+            InfoEvent(
+                "ike_rekeyed", initiated=new.initiator, ike_spis=new.spis, old_ike_spis=old.spis
+            )
+        )
+
+    def _new_ike_sa(
+        self,
+        chosen: Proposal,
+        g_ir: bytes,
+        ni: bytes,
+        nr: bytes,
+        spi_i: bytes,
+        spi_r: bytes,
+        *,
+        initiator: bool,
+    ) -> _IkeSa:
+        """Keys of a rekeyed IKE SA: SKEYSEED from the old SA's SK_d and PRF (§2.18), the rest
+        with the new SA's suite (§2.14)."""
+        encr_id, key_bits, integ_id, prf_id = _suite(chosen)
+        alg = encr_algorithm(encr_id)
+        bits = key_bits or alg.key_bits[0]
+        integ_len = integ_algorithm(integ_id).key_len if integ_id else 0
+        seed = rekey_skeyseed(self._sa.prf_id, self._sa.sk_d, g_ir, ni, nr)
+        keys = derive_ike_keys(
+            prf_id,
+            seed,
+            ni,
+            nr,
+            spi_i,
+            spi_r,
+            encr_key_len=bits // 8 + alg.salt_len,
+            integ_key_len=integ_len,
+        )
+        ei = SkCipher(encr_id, keys.sk_ei, integ_id, keys.sk_ai, key_bits=bits)
+        er = SkCipher(encr_id, keys.sk_er, integ_id, keys.sk_ar, key_bits=bits)
+        cin, cout = (er, ei) if initiator else (ei, er)
+        return _IkeSa(spi_i, spi_r, initiator, cin, cout, keys.sk_d, prf_id, 0, 0, nonces=(ni, nr))
+
+    # -- internals: peer requests -------------------------------------------------------------
+
+    def _sa_of(self, spi_i: bytes, spi_r: bytes) -> _IkeSa:
+        for sa in (self._sa, *self._others):
+            if sa.spi_i == spi_i and sa.spi_r == spi_r:
+                return sa
+        if self._peer_ike_rekey is not None and self._peer_ike_rekey.spis == (spi_i, spi_r):
+            return self._peer_ike_rekey
+        raise InfoDrop("other IKE SA")
 
     def _informational(
-        self, payloads: tuple[Payload, ...]
+        self, sa: _IkeSa, payloads: tuple[Payload, ...]
     ) -> tuple[list[Payload], list[InfoEvent], bool]:
         inner: list[Payload] = []
         events: list[InfoEvent] = []
@@ -216,26 +811,32 @@ class InfoSession:
             if not isinstance(p, Delete):
                 continue
             if p.protocol_id == ProtocolId.IKE:
+                if sa is not self._sa:
+                    return [], [], True  # a replaced or redundant IKE SA goes, not the session
                 return [], [InfoEvent("ike_deleted")], True
             if p.protocol_id in (ProtocolId.ESP, ProtocolId.AH):
                 for spi_in, spi_out in list(self.children):
                     if spi_out in p.spis:
-                        inner.append(Delete(p.protocol_id, 4, (spi_in,)))
+                        if spi_in not in self._deleting:  # crossing Deletes: none back (§1.4.1)
+                            inner.append(Delete(p.protocol_id, 4, (spi_in,)))
                         events.append(InfoEvent("child_deleted", spi_in, spi_out))
                         self.children.remove((spi_in, spi_out))
         return inner, events or [InfoEvent("liveness")], False
 
+    def _outstanding(self, kind: str) -> _Request | None:
+        return self._out if self._out is not None and self._out.kind == kind else None
+
     def _create_child_sa(
-        self, payloads: tuple[Payload, ...]
-    ) -> tuple[list[Payload], list[InfoEvent]]:
-        """The peer's CREATE_CHILD_SA request (RFC 7296 §1.3): only Child SA rekeys."""
+        self, sa: _IkeSa, payloads: tuple[Payload, ...]
+    ) -> tuple[list[Payload], list[InfoEvent], Callable[[], None] | None]:
+        """The peer's CREATE_CHILD_SA request (RFC 7296 §1.3): Child SA and IKE SA rekeys."""
         rekey: Notify | None = None
-        sa = ke = nonce = tsi = tsr = None
+        sa_p = ke = nonce = tsi = tsr = None
         for p in payloads:
             if isinstance(p, Notify) and p.notify_type == NotifyType.REKEY_SA:
                 rekey = p
             elif isinstance(p, SA):
-                sa = p
+                sa_p = p
             elif isinstance(p, KE):
                 ke = p
             elif isinstance(p, Nonce):
@@ -244,35 +845,45 @@ class InfoSession:
                 tsi = p
             elif isinstance(p, TSr):
                 tsr = p
-        if rekey is None or not self._sk_d:
-            return [Notify(NotifyType.NO_ADDITIONAL_SAS)], []
-        if sa is None or nonce is None or tsi is None or tsr is None:
-            return [Notify(NotifyType.INVALID_SYNTAX)], []
+        if not sa.sk_d:
+            return [Notify(NotifyType.NO_ADDITIONAL_SAS)], [], None
+        if sa is not self._sa or self._outstanding("delete_ike") is not None:
+            return [Notify(NotifyType.TEMPORARY_FAILURE)], [], None  # this IKE SA is going
+        if (
+            rekey is None
+            and tsi is None
+            and sa_p is not None
+            and any(p.protocol_id == ProtocolId.IKE for p in sa_p.proposals)
+        ):
+            return self._peer_ike_rekey_request(sa_p, nonce, ke)
+        if rekey is None:
+            return [Notify(NotifyType.NO_ADDITIONAL_SAS)], [], None
+        if sa_p is None or nonce is None or tsi is None or tsr is None:
+            return [Notify(NotifyType.INVALID_SYNTAX)], [], None
         # §1.3.3: REKEY_SA carries the SPI the request's sender expects inbound, i.e. the
         # peer's inbound SPI of the old Child SA = our outbound one.
         old = next((c for c in self.children if c[1] == rekey.spi), None)
         if old is None or rekey.protocol_id != ProtocolId.ESP:
-            return [Notify(NotifyType.CHILD_SA_NOT_FOUND, b"", rekey.protocol_id, rekey.spi)], []
-        our_spi = b""
-        ours = {c[0] for c in self.children}
-        while int.from_bytes(our_spi, "big") < 256 or our_spi in ours:  # RFC 4303 §2.1
-            our_spi = self._rand(4)
-            if len(our_spi) != 4:
-                raise ValueError("rand returned the wrong number of octets")
+            notify = Notify(NotifyType.CHILD_SA_NOT_FOUND, b"", rekey.protocol_id, rekey.spi)
+            return [notify], [], None
+        if old[0] in self._deleting or self._outstanding("rekey_ike") is not None:
+            return [Notify(NotifyType.TEMPORARY_FAILURE)], [], None  # §2.25
+        our_spi = self._new_child_spi()
         picked = None
         if ke is None or ke.dh_group in _PFS_GROUPS:
             picked = choose_esp_proposal(
-                sa.proposals, our_spi, ke.dh_group if ke is not None else None
+                sa_p.proposals, our_spi, ke.dh_group if ke is not None else None
             )
         if picked is None:
-            if ke is not None and choose_esp_proposal(sa.proposals, our_spi, _PFS_GROUP):
+            if ke is not None and choose_esp_proposal(sa_p.proposals, our_spi, _PFS_GROUP):
                 # §1.3: the KE is in a group we do not take, but X25519 is offered
-                return [Notify(NotifyType.INVALID_KE_PAYLOAD, _PFS_GROUP.to_bytes(2, "big"))], []
-            return [Notify(NotifyType.NO_PROPOSAL_CHOSEN)], []
+                data = _PFS_GROUP.to_bytes(2, "big")
+                return [Notify(NotifyType.INVALID_KE_PAYLOAD, data)], [], None
+            return [Notify(NotifyType.NO_PROPOSAL_CHOSEN)], [], None
         ts_i = narrow(tsi.selectors, self._peer_ts)
         ts_r = narrow(tsr.selectors, self._our_ts)
         if not ts_i or not ts_r:
-            return [Notify(NotifyType.TS_UNACCEPTABLE)], []
+            return [Notify(NotifyType.TS_UNACCEPTABLE)], [], None
         g_ir: bytes | None = None
         inner: list[Payload] = [SA((picked[1],))]
         nr = self._rand(_NONCE_LEN)
@@ -283,8 +894,8 @@ class InfoSession:
             inner.append(KE(ke.dh_group, dh.public_bytes()))
         inner += [TSi(ts_i), TSr(ts_r)]
         keys = child_keys(
-            _PRF_ID,
-            self._sk_d,
+            sa.prf_id,
+            sa.sk_d,
             nonce.data,
             nr,
             encr_key_len=_ESP_KEY_LEN,
@@ -304,4 +915,73 @@ class InfoSession:
             ts_r=ts_r,
         )
         self.children.append((new.spi_in, new.spi_out))
-        return inner, [InfoEvent("child_rekeyed", old[0], old[1], new)]
+        ours = self._outstanding("rekey_child")
+        if ours is not None and ours.pair == old:
+            # a collision (§2.8.1): settled when the answer to our request arrives
+            self._peer_child_rekeys[old[0]] = ((nonce.data, nr), (new.spi_in, new.spi_out))
+        else:
+            # the peer rekeyed it first: a rekey of ours still queued is moot
+            self._queue = [
+                r for r in self._queue if not (r.kind == "rekey_child" and r.pair == old)
+            ]
+        return inner, [InfoEvent("child_rekeyed", old[0], old[1], new)], None
+
+    def _peer_ike_rekey_request(
+        self, offer: SA, nonce: Nonce | None, ke: KE | None
+    ) -> tuple[list[Payload], list[InfoEvent], Callable[[], None] | None]:
+        """The peer rekeys the IKE SA (§1.3.2): SA (with the new SPIi), Ni, KEi."""
+        from services.core.ike.responder import choose_ike_proposal  # import cycle
+
+        if nonce is None or ke is None:
+            return [Notify(NotifyType.INVALID_SYNTAX)], [], None
+        if self._outstanding("rekey_child") is not None or self._outstanding("delete_child"):
+            return [Notify(NotifyType.TEMPORARY_FAILURE)], [], None  # a Child SA task first
+        usable = [
+            p
+            for p in offer.proposals
+            if p.protocol_id == ProtocolId.IKE and len(p.spi) == SPI_LEN and any(p.spi)
+        ]
+        # the chooser takes IKE_SA_INIT offers (no SPI): offer each proposal alone without it
+        chosen = None
+        their_spi = b""
+        for p in usable:
+            chosen = choose_ike_proposal((Proposal(p.number, p.protocol_id, p.transforms),))
+            if chosen is not None:
+                their_spi = p.spi
+                break
+        if chosen is None:
+            return [Notify(NotifyType.NO_PROPOSAL_CHOSEN)], [], None
+        dh_id = next(
+            t.transform_id for t in chosen.transforms if t.transform_type == TransformType.DH
+        )
+        if ke.dh_group != dh_id:
+            return [Notify(NotifyType.INVALID_KE_PAYLOAD, dh_id.to_bytes(2, "big"))], [], None
+        dh = group(dh_id).generate(self._rand)
+        g_ir = dh.shared(ke.data)  # InvalidKeyExchange (ValueError) -> dropped
+        our_spi = self._new_ike_spi()
+        nr = self._rand(_NONCE_LEN)
+        answer = Proposal(chosen.number, ProtocolId.IKE, chosen.transforms, our_spi)
+        new = self._new_ike_sa(answer, g_ir, nonce.data, nr, their_spi, our_spi, initiator=False)
+        inner: list[Payload] = [SA((answer,)), Nonce(nr), KE(dh_id, dh.public_bytes())]
+        if self._outstanding("rekey_ike") is not None:
+            self._peer_ike_rekey = new  # a collision (§2.8.2): settled by our answer
+            return inner, [], None
+        return inner, [], lambda: self._switch(new)
+
+
+def _one(payloads: tuple[Payload, ...], cls: type[_P]) -> _P | None:
+    return next((p for p in payloads if isinstance(p, cls)), None)
+
+
+def _tset(p: Proposal) -> set[tuple[int, int, int | None]]:
+    return {(t.transform_type, t.transform_id, t.key_length) for t in p.transforms}
+
+
+def _suite(p: Proposal) -> tuple[int, int | None, int, int]:
+    """(ENCR id, key bits, INTEG id or 0, PRF id) of a single-choice IKE proposal."""
+    by = {t.transform_type: t for t in p.transforms}
+    encr, prf = by.get(TransformType.ENCR), by.get(TransformType.PRF)
+    if encr is None or prf is None:
+        raise AlgorithmError("IKE proposal lacks ENCR or PRF")
+    integ = by.get(TransformType.INTEG)
+    return encr.transform_id, encr.key_length, integ.transform_id if integ else 0, prf.transform_id
