@@ -37,7 +37,7 @@ from services.core.ike.constants import (
     PayloadType,
     ProtocolId,
 )
-from services.core.ike.dh import InvalidKeyExchange
+from services.core.ike.dh import GROUPS, InvalidKeyExchange
 from services.core.ike.exchange import IkeSaResult, Ikev2Initiator, State, ike_proposal
 from services.core.ike.informational import InfoDrop, InfoSession
 from services.core.ike.message import (
@@ -885,3 +885,75 @@ def test_initiator_is_not_killed_by_one_forged_sa_init_response() -> None:
     ini.receive(encode_message(dataclasses.replace(msg, payloads=p)), 0.0)
     ini.receive(RESP1, 0.0)
     assert ini.state is State.AUTH_SENT
+
+
+# -- key exchange data ---------------------------------------------------------------------------
+
+
+@_fuzz(60)
+@given(st.sampled_from(sorted(GROUPS)), st.data())
+def test_peer_ke_data_raises_only_invalid_key_exchange(gid: int, draw: st.DataObject) -> None:
+    """Any KE data of any length in any group: a shared secret or InvalidKeyExchange (RFC 6989
+    §2.1/§2.2 checks; RFC 8031 §2.2 all-zero X25519/X448 secret)."""
+    g = GROUPS[gid]
+    n = g.ke_len
+    peer = draw.draw(
+        st.one_of(
+            st.binary(min_size=n, max_size=n),
+            st.binary(max_size=n + 2),
+            st.sampled_from(
+                [bytes(n), b"\xff" * n, (1).to_bytes(n, "big"), (1).to_bytes(n, "little")]
+            ),
+        )
+    )
+    try:
+        z = _DH_PRIV[gid].shared(peer)
+    except InvalidKeyExchange as e:
+        assert peer.hex() not in str(e) or not peer
+        return
+    assert len(z) == (n // 2 if gid in (19, 20, 21) else n) and any(z)
+
+
+_DH_PRIV = {gid: g.generate() for gid, g in GROUPS.items()}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="informational.py accepts any number of CREATE_CHILD_SA rekeys of the same Child SA: "
+    "each adds a live Child SA (and keymgr installs another ESP pair) until the peer deletes "
+    "them; a rekey of an SA that was already rekeyed should be refused (e.g. "
+    "TEMPORARY_FAILURE / CHILD_SA_NOT_FOUND, RFC 7296 §2.8, §2.25) and Child SAs per IKE SA capped",
+)
+def test_repeated_rekeys_of_one_child_sa_stay_bounded() -> None:
+    from services.core.ike.child import esp_proposal
+
+    resp = _responder(ResponderState.ESTABLISHED)
+    assert resp._info is not None
+    for mid in range(2, 52):
+        payloads = (
+            Notify(NotifyType.REKEY_SA, b"", ProtocolId.ESP, _RESULT.child.spi_out),
+            SA((esp_proposal(mid.to_bytes(4, "big")),)),
+            Nonce(bytes(32)),
+            TSi(_RESULT.child.ts_i),
+            TSr(_RESULT.child.ts_r),
+        )
+        (d,) = encrypt_message(
+            Message(_RESULT.spi_i, _RESULT.spi_r, 36, mid, payloads, initiator=True), _i2r()
+        )
+        resp.receive(d, 0.0)
+    assert len(resp._info.children) <= 8, len(resp._info.children)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="responder.py drops a request with a higher major version silently; RFC 7296 §2.5: "
+    "MUST drop it and SHOULD send an unauthenticated N(INVALID_MAJOR_VERSION)",
+)
+def test_higher_major_version_gets_invalid_major_version() -> None:
+    resp = _responder(ResponderState.WAIT_SA_INIT)
+    d = bytearray(REQ1)
+    d[17] = 0x30
+    (ans,) = resp.receive(bytes(d), 0.0, remote=I_EP, local=R_EP)
+    (n,) = decode_message(ans).payloads
+    assert isinstance(n, Notify) and n.notify_type == NotifyType.INVALID_MAJOR_VERSION
+    assert resp.state is ResponderState.WAIT_SA_INIT
