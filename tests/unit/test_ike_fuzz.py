@@ -909,7 +909,7 @@ def test_peer_ke_data_raises_only_invalid_key_exchange(gid: int, draw: st.DataOb
     try:
         z = _DH_PRIV[gid].shared(peer)
     except InvalidKeyExchange as e:
-        assert peer.hex() not in str(e) or not peer
+        assert len(peer) < 4 or peer.hex() not in str(e)  # no key bytes in the text
         return
     assert len(z) == (n // 2 if gid in (19, 20, 21) else n) and any(z)
 
