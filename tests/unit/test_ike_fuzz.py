@@ -879,8 +879,9 @@ def test_rekey_with_invalid_ke_point_gets_an_error_response() -> None:
 @pytest.mark.xfail(
     strict=True,
     reason="exchange.py fails the whole attempt on one unauthenticated IKE_SA_INIT response "
-    "with a bad KE (or any error Notify); RFC 7296 §2.21.1 warns that errors before the IKE SA "
-    "is protected can be forged: keep waiting for the genuine response until the timeout",
+    "with a bad KE (or any error Notify); RFC 7296 §2.21 says errors before the IKE SA is "
+    "protected must be handled very carefully so as not to be the dupe of forged messages: "
+    "ignore it and keep waiting for the genuine response until the retransmission timeout",
 )
 def test_initiator_is_not_killed_by_one_forged_sa_init_response() -> None:
     ini = _initiator(State.SA_INIT_SENT)
