@@ -76,6 +76,13 @@ ANSWERED = {
     "ke_ecp_group_invalid_point": NotifyType.INVALID_KE_PAYLOAD,
     "ikev1_types_not_critical": "sa_init",
 }
+# Answers RFC 7296 §2.5 asks for but keymgr does not send yet (strict xfails in
+# tests/unit/test_ike_fuzz.py): allowed here, so this test keeps passing once they are sent.
+MAY_ANSWER = {
+    "unknown_critical_payload": NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD,
+    "ikev1_types_critical": NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD,
+    "ikev3_header": NotifyType.INVALID_MAJOR_VERSION,
+}
 # Labels whose IKE header itself is malformed (keymgr logs "malformed IKE datagram dropped").
 BAD_HEADER = {"short", "truncated_1", "truncated_27", "ikev1_main_mode", "ikev3_header"}
 
@@ -390,11 +397,14 @@ def test_keymgr_survives_malformed_ike_and_still_serves_strongswan(mlab: Respond
         assert "error" not in a, a
         got.setdefault((a["label"], a["port"]), []).append(a)
     want_keys = {(label, port) for label in ANSWERED for port in (500, NAT_T_PORT)}
-    assert set(got) == want_keys, sorted(got)
+    may_keys = {(label, port) for label in MAY_ANSWER for port in (500, NAT_T_PORT)}
+    assert want_keys <= set(got) <= want_keys | may_keys, sorted(got)
     for (label, _port), answers in got.items():
         assert len(answers) == 1, answers
         (a,) = answers
-        if ANSWERED[label] == "sa_init":
+        if label in MAY_ANSWER:
+            assert a["types"] == [int(MAY_ANSWER[label])], a
+        elif ANSWERED[label] == "sa_init":
             assert a["types"][:3] == ["SA", "KE", "Nonce"], a
         else:
             assert a["types"] == [int(ANSWERED[label])] and a["data"] == ["001f"], a
