@@ -623,7 +623,7 @@ def test_responder_survives_garbage_at_every_state(
         assert resp.state is ResponderState.ESTABLISHED
     if resp.state is ResponderState.ESTABLISHED:
         assert resp._info is not None
-        mid = resp._info._peer_mid
+        mid = resp._info._sa.peer_mid
         (ans,) = resp.receive(_liveness(mid), 3.0)
         assert decrypt_message(ans, _r2i()).message_id == mid
 
