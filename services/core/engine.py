@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import NamedTuple
@@ -22,6 +23,7 @@ from services.core.sa import ConfigError, Direction, Lifetime, SaConfig
 from services.core.spd import Action, Spd, SpdEntry
 
 SaKey = tuple[int, bytes, int]  # (spi, outer destination, protocol)
+SaIdent = tuple[int, bytes, int, Direction]  # (spi, outer destination, protocol, direction)
 AnySa = EspSa | AhSa
 
 _U32 = struct.Struct("!I")
@@ -47,6 +49,22 @@ def classify_udp_encap(payload: bytes | memoryview) -> UdpKind:
     if n >= 8:
         return UdpKind.ESP
     return UdpKind.INVALID
+
+
+class BatchFault(Enum):
+    INVALID = "invalid"  # an item the core refuses (algorithm, key length, SPD entry)
+    EXISTS = "exists"  # an install whose SA id is taken
+    STALE = "stale"  # an SPD revision older than the enforced one
+
+
+class BatchRejected(ConfigError):
+    """A batch refused as a whole (nothing changed). ``item`` names the offending entry, e.g.
+    ``install[2]`` or ``spd``; the message never contains key material."""
+
+    def __init__(self, item: str, fault: BatchFault, detail: str) -> None:
+        super().__init__(f"{item}: {detail}")
+        self.item = item
+        self.fault = fault
 
 
 class Outbound(NamedTuple):
@@ -115,9 +133,18 @@ class Dataplane:
 
     def install_sa(self, cfg: SaConfig, now: float) -> AnySa:
         """Add an SA; raises ConfigError (no key material in the message) if invalid."""
-        sa: AnySa = (
-            EspSa(cfg, now, self.emit) if cfg.protocol == IpProto.ESP else AhSa(cfg, now, self.emit)
-        )
+        sa = self._new_sa(cfg, now)
+        self._insert(sa)
+        return sa
+
+    def _new_sa(self, cfg: SaConfig, now: float) -> AnySa:
+        """Build (and so validate) an SA without adding it; raises ConfigError."""
+        if cfg.protocol == IpProto.ESP:
+            return EspSa(cfg, now, self.emit)
+        return AhSa(cfg, now, self.emit)
+
+    def _insert(self, sa: AnySa) -> None:
+        cfg = sa.cfg
         if cfg.direction == Direction.INBOUND:
             key = (cfg.spi, cfg.dst, cfg.protocol)
             if key in self.inbound_sas:
@@ -133,7 +160,57 @@ class Dataplane:
             for entry in self.spd.entries:  # the ACQUIRE limiter is keyed by policy_id
                 if entry.reqid == cfg.reqid:
                     self._acquire_at.pop(entry.policy_id, None)
-        return sa
+
+    def apply_batch(
+        self,
+        installs: Sequence[SaConfig],
+        deletes: Sequence[SaIdent],
+        spd: tuple[list[SpdEntry], int] | None,
+        now: float,
+    ) -> list[bool]:
+        """Delete SAs, install SAs and replace the SPD as one change: all of it, or (on
+        :class:`BatchRejected`) none of it. Deletes come first, so a batch may re-install an id
+        it deletes; an install whose id exists otherwise, or that the batch installs twice, is
+        refused (an outbound id is unique across reqids). Returns, per delete in order, whether
+        the SA existed; deleting a missing SA is not an error."""
+        # 1. everything that can fail, changing nothing
+        gone: set[SaIdent] = set()
+        existed: list[bool] = []
+        for d in deletes:
+            found = d not in gone and self.find_sa(*d) is not None
+            if found:
+                gone.add(d)
+            existed.append(found)
+        added: set[SaIdent] = set()
+        built: list[AnySa] = []
+        for i, cfg in enumerate(installs):
+            ident = (cfg.spi, cfg.dst, cfg.protocol, cfg.direction)
+            if ident in added or (ident not in gone and self.find_sa(*ident) is not None):
+                raise BatchRejected(f"install[{i}]", BatchFault.EXISTS, "an SA with this id exists")
+            added.add(ident)
+            try:
+                built.append(self._new_sa(cfg, now))
+            except ConfigError as e:
+                raise BatchRejected(f"install[{i}]", BatchFault.INVALID, str(e)) from None
+        if spd is not None:
+            entries, revision = spd
+            if revision < self.spd.revision:
+                raise BatchRejected(
+                    "spd",
+                    BatchFault.STALE,
+                    f"SPD revision {revision} is older than the enforced {self.spd.revision}",
+                )
+            # 2. the changes. Spd.replace checks everything before it changes anything, so it
+            # goes first; what follows cannot fail after the checks above.
+            try:
+                self.replace_spd(entries, revision)
+            except ValueError as e:
+                raise BatchRejected("spd", BatchFault.INVALID, str(e)) from None
+        for d in gone:
+            self.delete_sa(*d)
+        for sa in built:
+            self._insert(sa)
+        return existed
 
     def find_sa(self, spi: int, dst: bytes, protocol: int, direction: Direction) -> AnySa | None:
         if direction == Direction.INBOUND:

@@ -8,6 +8,14 @@
         for ev in dp.events():       # WorkerEvent; ev.event is a core event (Acquire, ...)
             ...
 
+Several changes in one atomic call (deletes, then installs, then an optional SPD replacement;
+all or nothing), blocking or as a future to overlap with other work::
+
+        res = dp.apply_sas(install=[sa_in, sa_out], spd=(entries, revision))
+        fut = dp.apply_sas_async(delete=[(0x1001, "192.0.2.2", "esp", "outbound")])
+        ...
+        fut.result().existed      # (True,)
+
 Failed calls raise grpc.RpcError (``e.code()`` is the status). The TLS directory holds
 ``ca.pem`` and ``<client_name>.pem`` / ``.key``; ``server_name`` must be a DNS name in the
 server certificate (services.runtime.tls explains why unix sockets need it).
@@ -18,7 +26,7 @@ from __future__ import annotations
 import ipaddress
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -31,11 +39,19 @@ from services.core.iana import IpProto
 from services.core.sa import Direction, Lifetime, Mode, SaConfig, UdpEncap
 from services.core.spd import SpdEntry
 from services.dataplane import convert
-from services.dataplane.convert import IkeDatagram, SaId, WorkerEvent, WorkerStats
+from services.dataplane.convert import (
+    ApplyResult,
+    IkeDatagram,
+    SaId,
+    WorkerEvent,
+    WorkerStats,
+)
 from services.pb.ipsec.v1 import dataplane_pb2_grpc as pb_grpc
 from services.runtime import tls
 
 __all__ = [
+    "ApplyFuture",
+    "ApplyResult",
     "DataplaneClient",
     "EventStream",
     "IkeDatagram",
@@ -89,6 +105,39 @@ def sa_config(**fields: Any) -> SaConfig:
     if "selectors" in f:
         f["selectors"] = tuple(f["selectors"])
     return SaConfig(**f)
+
+
+SaRef = tuple[int, str | bytes, int | str, Direction | str]  # (spi, dst, protocol, direction)
+
+
+def _sa_id(ref: SaId | Sequence[Any]) -> SaId:
+    spi, dst, protocol, direction = ref
+    return SaId(int(spi), _packed(dst), _protocol(protocol), _direction(direction))
+
+
+class ApplyFuture:
+    """An ApplySAs call in flight. ``result()`` blocks and returns the :class:`ApplyResult` or
+    raises grpc.RpcError; ``call`` is the underlying grpc future."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+
+    def result(self, timeout: float | None = None) -> ApplyResult:
+        return convert.apply_result(self.call.result(timeout=timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        exc: BaseException | None = self.call.exception(timeout=timeout)
+        return exc
+
+    def done(self) -> bool:
+        return bool(self.call.done())
+
+    def cancel(self) -> bool:
+        return bool(self.call.cancel())
+
+    def add_done_callback(self, fn: Callable[[ApplyFuture], object]) -> None:
+        """Call ``fn(self)`` when the call completes (from a gRPC thread, or at once if done)."""
+        self.call.add_done_callback(lambda _call: fn(self))
 
 
 class EventStream:
@@ -246,6 +295,31 @@ class DataplaneClient:
         sid = SaId(spi, _packed(dst), _protocol(protocol), _direction(direction))
         resp = self._stub.DeleteSA(convert.delete_request(sid), timeout=self.timeout)
         return convert.delete_existed(resp)
+
+    def apply_sas(
+        self,
+        install: Iterable[SaConfig] = (),
+        delete: Iterable[SaId | SaRef] = (),
+        spd: tuple[Iterable[SpdEntry], int] | None = None,
+    ) -> ApplyResult:
+        """Delete, install and (optionally) replace the whole SPD in one atomic call.
+
+        ``delete`` items are (spi, dst, protocol, direction) in the friendly forms of
+        :meth:`delete_sa`; ``spd`` is (entries, revision). Deletes are applied first, then the
+        installs, then the SPD. Either all of it is applied or none of it (grpc.RpcError, the
+        details naming the refused item). The result says, per delete, whether the SA existed.
+        """
+        return self.apply_sas_async(install, delete, spd).result()
+
+    def apply_sas_async(
+        self,
+        install: Iterable[SaConfig] = (),
+        delete: Iterable[SaId | SaRef] = (),
+        spd: tuple[Iterable[SpdEntry], int] | None = None,
+    ) -> ApplyFuture:
+        """:meth:`apply_sas` without waiting: returns an :class:`ApplyFuture` at once."""
+        req = convert.apply_request(install, [_sa_id(d) for d in delete], spd)
+        return ApplyFuture(self._stub.ApplySAs.future(req, timeout=self.timeout))
 
     def list_sas(self) -> list[SaStatus]:
         resp = self._stub.ListSAs(convert.list_sas_request(), timeout=self.timeout)

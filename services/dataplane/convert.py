@@ -40,6 +40,8 @@ U64 = 0xFFFFFFFFFFFFFFFF
 MAX_KEY_BYTES = 512  # far above any registered algorithm's key material
 MAX_SELECTORS = 256
 MAX_SPD_ENTRIES = 65536
+MAX_BATCH_INSTALLS = 256  # ApplySAs
+MAX_BATCH_DELETES = 256
 MAX_IKE_BYTES = 65503  # 65535 - IPv4 header - UDP header - non-ESP marker
 MAX_ADDR_TEXT = 64
 MAX_KEEPALIVE_INTERVAL = 3600.0
@@ -64,6 +66,27 @@ class SaUpdate:
     id: SaId
     lease_end: int | None
     lifetime: Lifetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class SaBatch:
+    """An ApplySAs request after validation: deletes, installs, and an optional full SPD
+    replacement as (entries, revision)."""
+
+    installs: tuple[SaConfig, ...]
+    deletes: tuple[SaId, ...]
+    spd: tuple[list[SpdEntry], int] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What ApplySAs reports: per delete item (request order) whether the SA existed, how many
+    SAs were installed (all of them, since a batch is all or nothing) and the SPD revision
+    enforced after the batch."""
+
+    existed: tuple[bool, ...]
+    installed: int
+    spd_revision: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,6 +523,64 @@ def replace_spd_response(revision: int) -> pb.ReplaceSPDResponse:
 
 def replace_spd_revision(resp: pb.ReplaceSPDResponse) -> int:
     return int(resp.revision)
+
+
+# --- batches (ApplySAs) -----------------------------------------------------------------------
+
+
+def _item(what: str, e: ConversionError) -> ConversionError:
+    return ConversionError(f"{what}: {e}")
+
+
+def apply_from_pb(req: pb.ApplySAsRequest) -> SaBatch:
+    """Validate a whole batch with the single-RPC converters; the error names the item."""
+    if len(req.install) > MAX_BATCH_INSTALLS:
+        raise ConversionError(f"install: at most {MAX_BATCH_INSTALLS} SAs per batch")
+    if len(req.delete) > MAX_BATCH_DELETES:
+        raise ConversionError(f"delete: at most {MAX_BATCH_DELETES} SAs per batch")
+    installs: list[SaConfig] = []
+    for i, m in enumerate(req.install):
+        try:
+            installs.append(sa_config_from_pb(m))
+        except ConversionError as e:
+            raise _item(f"install[{i}]", e) from None
+    deletes: list[SaId] = []
+    for i, d in enumerate(req.delete):
+        try:
+            deletes.append(sa_id_from_pb(d))
+        except ConversionError as e:
+            raise _item(f"delete[{i}]", e) from None
+    spd: tuple[list[SpdEntry], int] | None = None
+    if req.HasField("spd"):
+        try:
+            spd = spd_from_pb(req.spd)
+        except ConversionError as e:
+            raise _item("spd", e) from None
+    return SaBatch(tuple(installs), tuple(deletes), spd)
+
+
+def apply_request(
+    installs: Iterable[SaConfig],
+    deletes: Iterable[SaId],
+    spd: tuple[Iterable[SpdEntry], int] | None = None,
+) -> pb.ApplySAsRequest:
+    m = pb.ApplySAsRequest(
+        install=[sa_config_to_pb(c) for c in installs],
+        delete=[sa_id_to_pb(*sid) for sid in deletes],
+    )
+    if spd is not None:
+        m.spd.CopyFrom(replace_spd_request(*spd))
+    return m
+
+
+def apply_response(existed: Sequence[bool], installed: int, revision: int) -> pb.ApplySAsResponse:
+    return pb.ApplySAsResponse(
+        existed=list(existed), installed=_u(installed, 32), spd_revision=_u(revision)
+    )
+
+
+def apply_result(resp: pb.ApplySAsResponse) -> ApplyResult:
+    return ApplyResult(tuple(resp.existed), int(resp.installed), int(resp.spd_revision))
 
 
 # --- status ------------------------------------------------------------------------------------

@@ -8,6 +8,12 @@ missing SA -> NOT_FOUND; an SPD revision older than the enforced one -> FAILED_P
 anything unexpected -> INTERNAL (counted and logged by type and location only). No message ever
 carries key bytes. DeleteSA is idempotent (``existed`` says whether it was there).
 
+ApplySAs converts every item of a batch with the same converters as the single RPCs, then
+applies its deletes, installs and SPD replacement in one hold of the engine lock (the lock the
+packet thread holds while it processes a batch of packets), so packets see the SAD/SPD from
+before the batch or from after it. A refused batch changes nothing; its status code is the one
+the single RPC would return and its message names the item ("install[1]: ...", "spd: ...").
+
 Streams: WatchEvents and Punt each hold one server thread. Punt is bidirectional: punted IKE
 datagrams flow to the client; datagrams the client sends are injected from the worker's UDP
 socket on local_addr:local_port (500 or 4500; 4500 prepends the non-ESP marker). A local
@@ -28,6 +34,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.core.engine import BatchFault, BatchRejected
 from services.core.sa import ConfigError
 from services.dataplane import convert
 from services.dataplane.convert import ConversionError, IkeDatagram
@@ -41,6 +48,11 @@ log = logging.getLogger("services.dataplane.grpc")
 SERVICE_NAME = "ipsec.v1.Dataplane"
 STREAM_POLL = 0.5
 R = TypeVar("R")
+_BATCH_CODES = {
+    BatchFault.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    BatchFault.EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    BatchFault.STALE: grpc.StatusCode.FAILED_PRECONDITION,
+}
 
 
 class Injector(Protocol):
@@ -179,6 +191,34 @@ class DataplaneService(pb_grpc.DataplaneServicer):
                 raise Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         log.info("spd replaced", extra={"revision": revision, "entries": len(entries)})
         return convert.replace_spd_response(revision)
+
+    # --- batches ------------------------------------------------------------------------------
+
+    @_unary("ApplySAs")
+    def ApplySAs(
+        self, request: pb.ApplySAsRequest, context: grpc.ServicerContext
+    ) -> pb.ApplySAsResponse:
+        batch = convert.apply_from_pb(request)  # every item validated before the lock
+        with self.host.locked() as eng:
+            try:
+                existed = eng.apply_batch(batch.installs, batch.deletes, batch.spd, self.host.now())
+            except BatchRejected as e:
+                raise Abort(_BATCH_CODES[e.fault], str(e)) from None
+            revision = eng.spd.revision
+        log.info(
+            "sas applied",
+            extra={
+                "installed": [c.describe() for c in batch.installs],
+                "deleted": [
+                    f"0x{sid.spi:08x} {convert.addr_text(sid.dst)} {sid.direction.name.lower()}"
+                    for sid, ex in zip(batch.deletes, existed, strict=True)
+                    if ex
+                ],
+                "missing": existed.count(False),
+                "spd_revision": revision if batch.spd is not None else None,
+            },
+        )
+        return convert.apply_response(existed, len(batch.installs), revision)
 
     # --- status ---------------------------------------------------------------------------------
 
