@@ -1,4 +1,6 @@
-"""`make bench`: ESP transform cost vs the bare AEAD call, and TCP throughput between two workers.
+"""`make bench`: ESP transform cost vs the bare AEAD call, TCP throughput between two workers,
+IKEv2 handshakes per second (scripts/bench_ike.py) and the worker's SA API calls per handshake
+(scripts/bench_dpapi.py).
 
 Writes docs/benchmarks.md with the date and machine. Benchmarks only; no test asserts timing.
 """
@@ -225,7 +227,8 @@ def bench_throughput() -> list[tuple[str, str]]:
     return rows
 
 
-PARTS = ("esp", "tput", "ike")  # BENCH_ONLY values: transforms, TCP throughput, IKE handshakes
+# BENCH_ONLY values: transforms, TCP throughput, IKE handshakes, the worker's SA API per handshake
+PARTS = ("esp", "tput", "ike", "dpapi")
 
 
 def parse_only(value: str) -> tuple[str, ...]:
@@ -345,6 +348,10 @@ def main() -> int:
         from scripts.bench_ike import ike_handshake_rate
 
         sections.append(ike_handshake_rate(date=today, machine=machine()))
+    if "dpapi" in parts:
+        from scripts.bench_dpapi import dpapi_section
+
+        sections.append(dpapi_section())
     out = ROOT / "docs" / "benchmarks.md"
     if parts == PARTS or not out.exists():
         head = ["# Benchmarks", "", f"Run by `make bench` on {today}; machine: {machine()}.", ""]
