@@ -42,6 +42,7 @@ from tests.unit.test_dataplane_grpc import INVALID, LOCAL4, PEER4, ListSender, v
 
 INNER_A, INNER_B = "10.1.0.1", "10.2.0.1"
 PEER4_PACKED = bytes([192, 0, 2, 2])
+LOCAL4_PACKED = bytes([192, 0, 2, 1])
 
 
 @pytest.fixture(scope="module")
@@ -427,3 +428,54 @@ def test_packets_never_see_a_half_applied_rekey(env: Env) -> None:
         assert eng.tx_packets == 8 * rounds[0]
     assert len(sender.sent) == 8 * rounds[0]
     assert host.io.internal_errors == 0
+
+
+def _ident(spi: int, inbound: bool) -> tuple[int, bytes, int, Direction]:
+    if inbound:
+        return (spi, LOCAL4_PACKED, 50, Direction.INBOUND)
+    return (spi, PEER4_PACKED, 50, Direction.OUTBOUND)
+
+
+def test_engine_batches_match_a_set_model() -> None:
+    """Random batches over a small id pool (so deletes of missing SAs, re-installs, taken ids
+    and bad keys all occur) against a plain set model of the SAD: after every batch the engine
+    holds exactly the model's ids, and a refused batch leaves both unchanged."""
+    rng = random.Random(11)
+    eng = Dataplane()
+    model: set[tuple[int, Direction]] = set()
+    refused = accepted = 0
+    for _ in range(400):
+        installs: list[SaConfig] = []
+        for _ in range(rng.randint(0, 3)):
+            spi = 0x100 + rng.randrange(12)
+            inbound, outbound = pair(spi, reqid=rng.randint(1, 2))
+            cfg = inbound if rng.random() < 0.5 else outbound
+            if rng.random() < 0.05:
+                cfg = sa_config(**{**_fields(cfg), "encr_key": os.urandom(19)})
+            installs.append(cfg)
+        deletes = [
+            _ident(0x100 + rng.randrange(13), rng.random() < 0.5) for _ in range(rng.randint(0, 4))
+        ]
+        # the model: deletes first, then installs; refused if an id is taken or a key is bad
+        after = set(model)
+        existed = []
+        for spi, _dst, _p, d in deletes:
+            existed.append((spi, d) in after)
+            after.discard((spi, d))
+        ok = True
+        for c in installs:
+            if (c.spi, c.direction) in after or len(c.encr_key) != 20:
+                ok = False
+                break
+            after.add((c.spi, c.direction))
+        try:
+            got = eng.apply_batch(installs, deletes, None, 0.0)
+        except BatchRejected:
+            assert not ok
+            refused += 1
+        else:
+            assert ok and got == existed
+            model = after
+            accepted += 1
+        assert {(s.spi, s.cfg.direction) for s in eng.all_sas()} == model
+    assert refused > 20 and accepted > 100
