@@ -7,10 +7,13 @@ outbound SPI of our Child SA -> response with a Delete of our inbound SPI and a
 the next message ID from the peer; a retransmit of the last one gets the cached response; others
 are dropped (:class:`InfoDrop`). CREATE_CHILD_SA requests from the peer share that window and
 cache: a rekey of one of our Child SAs (N(REKEY_SA), RFC 7296 §1.3.3, §2.8) is answered with
-ESP AES-GCM-16-256 / no ESN, with PFS when the offer carries a KE (same group), and reported as
-a ``child_rekeyed`` event; a rekey of an unknown SPI gets CHILD_SA_NOT_FOUND (§3.10.1), other
-CREATE_CHILD_SA requests (new Child SA, IKE SA rekey) NO_ADDITIONAL_SAS. ``delete_ike()``
-builds our Delete of the IKE SA; its response sets ``closed`` as well.
+the first of our ESP suites the offer contains (:func:`services.core.ike.suites.choose_esp`),
+with PFS when the offer carries a KE (same group; a KE in a group we do not take gets
+INVALID_KE_PAYLOAD naming our group), in transport mode when the Child SA is and the request
+carries USE_TRANSPORT_MODE (§1.3.1), and reported as a ``child_rekeyed`` event; a rekey of
+an unknown SPI gets CHILD_SA_NOT_FOUND (§3.10.1), other CREATE_CHILD_SA requests (new Child
+SA, IKE SA rekey) NO_ADDITIONAL_SAS. ``delete_ike()`` builds our Delete of the IKE SA; its
+response sets ``closed`` as well.
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from services.core.ike.child import ENCR_ID, ENCR_KEY_BITS, choose_esp_proposal, narrow
+from services.core.ike.child import narrow
 from services.core.ike.constants import (
     ExchangeType,
     NotifyType,
     ProtocolId,
 )
-from services.core.ike.dh import GROUPS, group
+from services.core.ike.dh import group
 from services.core.ike.keys import child_keys
 from services.core.ike.message import (
     KE,
@@ -42,15 +45,13 @@ from services.core.ike.message import (
     decode_header,
 )
 from services.core.ike.sk import SkCipher, decrypt_message, encrypt_message
+from services.core.ike.suites import DEFAULT_ESP, DEFAULT_IKE, EspSuite, choose_esp, esp_ke_hint
+from services.core.sa import Mode
 
 if TYPE_CHECKING:
     from services.core.ike.exchange import ChildSaResult
 
 _NONCE_LEN = 32
-_ESP_KEY_LEN = ENCR_KEY_BITS // 8 + 4  # AES key + GCM salt (RFC 4106 §8.1)
-_PRF_ID = 5  # PRF_HMAC_SHA2_256, the IKE SA's PRF (exchange.PRF_ID)
-_PFS_GROUP = 31  # Curve25519, the group we ask for in INVALID_KE_PAYLOAD
-_PFS_GROUPS = frozenset(k for k, g in GROUPS.items() if not g.legacy)  # MODP 2048+, ECP, 25519/448
 
 
 class InfoDrop(ValueError):
@@ -73,10 +74,12 @@ class InfoEvent:
 
 
 def _hull(sels: tuple[TrafficSelector, ...]) -> tuple[bytes, bytes] | None:
-    v4 = [s for s in sels if len(s.start_address) == 4]
-    if not v4:
+    """The address range spanning the selectors of the first one's family (IPv4 or IPv6)."""
+    if not sels:
         return None
-    return min(s.start_address for s in v4), max(s.end_address for s in v4)
+    n = len(sels[0].start_address)
+    same = [s for s in sels if len(s.start_address) == n]
+    return min(s.start_address for s in same), max(s.end_address for s in same)
 
 
 class InfoSession:
@@ -103,6 +106,9 @@ class InfoSession:
         peer_ts: tuple[TrafficSelector, ...] = (),
         our_ts: tuple[TrafficSelector, ...] = (),
         rand: Callable[[int], bytes] = secrets.token_bytes,
+        prf_id: int = DEFAULT_IKE.prf,
+        esp_suites: tuple[EspSuite, ...] = (DEFAULT_ESP,),
+        mode: Mode = Mode.TUNNEL,
     ) -> None:
         self._spi_i = spi_i
         self._spi_r = spi_r
@@ -115,6 +121,9 @@ class InfoSession:
         self._peer_ts = _hull(peer_ts)
         self._our_ts = _hull(our_ts)
         self._rand = rand
+        self._prf_id = prf_id  # the IKE SA's PRF (KEYMAT, RFC 7296 §2.17)
+        self._esp_suites = esp_suites
+        self._mode = mode  # of our Child SA; a rekey keeps it (§1.3.1)
         self._our_mid = our_next_mid
         self._peer_mid = peer_next_mid
         self._last_mid: int | None = last[0] if last else None
@@ -230,9 +239,12 @@ class InfoSession:
     ) -> tuple[list[Payload], list[InfoEvent]]:
         """The peer's CREATE_CHILD_SA request (RFC 7296 §1.3): only Child SA rekeys."""
         rekey: Notify | None = None
+        transport = False
         sa = ke = nonce = tsi = tsr = None
         for p in payloads:
-            if isinstance(p, Notify) and p.notify_type == NotifyType.REKEY_SA:
+            if isinstance(p, Notify) and p.notify_type == NotifyType.USE_TRANSPORT_MODE:
+                transport = True
+            elif isinstance(p, Notify) and p.notify_type == NotifyType.REKEY_SA:
                 rekey = p
             elif isinstance(p, SA):
                 sa = p
@@ -259,22 +271,30 @@ class InfoSession:
             our_spi = self._rand(4)
             if len(our_spi) != 4:
                 raise ValueError("rand returned the wrong number of octets")
-        picked = None
-        if ke is None or ke.dh_group in _PFS_GROUPS:
-            picked = choose_esp_proposal(
-                sa.proposals, our_spi, ke.dh_group if ke is not None else None
-            )
+        picked = choose_esp(
+            sa.proposals,
+            self._esp_suites,
+            our_spi,
+            ke.dh_group if ke is not None else None,
+            create_child=True,
+        )
         if picked is None:
-            if ke is not None and choose_esp_proposal(sa.proposals, our_spi, _PFS_GROUP):
-                # §1.3: the KE is in a group we do not take, but X25519 is offered
-                return [Notify(NotifyType.INVALID_KE_PAYLOAD, _PFS_GROUP.to_bytes(2, "big"))], []
+            hint = esp_ke_hint(sa.proposals, self._esp_suites) if ke is not None else None
+            if hint is not None and ke is not None and hint != ke.dh_group:
+                # §1.3: the KE is in a group we do not take, but one we take is offered
+                return [Notify(NotifyType.INVALID_KE_PAYLOAD, hint.to_bytes(2, "big"))], []
             return [Notify(NotifyType.NO_PROPOSAL_CHOSEN)], []
+        # §1.3.1: a rekey of a transport-mode Child SA asks for transport again; we keep the
+        # mode of the Child SA (tunnel when the request does not ask for transport).
+        mode = Mode.TRANSPORT if transport and self._mode is Mode.TRANSPORT else Mode.TUNNEL
         ts_i = narrow(tsi.selectors, self._peer_ts)
         ts_r = narrow(tsr.selectors, self._our_ts)
         if not ts_i or not ts_r:
             return [Notify(NotifyType.TS_UNACCEPTABLE)], []
         g_ir: bytes | None = None
-        inner: list[Payload] = [SA((picked[1],))]
+        inner: list[Payload] = [SA((picked.answer,))]
+        if mode is Mode.TRANSPORT:
+            inner.insert(0, Notify(NotifyType.USE_TRANSPORT_MODE))
         nr = self._rand(_NONCE_LEN)
         inner.append(Nonce(nr))
         if ke is not None:
@@ -283,25 +303,28 @@ class InfoSession:
             inner.append(KE(ke.dh_group, dh.public_bytes()))
         inner += [TSi(ts_i), TSr(ts_r)]
         keys = child_keys(
-            _PRF_ID,
+            self._prf_id,
             self._sk_d,
             nonce.data,
             nr,
-            encr_key_len=_ESP_KEY_LEN,
-            integ_key_len=0,
+            encr_key_len=picked.suite.encr_key_len,
+            integ_key_len=picked.suite.integ_key_len,
             g_ir_new=g_ir,
         )
         from services.core.ike.exchange import ChildSaResult  # import cycle: exchange -> here
 
         new = ChildSaResult(
             spi_in=our_spi,
-            spi_out=picked[0].spi,
-            encr_id=ENCR_ID,
-            key_bits=ENCR_KEY_BITS,
-            esn=False,
+            spi_out=picked.offered.spi,
+            encr_id=picked.suite.encr,
+            key_bits=picked.suite.key_bits,
+            esn=picked.suite.esn,
             keys=keys,
             ts_i=ts_i,
             ts_r=ts_r,
+            integ_id=picked.suite.integ,
+            mode=mode,
+            dh=picked.dh,
         )
         self.children.append((new.spi_in, new.spi_out))
         return inner, [InfoEvent("child_rekeyed", old[0], old[1], new)]
