@@ -9,8 +9,12 @@ Flow per connection with ``start_action == "start"`` (RFC 7296 §1.2):
    ``receive()``; after ``port_float`` (the responder sent NAT-D) IKE moves to UDP 4500 — the
    worker adds and strips the RFC 3948 non-ESP marker itself, so keymgr never sees it;
 3. ``on_timer()`` drives retransmission;
-4. on ESTABLISHED the inbound and outbound ESP SAs (AES-GCM-16, tunnel mode, ESP-in-UDP
-   4500/4500 when IKE floated) and one SPD PROTECT entry are installed with a shared reqid.
+4. on ESTABLISHED the inbound and outbound ESP SAs (the negotiated ESP suite and mode, tunnel or
+   transport; ESP-in-UDP 4500/4500 when IKE floated) and one SPD PROTECT entry are installed
+   with a shared reqid.
+
+IKE and ESP proposals, mode and identities come from the connection (``ike_proposals``,
+``esp_proposals``, ``mode``, ``local_id`` / ``remote_id``); addresses may be IPv4 or IPv6.
 
 Responder role, per connection with ``start_action`` ``"none"`` / ``"respond"``: a punted
 IKE_SA_INIT request whose (local, remote) address pair matches the connection starts an
@@ -62,7 +66,7 @@ from services.core.ike.exchange import (
 from services.core.ike.informational import InfoEvent
 from services.core.ike.message import IkeDecodeError, decode_header
 from services.core.ike.responder import Ikev2Responder, ResponderConfig, ResponderState
-from services.core.sa import Direction, Mode, SaConfig, UdpEncap
+from services.core.sa import Direction, SaConfig, UdpEncap
 from services.core.selectors import Selector
 from services.core.spd import Action, SpdEntry
 from services.dataplane.client import DataplaneClient, IkeDatagram, PuntStream
@@ -211,21 +215,36 @@ class Keymgr:
             log.error("cannot start connection", extra={"conn": c.name, "reason": str(e)})
             s.retry_at = now + RETRY_AFTER_FAILURE
             return
-        cfg = InitiatorConfig(
-            local_addr=c.local_addr,
-            remote_addr=c.remote_addr,
-            psk=psk,
-            ts_local=c.ts_range("local"),
-            ts_remote=c.ts_range("remote"),
-            local_id=c.local_id,
-            remote_id=c.remote_id,
-        )
+        try:
+            cfg = InitiatorConfig(
+                local_addr=c.local_addr,
+                remote_addr=c.remote_addr,
+                psk=psk,
+                ts_local=c.ts_range("local"),
+                ts_remote=c.ts_range("remote"),
+                local_id=c.local_id,
+                remote_id=c.remote_id,
+                ike_suites=c.ike_suites,
+                esp_suites=c.esp_suites,
+                mode=c.sa_mode,
+            )
+        except ValueError as e:
+            log.error("cannot start connection", extra={"conn": c.name, "reason": str(e)})
+            s.retry_at = now + RETRY_AFTER_FAILURE
+            return
         ini = Ikev2Initiator(cfg, now=now)
         s.initiator = ini
         s.retry_at = None
         log.info(
             "ike initiating",
-            extra={"conn": c.name, "spi_i": ini.spi_i.hex(), "remote": c.remote_addr},
+            extra={
+                "conn": c.name,
+                "spi_i": ini.spi_i.hex(),
+                "remote": c.remote_addr,
+                "ike_proposals": ",".join(c.ike_proposals),
+                "esp_proposals": ",".join(c.esp_proposals),
+                "mode": c.mode,
+            },
         )
         self._send(s, ini.start(now))
 
@@ -238,12 +257,12 @@ class Keymgr:
 
     def _dispatch(self, d: IkeDatagram, now: float) -> None:
         for c, reqid in self.responder_conns:
-            if (d.local_addr, d.remote_addr) == (c.local_addr, c.remote_addr):
+            if _matches(d, c):
                 self._respond(c, reqid, d, now)
                 return
         for s in self.sessions:
             c = s.conn
-            if (d.local_addr, d.remote_addr) != (c.local_addr, c.remote_addr):
+            if not _matches(d, c):
                 continue
             ini = s.initiator
             if ini is not None and ini.state is State.ESTABLISHED:
@@ -307,13 +326,16 @@ class Keymgr:
                     local_id=c.local_id,
                     remote_id=c.remote_id or c.remote_addr,
                     remote_addr=c.remote_addr,
+                    ike_suites=c.ike_suites,
+                    esp_suites=c.esp_suites,
+                    mode=c.sa_mode,
                 )
             except ValueError as e:
                 log.error("cannot answer IKE_SA_INIT", extra={"conn": c.name, "reason": str(e)})
                 return
             rs = ResponderSession(c, reqid, Ikev2Responder(cfg, now=now))
-        local = (ipaddress.IPv4Address(d.local_addr).packed, d.local_port)
-        remote = (ipaddress.IPv4Address(d.remote_addr).packed, d.remote_port)
+        local = (ipaddress.ip_address(d.local_addr).packed, d.local_port)
+        remote = (ipaddress.ip_address(d.remote_addr).packed, d.remote_port)
         before = rs.responder.state
         out = rs.responder.receive(d.data, now, remote=remote, local=local)
         if hdr.spi_i not in self.responders:
@@ -603,6 +625,7 @@ class Keymgr:
                 "spi_i": r.spi_i.hex(),
                 "spi_r": r.spi_r.hex(),
                 "nat_t": encap,
+                "ike": r.suite.name,
             },
         )
         try:
@@ -629,11 +652,27 @@ class Keymgr:
                 "spi_in": r.child.spi_in.hex(),
                 "spi_out": r.child.spi_out.hex(),
                 "reqid": reqid,
+                "esp": r.child.suite_name,
+                "mode": r.child.mode.name.lower(),
                 "encap": "udp-4500" if encap else "esp",
                 "spd_revision": self._spd_revision,
             },
         )
         return True
+
+
+def _same_addr(a: str, b: str) -> bool:
+    """Textual IP addresses equal as addresses (IPv6 has several spellings)."""
+    if a == b:
+        return True
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return False
+
+
+def _matches(d: IkeDatagram, c: Connection) -> bool:
+    return _same_addr(d.local_addr, c.local_addr) and _same_addr(d.remote_addr, c.remote_addr)
 
 
 def child_sa_configs(
@@ -649,18 +688,20 @@ def child_sa_configs(
     ``child.spi_in`` is always our SPI (inbound, remote→local) and ``spi_out`` the peer's
     (outbound, local→remote). RFC 7296 §2.17: the initiator→responder key is ``encr_i``, so as
     initiator inbound uses ``encr_r`` and outbound ``encr_i``; as responder the other way
-    round. Keys include the 4-octet AES-GCM salt (RFC 4106 §8.1). ``encap`` (default: the
-    result's ``nat_t``) selects ESP-in-UDP 4500/4500.
+    round (integrity keys likewise). Encryption keys carry the cipher's salt (RFC 4106 §8.1,
+    RFC 7634 §2). The negotiated algorithms, ESN and mode (tunnel / transport) come from the
+    Child SA result. ``encap`` (default: the result's ``nat_t``) selects ESP-in-UDP 4500/4500.
     """
     child = r.child
-    local = ipaddress.IPv4Address(c.local_addr).packed
-    remote = ipaddress.IPv4Address(c.remote_addr).packed
+    local = ipaddress.ip_address(c.local_addr).packed
+    remote = ipaddress.ip_address(c.remote_addr).packed
     use_encap = r.nat_t if encap is None else encap
     encap_cfg = UdpEncap(NAT_T_PORT, NAT_T_PORT) if use_encap else None
-    key_in, key_out = (
-        (child.keys.encr_r, child.keys.encr_i)
+    k = child.keys
+    (key_in, integ_in), (key_out, integ_out) = (
+        ((k.encr_r, k.integ_r), (k.encr_i, k.integ_i))
         if initiator
-        else (child.keys.encr_i, child.keys.encr_r)
+        else ((k.encr_i, k.integ_i), (k.encr_r, k.integ_r))
     )
     sel_out = Selector.make(c.local_ts, c.remote_ts)
     sel_in = Selector.make(c.remote_ts, c.local_ts)
@@ -668,11 +709,13 @@ def child_sa_configs(
         spi=int.from_bytes(child.spi_in, "big"),
         protocol=int(IpProto.ESP),
         direction=Direction.INBOUND,
-        mode=Mode.TUNNEL,
+        mode=child.mode,
         src=remote,
         dst=local,
         encr_id=int(child.encr_id),
         encr_key=key_in,
+        integ_id=int(child.integ_id),
+        integ_key=integ_in,
         esn=child.esn,
         encap=encap_cfg,
         reqid=reqid,
@@ -685,6 +728,7 @@ def child_sa_configs(
         src=local,
         dst=remote,
         encr_key=key_out,
+        integ_key=integ_out,
         selectors=(sel_out,),
     )
     spd = SpdEntry(

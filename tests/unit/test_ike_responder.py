@@ -231,7 +231,9 @@ def test_no_acceptable_ike_proposal_gives_no_proposal_chosen() -> None:
     assert [p.notify_type for p in msg.payloads if isinstance(p, Notify)] == [
         NotifyType.NO_PROPOSAL_CHOSEN
     ]
-    assert resp.state is ResponderState.FAILED and (resp.failure_reason or "").startswith("NO_PROPOSAL_CHOSEN")
+    assert resp.state is ResponderState.FAILED and (resp.failure_reason or "").startswith(
+        "NO_PROPOSAL_CHOSEN"
+    )
     assert resp.receive(req, 1.0) == [raw]  # retransmission: same answer
 
 
