@@ -271,7 +271,18 @@ class Keymgr:
             if ini is None or ini.state not in (State.SA_INIT_SENT, State.AUTH_SENT):
                 log.debug("ignoring IKE datagram", extra={"conn": c.name})
                 return
+            before = ini.retries
             self._send(s, ini.receive(d.data, now))
+            after = ini.retries
+            if after[:2] != before[:2]:
+                log.info(
+                    "ike_sa_init resent",
+                    extra={
+                        "conn": c.name,
+                        "reason": "INVALID_KE_PAYLOAD" if after[0] != before[0] else "COOKIE",
+                        "dh_group": after[2],
+                    },
+                )
             self._check(s, now)
             return
         log.debug("IKE datagram for no connection", extra={"remote": d.remote_addr})
@@ -337,7 +348,13 @@ class Keymgr:
         local = (ipaddress.ip_address(d.local_addr).packed, d.local_port)
         remote = (ipaddress.ip_address(d.remote_addr).packed, d.remote_port)
         before = rs.responder.state
+        ke_before = rs.responder.invalid_ke_sent
         out = rs.responder.receive(d.data, now, remote=remote, local=local)
+        if rs.responder.invalid_ke_sent != ke_before:
+            log.info(
+                "INVALID_KE_PAYLOAD sent",
+                extra={"conn": c.name, "spi_i": hdr.spi_i.hex(), "remote": d.remote_addr},
+            )
         if hdr.spi_i not in self.responders:
             if rs.responder.state is ResponderState.WAIT_SA_INIT and not out:
                 return  # dropped before any state (malformed request)

@@ -404,6 +404,11 @@ class Ikev2Initiator:
         return self._spi_i
 
     @property
+    def retries(self) -> tuple[int, int, int]:
+        """(INVALID_KE_PAYLOAD retries, COOKIE retries, the DH group of our current KE)."""
+        return self._ke_retries, self._cookie_retries, self._dh_group
+
+    @property
     def next_timeout(self) -> float | None:
         """When on_timer should next be called, or None when nothing is outstanding."""
         if self._state not in (State.SA_INIT_SENT, State.AUTH_SENT):
