@@ -34,10 +34,12 @@ suite and mode; the PSK is not in keymgr's log.
 
 Transport mode: this kernel has no XFRM ESP, and strongSwan's kernel-libipsec (the only way
 charon does ESP here) installs tunnel-mode SAs only ("IPsec SA: unsupported mode"). So the
-transport cases prove the negotiation against charon (USE_TRANSPORT_MODE in both roles: charon
-reports the Child SA as TRANSPORT and then fails to install it, keymgr logs mode transport and
-installs transport SAs into our worker); traffic through transport SAs is not testable against
-this charon.
+transport cases prove the negotiation against charon, not traffic: keymgr initiating sends
+USE_TRANSPORT_MODE, charon accepts it, fails to install the transport SA and answers
+NO_PROPOSAL_CHOSEN, which keymgr reports ("... in transport mode") and installs nothing;
+charon initiating with mode = transport gets USE_TRANSPORT_MODE back from keymgr, which
+installs a transport-mode pair into our worker, then charon fails to install its side and
+deletes the Child SA, and keymgr removes its pair.
 
 Also: no common proposal in both directions (NO_PROPOSAL_CHOSEN readable in charon's log /
 swanctl's output and in keymgr's log). Run time: about 10 s per case.
@@ -53,7 +55,7 @@ from collections.abc import Iterator
 import pytest
 
 from services.core.ike.suites import parse_ike
-from services.core.sa import Direction, Mode
+from services.core.sa import Direction
 from tests.netns.test_keymgr_responder_strongswan import ResponderLab
 from tests.netns.test_keymgr_strongswan import Case, KeymgrLab, _skip_reason
 
@@ -283,17 +285,18 @@ def test_transport_mode_keymgr_initiates(make_lab: list[KeymgrLab]) -> None:
     lab.start_responder()
     lab.start_worker()
     lab.start_keymgr()
-    text = _wait_log(lab, "child installed", timeout=20)
+    text = _wait_log(lab, "ike failed", timeout=20)
     charon = lab.log("charon-b.log", 400)
     print(charon)
-    # charon (responder) accepted USE_TRANSPORT_MODE: it tried to install a TRANSPORT SA,
-    # which kernel-libipsec refuses
-    assert "IPsec SA: unsupported mode" in charon or "unsupported mode" in charon, charon
-    (rec,) = _records(text, "child installed")
-    assert rec["mode"] == "transport", rec
-    assert lab.client is not None
-    modes = {s.direction: s.mode for s in lab.client.list_sas()}
-    assert set(modes.values()) <= {Mode.TRANSPORT}, modes
+    # our IKE_AUTH asks for transport mode; charon (responder) accepts it and tries to install
+    # a transport-mode SA, which kernel-libipsec refuses, so it answers NO_PROPOSAL_CHOSEN
+    assert "parsed IKE_AUTH request 1 [ IDi IDr AUTH N(USE_TRANSP) SA TSi TSr ]" in charon
+    assert "IPsec SA: unsupported mode" in charon, charon
+    failed = _records(text, "ike failed")
+    assert failed and str(failed[0]["reason"]).endswith(
+        "ESP proposals (aes256gcm16) in transport mode"
+    ), failed
+    assert lab.client is not None and lab.client.list_sas() == []
 
 
 def test_transport_mode_strongswan_initiates(make_lab: list[KeymgrLab]) -> None:
@@ -308,10 +311,14 @@ def test_transport_mode_strongswan_initiates(make_lab: list[KeymgrLab]) -> None:
     print(init.stdout[-2500:])
     text = _wait_log(lab, "child installed", timeout=5)
     # keymgr (responder) answered USE_TRANSPORT_MODE and installed transport SAs; charon
-    # selected TRANSPORT mode and then could not install it with kernel-libipsec
+    # had asked for it and then could not install it with kernel-libipsec
     recs = _records(text, "child installed")
     assert len(recs) == 1 and recs[0]["mode"] == "transport", f"{text}\n{init.stdout}"
-    assert "unsupported mode" in init.stdout or "unsupported mode" in lab.log("charon-b.log", 400)
+    assert "parsed IKE_AUTH response 1 [ IDr AUTH N(USE_TRANSP) SA TSi TSr ]" in init.stdout
+    assert "IPsec SA: unsupported mode" in init.stdout
+    # charon then deletes the Child SA it could not install; keymgr removes its pair
+    assert _records(_wait_log(lab, "child removed"), "child removed"), lab.logs()
+    assert lab.client is not None and lab.client.list_sas() == []
 
 
 # --- no common proposal --------------------------------------------------------------------------
@@ -332,11 +339,16 @@ def test_no_common_proposal_keymgr_initiates(make_lab: list[KeymgrLab]) -> None:
     text = _wait_log(lab, "NO_PROPOSAL_CHOSEN")
     print(text)
     failed = _records(text, "ike failed")
-    assert failed and failed[0]["reason"] == "NO_PROPOSAL_CHOSEN", lab.logs()
+    assert failed, lab.logs()
+    assert failed[0]["reason"] == (
+        "NO_PROPOSAL_CHOSEN: the responder accepted none of our IKE proposals "
+        "(aes128gcm16-prfsha256-x25519)"
+    ), failed
     charon = lab.log("charon-b.log", 400)
     print(charon)
     assert "received proposals: IKE:AES_GCM_16_128/PRF_HMAC_SHA2_256/CURVE_25519" in charon
-    assert "no IKE proposal" in charon or "NO_PROPOSAL_CHOSEN" in charon, charon
+    assert "received proposals unacceptable" in charon, charon
+    assert "generating IKE_SA_INIT response 0 [ N(NO_PROP) ]" in charon, charon
     assert "ESTABLISHED" not in lab.list_sas_b()
     assert lab.client is not None and lab.client.list_sas() == []
 

@@ -482,7 +482,11 @@ def test_no_common_ike_suite_is_no_proposal_chosen_both_sides() -> None:
         ["aes256gcm16"],
     )
     _shuttle(ini, resp, V4)
-    assert ini.state is State.FAILED and ini.failure_reason == "NO_PROPOSAL_CHOSEN"
+    assert ini.state is State.FAILED
+    assert ini.failure_reason == (
+        "NO_PROPOSAL_CHOSEN: the responder accepted none of our IKE proposals "
+        "(aes128gcm16-prfsha256-x25519)"
+    )
     assert resp.failure_reason is not None
     assert resp.failure_reason.startswith("NO_PROPOSAL_CHOSEN")
     assert "aes256-sha256-prfsha256-modp3072" in resp.failure_reason
@@ -493,7 +497,10 @@ def test_no_common_esp_suite_is_no_proposal_chosen_both_sides() -> None:
         V6, [IKE_MATRIX[0]], [IKE_MATRIX[0]], ["aes128gcm16"], ["chacha20poly1305"]
     )
     _shuttle(ini, resp, V6)
-    assert ini.state is State.FAILED and ini.failure_reason == "NO_PROPOSAL_CHOSEN"
+    assert ini.state is State.FAILED
+    assert ini.failure_reason == (
+        "NO_PROPOSAL_CHOSEN: the responder accepted none of our ESP proposals (aes128gcm16)"
+    )
     assert resp.failure_reason is not None and "chacha20poly1305" in resp.failure_reason
 
 

@@ -524,10 +524,14 @@ class Ikev2Initiator:
         return list(datagrams)
 
     @staticmethod
-    def _check_errors(payloads: tuple[Payload, ...]) -> None:
+    def _check_errors(payloads: tuple[Payload, ...], offered: str = "") -> None:
+        """An error notify ends the exchange; NO_PROPOSAL_CHOSEN names what we ``offered``."""
         for p in payloads:
             if isinstance(p, Notify) and p.notify_type <= _ERROR_NOTIFY_MAX:
-                raise IkeFailure(_notify_name(p.notify_type))
+                reason = _notify_name(p.notify_type)
+                if p.notify_type == NotifyType.NO_PROPOSAL_CHOSEN and offered:
+                    reason += f": the responder accepted none of our {offered}"
+                raise IkeFailure(reason)
 
     def _retry_sa_init(self, msg: Message, now: float) -> list[bytes] | None:
         """COOKIE (§2.6) and INVALID_KE_PAYLOAD (§1.3) answers: the resent IKE_SA_INIT, [] for a
@@ -579,7 +583,8 @@ class Ikev2Initiator:
         retry = self._retry_sa_init(msg, now)
         if retry is not None:
             return retry
-        self._check_errors(msg.payloads)
+        names = ", ".join(x.name for x in self._ike_suites)
+        self._check_errors(msg.payloads, f"IKE proposals ({names})")
         sa = _first(msg.payloads, SA)
         ke = _first(msg.payloads, KE)
         nonce = _first(msg.payloads, Nonce)
@@ -660,7 +665,9 @@ class Ikev2Initiator:
         except IkeDecodeError:
             return []
         self._pending = []
-        self._check_errors(msg.payloads)
+        names = ", ".join(x.without_dh().name for x in self._esp_suites)
+        mode = " in transport mode" if self.config.mode is Mode.TRANSPORT else ""
+        self._check_errors(msg.payloads, f"ESP proposals ({names}){mode}")
         idr = _first(msg.payloads, IDr)
         auth = _first(msg.payloads, Auth)
         if not isinstance(idr, IDr) or not isinstance(auth, Auth):
