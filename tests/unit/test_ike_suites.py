@@ -21,26 +21,33 @@ from scapy.contrib.ikev2 import IKEv2_SA
 
 from services.core.iana import Encr, Integ
 from services.core.ike.constants import ExchangeType, NotifyType, ProtocolId, TransformType
+from services.core.ike.dh import group
 from services.core.ike.exchange import (
     MAX_COOKIE_RETRIES,
     MAX_KE_RETRIES,
     Ikev2Initiator,
     InitiatorConfig,
     State,
+    sk_ciphers,
 )
+from services.core.ike.keys import child_keys
 from services.core.ike.message import (
     KE,
     SA,
     Message,
+    Nonce,
     Notify,
     Proposal,
     Transform,
     TransformAttribute,
+    TSi,
+    TSr,
     decode_message,
     encode_message,
 )
 from services.core.ike.prf import Prf
 from services.core.ike.responder import Ikev2Responder, ResponderConfig, ResponderState
+from services.core.ike.sk import decrypt_message, encrypt_message
 from services.core.ike.suites import (
     DEFAULT_ESP,
     DEFAULT_IKE,
@@ -132,6 +139,7 @@ def test_parse_esp_good(text: str, want: EspSuite) -> None:
         ("aes256gcm16-prfsha256-x25519-esn", "ESN belongs to ESP"),
         ("prfsha256-x25519", "no encryption"),
         ("aes256gcm16-prfsha1-x25519", "legacy"),
+        ("aes128-sha1-modp2048", "legacy"),
         ("aes256-sha1-x25519", "legacy"),
         ("aes256gcm16-prfsha256-modp1024", "legacy"),
         ("3des-sha256-x25519", "legacy"),
@@ -161,10 +169,28 @@ def test_parse_esp_bad(text: str, fragment: str) -> None:
 
 
 def test_legacy_only_with_the_flag() -> None:
-    s = parse_ike("3des-sha1-prfsha1-modp1024", allow_legacy=True)
-    assert s == IkeSuite(3, 192, 2, 2, 2, allow_legacy=True)
-    assert s.encr_key_len == 24 and s.integ_key_len == 20 and s.prf_key_len == 20
+    s = parse_ike("3des-sha1-prfsha256-modp1024", allow_legacy=True)
+    assert s == IkeSuite(3, 192, 2, 5, 2, allow_legacy=True)
+    assert s.encr_key_len == 24 and s.integ_key_len == 20 and s.prf_key_len == 32
     assert parse_esp("aes128-sha1", allow_legacy=True).integ_key_len == 20
+    for text in ("aes128-sha1-modp2048", "aes256gcm16-prfsha1-x25519"):
+        with pytest.raises(SuiteError, match="HMAC-SHA1 is not supported"):
+            parse_ike(text, allow_legacy=True)
+
+
+def test_legacy_suite_handshake() -> None:
+    ini, resp = _configs(
+        V4,
+        ["3des-sha1-prfsha256-modp1024"],
+        ["3des-sha1-prfsha256-modp1024"],
+        ["aes128-sha1"],
+        ["aes128-sha1"],
+        legacy=True,
+    )
+    _shuttle(ini, resp, V4)
+    assert ini.state is State.ESTABLISHED, ini.failure_reason
+    assert resp.state is ResponderState.ESTABLISHED, resp.failure_reason
+    assert ini.result is not None and ini.result.child.integ_id == Integ.HMAC_SHA1_96
 
 
 def test_lists() -> None:
@@ -371,6 +397,8 @@ def _configs(
     resp_esp: list[str],
     ini_mode: Mode = Mode.TUNNEL,
     resp_mode: Mode = Mode.TUNNEL,
+    *,
+    legacy: bool = False,
 ) -> tuple[Ikev2Initiator, Ikev2Responder]:
     i_addr, r_addr, ts_i, ts_r = fam
     ini = Ikev2Initiator(
@@ -380,8 +408,8 @@ def _configs(
             psk=PSK,
             ts_local=(ts_i, ts_i),
             ts_remote=(ts_r, ts_r),
-            ike_suites=parse_ike_list(ini_ike),
-            esp_suites=parse_esp_list(ini_esp),
+            ike_suites=parse_ike_list(ini_ike, allow_legacy=legacy),
+            esp_suites=parse_esp_list(ini_esp, allow_legacy=legacy),
             mode=ini_mode,
         ),
         now=0.0,
@@ -394,8 +422,8 @@ def _configs(
             ts_local=(ts_r, ts_r),
             ts_remote=(ts_i, ts_i),
             remote_id=i_addr,
-            ike_suites=parse_ike_list(resp_ike),
-            esp_suites=parse_esp_list(resp_esp),
+            ike_suites=parse_ike_list(resp_ike, allow_legacy=legacy),
+            esp_suites=parse_esp_list(resp_esp, allow_legacy=legacy),
             mode=resp_mode,
         ),
         now=0.0,
@@ -692,3 +720,82 @@ def test_registry_ids() -> None:
         Transform(TransformType.PRF, Prf.HMAC_SHA2_384),
         Transform(TransformType.DH, 21),
     )
+
+
+# --- the peer's Child SA rekey (CREATE_CHILD_SA) with configured suites ------------------------
+
+
+def test_peer_rekey_uses_our_esp_suites_pfs_group_and_transport_mode() -> None:
+    ini, resp = _configs(
+        V6,
+        ["aes256-sha256-modp2048"],
+        ["aes256-sha256-modp2048"],
+        ["aes256-sha256-ecp256"],
+        ["aes256-sha256-ecp256"],
+        Mode.TRANSPORT,
+        Mode.TRANSPORT,
+    )
+    _shuttle(ini, resp, V6)
+    assert resp.state is ResponderState.ESTABLISHED, resp.failure_reason
+    r = resp.result
+    assert r is not None and r.child.mode is Mode.TRANSPORT and r.child.dh == 0
+    # the initiator's side of the IKE SA, built independently of the responder object
+    r2i_in, i2r_out = sk_ciphers(r.suite, r.keys, initiator=True)
+    offer = esp_proposals(
+        parse_esp_list(["aes256-sha256-x25519", "aes256-sha256-ecp256"]),
+        b"\xca\xfe\x00\x01",
+        pfs=True,
+    )
+    ni = bytes(range(32))
+
+    def request(mid: int, ke: KE | None, transport: bool) -> Message:
+        payloads = (
+            Notify(NotifyType.REKEY_SA, b"", ProtocolId.ESP, r.child.spi_out),
+            *((Notify(NotifyType.USE_TRANSPORT_MODE),) if transport else ()),
+            SA(offer),
+            Nonce(ni),
+            *((ke,) if ke else ()),
+            TSi(r.child.ts_i),
+            TSr(r.child.ts_r),
+        )
+        msg = Message(r.spi_i, r.spi_r, ExchangeType.CREATE_CHILD_SA, mid, payloads, initiator=True)
+        (d,) = encrypt_message(msg, i2r_out)
+        (out,) = resp.receive(d, 0.0)
+        return decrypt_message(out, r2i_in)
+
+    # KE in x25519 (offered, but our suite takes ecp256 only) -> INVALID_KE_PAYLOAD(19)
+    x = group(31).generate(_rand(b"x"))
+    ans = request(2, KE(31, x.public_bytes()), True)
+    assert ans.payloads == (Notify(NotifyType.INVALID_KE_PAYLOAD, b"\x00\x13"),)
+    # no KE at all: our suite requires PFS -> NO_PROPOSAL_CHOSEN
+    ans = request(3, None, True)
+    assert ans.payloads == (Notify(NotifyType.NO_PROPOSAL_CHOSEN),)
+    # KE in ecp256 with USE_TRANSPORT_MODE: accepted, transport echoed, keys for CBC + HMAC
+    e = group(19).generate(_rand(b"e"))
+    ans = request(4, KE(19, e.public_bytes()), True)
+    notes = [p for p in ans.payloads if isinstance(p, Notify)]
+    assert notes == [Notify(NotifyType.USE_TRANSPORT_MODE)]
+    (sa,) = [p for p in ans.payloads if isinstance(p, SA)]
+    assert match_esp(sa.proposals[0], parse_esp_list(["aes256-sha256"]), pfs_group=19)
+    ker = next(p for p in ans.payloads if isinstance(p, KE))
+    nr = next(p for p in ans.payloads if isinstance(p, Nonce)).data
+    (ev,) = resp.take_events()
+    assert ev.kind == "child_rekeyed" and ev.child is not None
+    new = ev.child
+    assert (new.encr_id, new.key_bits, new.integ_id, new.dh, new.mode) == (
+        Encr.AES_CBC,
+        256,
+        Integ.HMAC_SHA2_256_128,
+        19,
+        Mode.TRANSPORT,
+    )
+    want = child_keys(
+        r.suite.prf,
+        r.keys.sk_d,
+        ni,
+        nr,
+        encr_key_len=32,
+        integ_key_len=32,
+        g_ir_new=e.shared(ker.data),
+    )
+    assert new.keys == want

@@ -162,14 +162,14 @@ def test_config_new_fields() -> None:
     assert c.ts_range("local") == ("2001:db8:a::", "2001:db8:a:0:ffff:ffff:ffff:ffff")
     d = config_from_json(
         doc.replace('"mode": "tunnel"', '"mode": "tunnel", "allow_legacy": true').replace(
-            "aes256-sha256-modp3072", "aes128-sha1-modp1024"
+            "aes256-sha256-modp3072", "aes128-sha1-prfsha256-modp1024"
         ),
         check_psk=False,
     )
     assert d.connections[0].ike_suites[1].allow_legacy
     with pytest.raises(ConfigError, match="legacy"):
         config_from_json(
-            doc.replace("aes256-sha256-modp3072", "aes128-sha1-modp1024"), check_psk=False
+            doc.replace("aes256-sha256-modp3072", "aes128-sha1-prfsha256-modp1024"), check_psk=False
         )
     with pytest.raises(ConfigError, match="transport mode needs"):
         config_from_json(

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from services.core.algorithms import AlgorithmError
 from services.core.ike.authn import (
     AuthFailure,
     Identity,
@@ -507,6 +508,9 @@ class Ikev2Initiator:
             return self._on_auth(bytes(data), now)
         except IkeFailure as e:
             self._fail(str(e))
+            return []
+        except AlgorithmError as e:  # a suite the registry cannot run (never key material)
+            self._fail(f"algorithm error: {e}")
             return []
 
     # -- internals --------------------------------------------------------------------------

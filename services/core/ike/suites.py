@@ -12,8 +12,9 @@ Suites are written as strongSwan-style proposal strings, tokens joined by ``-``:
                                                                   (ESP; the DH group is PFS)
 
 One string is one suite (one value per type). A non-AEAD IKE suite without a PRF token takes
-the PRF of its integrity algorithm (as strongSwan does). SHA-1 (``sha1``, ``prfsha1``),
-MODP-1024 (``modp1024``) and 3DES (``3des``) parse only with ``allow_legacy``.
+the PRF of its integrity algorithm (as strongSwan does). SHA-1 (``sha1``), MODP-1024
+(``modp1024``) and 3DES (``3des``) parse only with ``allow_legacy``; the PRF HMAC-SHA1 is
+refused even then (IKE authentication here takes SHA-2 PRFs only).
 
 Proposals are built one per suite, numbered from 1 (§3.3.1). The responder takes the first of
 *its own* suites that the initiator offers (strongSwan's default), see :func:`choose_ike` and
@@ -358,6 +359,12 @@ def parse_ike(text: str, *, allow_legacy: bool = False) -> IkeSuite:
                 f"IKE proposal {_show(text)}: a combined-mode cipher needs a PRF (e.g. prfsha256)"
             )
         prf = _PRF_OF_INTEG[Integ(integ)]
+    if prf == Prf.HMAC_SHA1:
+        # The AUTH computation (services.core.ike.authn) takes non-legacy PRFs only.
+        raise SuiteError(
+            f"IKE proposal {_show(text)}: PRF HMAC-SHA1 is not supported, even as legacy "
+            "(name a SHA-2 PRF, e.g. prfsha256)"
+        )
     if "DH" not in slots:
         raise SuiteError(f"IKE proposal {_show(text)}: no DH group (e.g. x25519, ecp256, modp3072)")
     suite = IkeSuite(encr, bits, integ, prf, slots["DH"], allow_legacy)
