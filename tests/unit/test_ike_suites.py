@@ -17,6 +17,8 @@ import ipaddress
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.contrib.ikev2 import IKEv2_SA
 
 from services.core.iana import Encr, Integ
@@ -799,3 +801,24 @@ def test_peer_rekey_uses_our_esp_suites_pfs_group_and_transport_mode() -> None:
         g_ir_new=e.shared(ker.data),
     )
     assert new.keys == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.text(max_size=80)
+    | st.lists(
+        st.sampled_from(
+            ["aes256gcm16", "aes128", "sha256", "prfsha384", "x25519", "esn", "3des", "", "zz"]
+        ),
+        max_size=6,
+    ).map("-".join),
+    legacy=st.booleans(),
+)
+def test_parser_only_raises_suite_error(text: str, legacy: bool) -> None:
+    for parse in (parse_ike, parse_esp):
+        try:
+            s = parse(text, allow_legacy=legacy)
+        except SuiteError as e:
+            assert len(str(e)) < 300
+        else:
+            assert s.encr_key_len > 0

@@ -316,6 +316,10 @@ json_values = st.recursive(
             "local_ts",
             "remote_ts",
             "start_action",
+            "ike_proposals",
+            "esp_proposals",
+            "mode",
+            "allow_legacy",
         ]
     ),
     value=json_values,
