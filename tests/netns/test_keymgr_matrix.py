@@ -39,7 +39,8 @@ USE_TRANSPORT_MODE, charon accepts it, fails to install the transport SA and ans
 NO_PROPOSAL_CHOSEN, which keymgr reports ("... in transport mode") and installs nothing;
 charon initiating with mode = transport gets USE_TRANSPORT_MODE back from keymgr, which
 installs a transport-mode pair into our worker, then charon fails to install its side and
-deletes the Child SA, and keymgr removes its pair.
+deletes the Child SA, and keymgr removes its pair. Transport-mode traffic between two of our
+keymgrs (both roles) is in test_keymgr_transport.py.
 
 Also: no common proposal in both directions (NO_PROPOSAL_CHOSEN readable in charon's log /
 swanctl's output and in keymgr's log). Run time: about 10 s per case.
