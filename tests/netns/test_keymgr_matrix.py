@@ -43,22 +43,26 @@ deletes the Child SA, and keymgr removes its pair. Transport-mode traffic betwee
 keymgrs (both roles) is in test_keymgr_transport.py.
 
 Also: no common proposal in both directions (NO_PROPOSAL_CHOSEN readable in charon's log /
-swanctl's output and in keymgr's log). Run time: about 10 s per case.
+swanctl's output and in keymgr's log), and keymgr answering charon's COOKIE (RFC 7296 §2.6).
+Run time: about 5-10 s per case, about a minute in all.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from scripts import bench_strongswan as bsw
 from services.core.ike.suites import parse_ike
 from services.core.sa import Direction
 from tests.netns.test_keymgr_responder_strongswan import ResponderLab
-from tests.netns.test_keymgr_strongswan import Case, KeymgrLab, _skip_reason
+from tests.netns.test_keymgr_strongswan import REPO, Case, KeymgrLab, _env, _skip_reason
 
 pytestmark = pytest.mark.netns
 
@@ -379,3 +383,61 @@ def test_no_common_proposal_strongswan_initiates(make_lab: list[KeymgrLab]) -> N
         in (text)
     ), text
     assert lab.client is not None and lab.client.list_sas() == []
+
+
+# --- COOKIE (RFC 7296 §2.6) ------------------------------------------------------------------
+
+_HALF_OPEN = """
+import socket, sys
+from services.core.ike.exchange import Ikev2Initiator, InitiatorConfig
+a, b = sys.argv[1], sys.argv[2]
+cfg = InitiatorConfig(local_addr=a, remote_addr=b, psk=b"x" * 32, ts_local=(a, a),
+                      ts_remote=(b, b), local_port=5000)
+(msg,) = Ikev2Initiator(cfg, now=0.0).start(0.0)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((a, 5000))
+s.settimeout(3)
+s.sendto(msg, (b, 500))
+print(len(s.recv(4096)))
+"""
+
+
+def test_keymgr_answers_strongswan_cookie(make_lab: list[KeymgrLab]) -> None:
+    """charon demands cookies once one IKE SA is half-open (cookie_threshold = 1): a first
+    IKE_SA_INIT from another port of A leaves one half-open; keymgr's IKE_SA_INIT then gets a
+    COOKIE, which it sends back first in a new IKE_SA_INIT, and the SA comes up."""
+    case = Case(charon_settings=("cookie_threshold = 1",))
+    lab = KeymgrLab(case)
+    make_lab.append(lab)
+    lab.start_responder()
+    lab.start_worker()
+    addrs = (bsw.OUTER_A, bsw.OUTER_B)
+    half = subprocess.run(
+        ["ip", "netns", "exec", lab.bench.ns_a, sys.executable, "-c", _HALF_OPEN, *addrs],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=REPO,
+        env=_env(),
+        check=False,
+    )
+    assert half.returncode == 0, half.stderr
+    keymgr = lab.start_keymgr()
+    sas = ""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert keymgr.poll() is None, lab.logs()
+        sas = lab.list_sas_b()
+        if sas.count("ESTABLISHED") == 1 and "INSTALLED" in sas:
+            break
+        time.sleep(0.3)
+    charon = lab.log("charon-b.log", 400)
+    print(charon)
+    assert "generating IKE_SA_INIT response 0 [ N(COOKIE) ]" in charon, charon
+    assert re.search(r"parsed IKE_SA_INIT request 0 \[ N\(COOKIE\) SA KE No", charon), charon
+    assert "INSTALLED" in sas, f"{sas}\n{lab.logs()}"
+    text = _wait_log(lab, "child installed")
+    (rec,) = _records(text, "ike_sa_init resent")
+    assert rec["reason"] == "COOKIE", rec
+    ping = lab.ping()
+    assert ping.returncode == 0, f"{ping.stdout}{ping.stderr}\n{lab.logs()}"

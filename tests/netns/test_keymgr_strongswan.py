@@ -62,6 +62,7 @@ class Case:
     mode: str = "tunnel"
     ipv6: bool = False
     plugins: tuple[str, ...] = field(default=())  # extra charon plugins (e.g. chapoly)
+    charon_settings: tuple[str, ...] = field(default=())  # extra "key = value" in charon { }
 
     @property
     def outer(self) -> tuple[str, str]:
@@ -184,12 +185,22 @@ class KeymgrLab:
     def start_charon_b(self, psk: str) -> None:
         """charon in B with this case's configuration (loaded, not initiated)."""
         b = self.bench
-        saved = bsw.PLUGINS
-        bsw.PLUGINS = " ".join((saved, *self.case.plugins))  # read when strongswan.conf is written
+        base = bsw._strongswan_conf
+        case = self.case
+
+        def conf(workdir: pathlib.Path, name: str) -> str:
+            text = base(workdir, name)
+            load = f"load = {bsw.PLUGINS}"
+            assert text.count(load) == 1 and text.count("charon {") == 1, "template changed"
+            text = text.replace(load, " ".join((load, *case.plugins)))
+            extra = "".join(f"\n    {kv}" for kv in case.charon_settings)
+            return text.replace("charon {", "charon {" + extra)
+
+        bsw._strongswan_conf = conf  # start_charon writes strongswan.conf through it
         try:
             proc = b.start_charon("b", b.ns_b, self.case.swanctl_conf(psk))
         finally:
-            bsw.PLUGINS = saved
+            bsw._strongswan_conf = base
         b.wait_vici("b", proc)
         b.swanctl(
             "b", "--load-all", "--noprompt", "--file", str(b.workdir / "b/swanctl/swanctl.conf")
