@@ -69,7 +69,7 @@ BENCH_APT := strongswan-charon strongswan-swanctl libcharon-extra-plugins \
 bench: setup
 	@test -x /usr/lib/ipsec/charon || (export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $(BENCH_APT))
-	$(PY) scripts/bench.py
+	BENCH_ONLY="$(BENCH_ONLY)" $(PY) scripts/bench.py
 
 clean:
 	rm -rf .venv services/pb $(APT_STAMP) .pytest_cache .mypy_cache .ruff_cache

@@ -225,15 +225,59 @@ def bench_throughput() -> list[tuple[str, str]]:
     return rows
 
 
-def main() -> int:
-    rows = bench_transforms()
-    tput = bench_throughput()
-    today = datetime.date.today().isoformat()
+PARTS = ("esp", "tput", "ike")  # BENCH_ONLY values: transforms, TCP throughput, IKE handshakes
+
+
+def parse_only(value: str) -> tuple[str, ...]:
+    """The parts a BENCH_ONLY value selects ("" or "all": every part; else a comma list)."""
+    words = [w.strip().lower() for w in value.split(",") if w.strip()]
+    if not words or words == ["all"]:
+        return PARTS
+    unknown = [w for w in words if w not in PARTS]
+    if unknown:
+        raise ValueError(f"BENCH_ONLY: unknown part {', '.join(unknown)} (choose from {PARTS})")
+    return tuple(p for p in PARTS if p in words)
+
+
+def split_sections(doc: str) -> tuple[list[str], dict[str, list[str]]]:
+    """A markdown document as (lines before the first '## ' heading, {heading: its lines}),
+    each section's lines starting with its heading and ending before the next one."""
+    head: list[str] = []
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in doc.splitlines():
+        if line.startswith("## "):
+            current = sections.setdefault(line, [])
+        if current is None:
+            head.append(line)
+        else:
+            current.append(line)
+    return head, sections
+
+
+def splice_sections(doc: str, new: list[list[str]]) -> str:
+    """Replace the sections of ``doc`` that have the headings of ``new`` (each a list of lines
+    starting with its '## ' heading); sections not in ``doc`` are appended. The rest is kept."""
+    head, sections = split_sections(doc)
+    for lines in new:
+        if not lines or not lines[0].startswith("## "):
+            raise ValueError("a section starts with its '## ' heading")
+        block = list(lines)
+        if block[-1] != "":
+            block.append("")
+        sections[block[0]] = block
+    out = list(head)
+    if out and out[-1] != "":
+        out.append("")
+    for block in sections.values():
+        out += block
+        if out[-1] != "":
+            out.append("")
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def esp_section(rows: list[tuple[str, int, float, float, float]]) -> list[str]:
     lines = [
-        "# Benchmarks",
-        "",
-        f"Run by `make bench` on {today}; machine: {machine()}.",
-        "",
         "## ESP transform vs the bare AEAD call",
         "",
         "Per packet: our ESP encapsulate + decapsulate (`EspSa.seal` + `EspSa.open`: header, "
@@ -264,7 +308,12 @@ def main() -> int:
         "For AES-CBC + HMAC the bare reference is the plain use of the primitives (a new CBC "
         "context per packet, one-shot HMAC), which is what the ESP code avoids with persistent "
         "contexts (see services/core/algorithms.py, BlockCipher).",
-        "",
+    ]
+    return lines
+
+
+def tput_section(tput: list[tuple[str, str]]) -> list[str]:
+    lines = [
         "## TCP throughput between two dataplane workers",
         "",
         "iperf3 TCP for 5 s between the inner addresses 198.51.100.1 and 203.0.113.1 of two "
@@ -277,10 +326,37 @@ def main() -> int:
     ]
     for name, value in tput:
         lines.append(f"| {name} | {value} |")
-    lines.append("")
+    return lines
+
+
+def main() -> int:
+    try:
+        parts = parse_only(os.environ.get("BENCH_ONLY", ""))
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    today = datetime.date.today().isoformat()
+    sections: list[list[str]] = []
+    if "esp" in parts:
+        sections.append(esp_section(bench_transforms()))
+    if "tput" in parts:
+        sections.append(tput_section(bench_throughput()))
+    if "ike" in parts:
+        from scripts.bench_ike import ike_handshake_rate
+
+        sections.append(ike_handshake_rate(date=today, machine=machine()))
     out = ROOT / "docs" / "benchmarks.md"
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    if parts == PARTS or not out.exists():
+        head = ["# Benchmarks", "", f"Run by `make bench` on {today}; machine: {machine()}.", ""]
+        text = splice_sections("\n".join(head), sections)
+    else:  # one part re-run alone: the other sections stay as the last full run wrote them
+        note = f"Re-run alone (`BENCH_ONLY={','.join(parts)}`) on {today}; machine: {machine()}."
+        for lines in sections:
+            if not lines[0].startswith("## IKEv2"):  # the IKE section carries its own date
+                lines[1:1] = ["", note]
+        text = splice_sections(out.read_text(), sections)
+    out.write_text(text)
+    print(text)
     return 0
 
 

@@ -86,11 +86,13 @@ def _strongswan_version() -> str:
     return out[-1] if out else "?"
 
 
-def _strongswan_conf(workdir: pathlib.Path, name: str) -> str:
+def _strongswan_conf(workdir: pathlib.Path, name: str, extra: str = "") -> str:
+    """strongswan.conf of one benchmark charon; ``extra`` holds more settings of the
+    ``charon`` section (one per line, e.g. ``cookie_threshold = 1000``)."""
     return f"""# private config of the benchmark's charon {name}; no include of /etc/strongswan.d
 charon {{
     load = {PLUGINS}
-    filelog {{
+{extra}    filelog {{
         {name} {{
             path = {workdir}/charon-{name}.log
             time_format = %T
@@ -201,10 +203,12 @@ class StrongSwanPair:
     def swanctl(self, name: str, *args: str, timeout: float = 30.0) -> str:
         return _run(["swanctl", *args, "--uri", self.vici(name)], timeout=timeout).stdout
 
-    def start_charon(self, name: str, ns: str, conf: str) -> subprocess.Popen[bytes]:
+    def start_charon(
+        self, name: str, ns: str, conf: str, extra: str = ""
+    ) -> subprocess.Popen[bytes]:
         d = self.workdir / name
         (d / "swanctl").mkdir(parents=True)
-        (d / "strongswan.conf").write_text(_strongswan_conf(self.workdir, name))
+        (d / "strongswan.conf").write_text(_strongswan_conf(self.workdir, name, extra))
         (d / "swanctl" / "swanctl.conf").write_text(conf)
         (d / "swanctl" / "swanctl.conf").chmod(0o600)
         # Private /run (pid file) and /etc/swanctl so two daemons never share either.

@@ -14,12 +14,36 @@ import signal
 import sys
 from types import FrameType
 
+from services.core.ike.cookies import DEFAULT_PERIOD, DEFAULT_THRESHOLD
 from services.dataplane.client import DataplaneClient
+from services.keymgr.api import ApiServer
 from services.keymgr.config import ConfigError, load_config
 from services.keymgr.daemon import Keymgr
+from services.keymgr.events import KeyExporter
 from services.runtime.logging import configure_logging
+from services.runtime.tls import TlsConfigError
 
 log = logging.getLogger("keymgr")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,6 +88,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="use <client-name>.pem / .key from --tls-dir as the client certificate",
     )
     p.add_argument(
+        "--cookie-threshold",
+        type=_non_negative_int,
+        default=env("KEYMGR_COOKIE_THRESHOLD", str(DEFAULT_THRESHOLD)),
+        help="half-open responder IKE SAs from which an IKE_SA_INIT must carry a valid COOKIE "
+        "(RFC 7296 section 2.6); 0 demands cookies always. Demand stops at half of it",
+    )
+    p.add_argument(
+        "--cookie-period",
+        type=_positive_float,
+        default=env("KEYMGR_COOKIE_PERIOD", str(DEFAULT_PERIOD)),
+        help="seconds between cookie secret rotations (a cookie stays valid up to two periods)",
+    )
+    p.add_argument(
+        "--api-listen",
+        default=env("KEYMGR_API_LISTEN", ""),
+        help="serve the operator gRPC API (mutual TLS) on unix:/path.sock or HOST:PORT; "
+        "empty: no API",
+    )
+    p.add_argument(
+        "--api-cert-name",
+        default=env("KEYMGR_API_CERT_NAME"),
+        help="use <name>.pem / .key from --tls-dir as the API's server certificate "
+        "(default: the --client-name certificate)",
+    )
+    p.add_argument(
+        "--export-keys",
+        type=pathlib.Path,
+        default=env("KEYMGR_EXPORT_KEYS") or None,
+        metavar="FILE",
+        help="TROUBLESHOOTING ONLY: append every IKE and ESP SA's keys to FILE (mode 0600) "
+        "in Wireshark's ikev2_decryption_table / esp_sa formats; off by default",
+    )
+    p.add_argument(
         "--log-level",
         default=env("KEYMGR_LOG_LEVEL", "info"),
         choices=("debug", "info", "warning", "error"),
@@ -82,7 +139,33 @@ def main(argv: list[str] | None = None) -> int:
     client = DataplaneClient(
         args.dataplane, args.tls_dir, server_name=args.server_name, client_name=args.client_name
     )
-    km = Keymgr(client, cfg.connections)
+    exporter = None
+    if args.export_keys is not None:
+        exporter = KeyExporter(args.export_keys)
+        try:
+            exporter.open()
+        except OSError as e:
+            log.error("cannot open the key export file", extra={"reason": e.strerror})
+            client.close()
+            return 2
+    km = Keymgr(
+        client,
+        cfg.connections,
+        cookie_threshold=args.cookie_threshold,
+        cookie_period=args.cookie_period,
+        key_export=exporter,
+    )
+    api = None
+    if args.api_listen:
+        try:
+            api = ApiServer.with_tls(
+                km, args.api_listen, args.tls_dir, args.api_cert_name or args.client_name
+            )
+        except (TlsConfigError, RuntimeError) as e:
+            log.error("cannot serve the operator API", extra={"reason": str(e)})
+            client.close()
+            return 2
+        api.start()
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         log.info("stopping", extra={"signal": signal.Signals(signum).name})
@@ -97,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("keymgr failed")
         return 1
     finally:
+        if api is not None:
+            api.stop()
+        km.events.close()
         client.close()
     return 1 if km.failed else 0
 

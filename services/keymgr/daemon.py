@@ -20,8 +20,11 @@ Responder role, per connection with ``start_action`` ``"none"`` / ``"respond"``:
 IKE_SA_INIT request whose (local, remote) address pair matches the connection starts an
 :class:`~services.core.ike.responder.Ikev2Responder`, keyed by the initiator's IKE SPI; its
 answers go back through punt-inject on the ports the request arrived on (500, or 4500 after
-the initiator floated). At most ``MAX_HALF_OPEN`` responders may be half-open (not yet
-ESTABLISHED); further IKE_SA_INIT requests are dropped and counted (cookies: future work).
+the initiator floated). Before a responder is created a
+:class:`~services.core.ike.cookies.CookieGuard` is asked (RFC 7296 §2.6): from
+``cookie_threshold`` half-open responders on, an IKE_SA_INIT without a valid COOKIE gets a
+stateless COOKIE response instead. At most ``MAX_HALF_OPEN`` responders may be half-open (not
+yet ESTABLISHED) whatever the cookies say; further IKE_SA_INIT requests are dropped and counted.
 Half-open responders expire after ``HALF_OPEN_TIMEOUT``. On ESTABLISHED the same
 installation path as the initiator's runs, with the keys of the responder's side.
 
@@ -36,6 +39,12 @@ SAs from the worker.
 A CHILD SA rekey started by the peer (CREATE_CHILD_SA, RFC 7296 §2.8) installs the new pair
 under the same reqid and removes the old pair when the peer's Delete of it arrives.
 
+Operator commands (services/keymgr/api.py) run on the main loop too: a gRPC thread hands a
+callable to :meth:`Keymgr.submit`, which queues it next to the punted datagrams and returns a
+future. Every SA lifecycle step is published on :attr:`Keymgr.events` (up, down, child_up,
+child_down, rekeyed, auth_failed, negotiation_failed). With a :class:`KeyExporter` the IKE and
+ESP keys of each new SA are appended to its file (troubleshooting only, off by default).
+
 Scope: one IKE SA per connection, we start no rekey, no ACQUIRE-triggered negotiation. Keys are
 never logged: only SPIs appear in logs.
 """
@@ -49,12 +58,16 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 import grpc
 
-from services.core.iana import IpProto
+from services.core.iana import Integ, IpProto
 from services.core.ike.constants import ExchangeType
+from services.core.ike.cookies import DEFAULT_PERIOD, DEFAULT_THRESHOLD, CookieGuard
+from services.core.ike.dh import DhGroupId
 from services.core.ike.exchange import (
     NAT_T_PORT,
     ChildSaResult,
@@ -65,12 +78,16 @@ from services.core.ike.exchange import (
 )
 from services.core.ike.informational import InfoEvent
 from services.core.ike.message import IkeDecodeError, decode_header
+from services.core.ike.prf import Prf
 from services.core.ike.responder import Ikev2Responder, ResponderConfig, ResponderState
+from services.core.ike.suites import DEFAULT_IKE, IkeSuite
 from services.core.sa import Direction, SaConfig, UdpEncap
 from services.core.selectors import Selector
 from services.core.spd import Action, SpdEntry
 from services.dataplane.client import DataplaneClient, IkeDatagram, PuntStream
+from services.keymgr import events as ev
 from services.keymgr.config import Connection
+from services.keymgr.events import ChildSaView, EventBus, IkeSaView, KeyExporter, KeymgrEvent
 
 log = logging.getLogger("keymgr")
 
@@ -82,6 +99,47 @@ MAX_HALF_OPEN = 64  # responders not yet ESTABLISHED; more IKE_SA_INITs are drop
 HALF_OPEN_TIMEOUT = 30.0  # seconds a half-open (or failed) responder is kept
 SHUTDOWN_WAIT = 2.0  # seconds to wait for the peers' responses to our Delete on stop()
 MAX_RESPONDERS = 1024  # all responder IKE SAs kept (established ones answer liveness checks)
+COOKIE_LOG_INTERVAL = 5.0  # at most one "ike cookies" counters line per this many seconds
+TERMINATE_WAIT = 5.0  # seconds an operator's Delete of an IKE SA waits for the peer's response
+T = TypeVar("T")
+# the core's IKE SA states as the operator API names them
+_STATE_NAMES = {
+    "initial": "connecting",
+    "sa_init_sent": "connecting",
+    "auth_sent": "connecting",
+    "wait_sa_init": "connecting",
+    "wait_auth": "connecting",
+}
+
+
+class KeymgrStopped(RuntimeError):
+    """keymgr's main loop is not running (stopping, or stopped): commands cannot run."""
+
+
+@dataclass
+class _Call:
+    """A command from another thread, run on the main loop with the current time."""
+
+    fn: Callable[[float], Any]
+    future: Future[Any]
+
+
+@dataclass
+class IkeRecord:
+    """An established IKE SA as the operator API shows it (no keys)."""
+
+    id: int
+    conn: Connection
+    role: str
+    spi_i: bytes
+    spi_r: bytes
+    port: int
+    established_at: float  # seconds since the epoch
+    child_installed_at: float
+    suite: IkeSuite = DEFAULT_IKE  # the negotiated IKE algorithms
+    closing: str = ""  # why we sent a Delete of this IKE SA ("" = we did not)
+    close_deadline: float = 0.0
+    resend_at: float = 0.0
 
 
 @dataclass
@@ -121,9 +179,20 @@ class Keymgr:
         connections: tuple[Connection, ...],
         *,
         clock: Callable[[], float] = time.monotonic,
+        cookie_threshold: int = DEFAULT_THRESHOLD,
+        cookie_period: float = DEFAULT_PERIOD,
+        events: EventBus | None = None,
+        key_export: KeyExporter | None = None,
     ) -> None:
         self.client = client
         self.clock = clock
+        # RFC 7296 §2.6 COOKIEs for the responder role (its secret is never logged)
+        self.cookies = CookieGuard(now=clock(), threshold=cookie_threshold, period=cookie_period)
+        self._cookie_logged: tuple[float, tuple[int, ...]] = (float("-inf"), (0, 0, 0, 0))
+        self.events = events if events is not None else EventBus()
+        self.key_export = key_export
+        self.records: dict[bytes, IkeRecord] = {}  # established IKE SAs, key SPIi | SPIr
+        self._next_id = 0
         self.sessions = [
             Session(c, reqid=i + 1) for i, c in enumerate(connections) if not c.responds
         ]
@@ -132,7 +201,7 @@ class Keymgr:
         self.responders: dict[bytes, ResponderSession] = {}
         self.half_open_dropped = 0  # IKE_SA_INIT requests refused by the MAX_HALF_OPEN bound
         self._spd: dict[str, SpdEntry] = {}  # installed PROTECT entry per connection name
-        self._rx: queue.Queue[IkeDatagram] = queue.Queue()
+        self._rx: queue.Queue[IkeDatagram | _Call] = queue.Queue()
         self._stop = threading.Event()
         self._stream: PuntStream | None = None
         self._spd_revision = 0
@@ -147,6 +216,33 @@ class Keymgr:
     def stop(self) -> None:
         """Ask run() to return; it first deletes the established IKE SAs (see _shutdown)."""
         self._stop.set()
+
+    def submit(self, fn: Callable[[float], T]) -> Future[T]:
+        """Run ``fn(now)`` on the main loop (thread-safe); its result or exception arrives in
+        the returned future. Raises :class:`KeymgrStopped` once keymgr is stopping."""
+        if self._stop.is_set():
+            raise KeymgrStopped("keymgr is stopping")
+        fut: Future[T] = Future()
+        self._rx.put(_Call(fn, fut))
+        return fut
+
+    def _run_call(self, call: _Call, now: float) -> None:
+        if not call.future.set_running_or_notify_cancel():
+            return
+        try:
+            call.future.set_result(call.fn(now))
+        except Exception as e:
+            call.future.set_exception(e)
+
+    def _refuse_calls(self) -> None:
+        """Fail the commands still queued (run() is ending)."""
+        while True:
+            try:
+                item = self._rx.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Call) and item.future.set_running_or_notify_cancel():
+                item.future.set_exception(KeymgrStopped("keymgr is stopping"))
 
     def _reader(self, stream: PuntStream) -> None:
         try:
@@ -185,7 +281,9 @@ class Keymgr:
                 except queue.Empty:
                     d = None
                 now = self.clock()
-                if d is not None:
+                if isinstance(d, _Call):
+                    self._run_call(d, now)
+                elif d is not None:
                     self._dispatch(d, now)
                 self._timers(now)
             if not self.failed:
@@ -193,6 +291,9 @@ class Keymgr:
         finally:
             stream.cancel()
             reader.join(timeout=2.0)
+            for rec in list(self.records.values()):
+                self._down(rec, "keymgr stopped")
+            self._refuse_calls()
 
     # --- sessions ---------------------------------------------------------------------------
 
@@ -297,6 +398,49 @@ class Keymgr:
             if r.responder.state is not ResponderState.ESTABLISHED
         )
 
+    def _cookie_gate(self, c: Connection, d: IkeDatagram, now: float) -> bool:
+        """Ask the cookie guard about a new IKE_SA_INIT; True when it was answered (a stateless
+        COOKIE response) or dropped, so no responder may be created for it."""
+        was = self.cookies.demanding
+        remote_ip = ipaddress.ip_address(d.remote_addr).packed
+        reply = self.cookies.check(d.data, remote_ip, now, self._half_open())
+        if self.cookies.demanding != was:
+            log.warning(
+                "ike cookies demanded"
+                if self.cookies.demanding
+                else "ike cookies no longer demanded",
+                extra={"conn": c.name, "half_open": self._half_open()},
+            )
+        if reply is None:
+            return False
+        if reply and self._stream is not None:
+            self._stream.send(
+                IkeDatagram(d.local_addr, d.local_port, d.remote_addr, d.remote_port, reply)
+            )
+        self._cookie_report(now)
+        return True
+
+    def _cookie_report(self, now: float) -> None:
+        """Log the cookie counters when they changed, at most once per COOKIE_LOG_INTERVAL."""
+        st = self.cookies.stats
+        counts = (st.sent, st.valid, st.invalid, st.malformed)
+        last_at, last = self._cookie_logged
+        if counts == last or now - last_at < COOKIE_LOG_INTERVAL:
+            return
+        self._cookie_logged = (now, counts)
+        log.info(
+            "ike cookies",
+            extra={
+                "sent": st.sent,
+                "valid": st.valid,
+                "invalid": st.invalid,
+                "malformed": st.malformed,
+                "demanding": self.cookies.demanding,
+                "half_open": self._half_open(),
+                "responders": len(self.responders),
+            },
+        )
+
     def _respond(self, c: Connection, reqid: int, d: IkeDatagram, now: float) -> None:
         try:
             hdr = decode_header(d.data)
@@ -315,6 +459,8 @@ class Keymgr:
                 or hdr.message_id != 0
             ):
                 log.debug("IKE datagram for no IKE SA", extra={"conn": c.name})
+                return
+            if self._cookie_gate(c, d, now):
                 return
             if self._half_open() >= MAX_HALF_OPEN or len(self.responders) >= MAX_RESPONDERS:
                 self.half_open_dropped += 1
@@ -380,6 +526,7 @@ class Keymgr:
                 "ike failed",
                 extra={"conn": c.name, "role": "responder", "reason": rs.responder.failure_reason},
             )
+            self._failed(c, "responder", rs.responder.spi_i, rs.responder.failure_reason)
         elif st is ResponderState.ESTABLISHED and not rs.installed:
             r = rs.responder.result
             assert r is not None
@@ -394,6 +541,7 @@ class Keymgr:
             self._info_events(c, r, rs.responder.take_events(), "responder")
             if st is ResponderState.CLOSED:
                 self.responders.pop(hdr.spi_i, None)
+                self._down_key(r.spi_i + r.spi_r, "deleted by the peer")
 
     # --- after ESTABLISHED (RFC 7296 §1.4) ---------------------------------------------------
 
@@ -412,6 +560,7 @@ class Keymgr:
         self._info_events(s.conn, ini.result, ini.take_events(), "initiator")
         if ini.state is State.CLOSED:
             s.installed = False
+            self._down_key(ini.result.spi_i + ini.result.spi_r, "deleted by the peer")
 
     def _info_events(
         self, c: Connection, r: IkeSaResult, events: list[InfoEvent], role: str
@@ -424,12 +573,15 @@ class Keymgr:
                     extra={**ike, "spi_in": e.spi_in.hex(), "spi_out": e.spi_out.hex()},
                 )
                 if not self._remove_retired(r.spi_i + r.spi_r, e.spi_in, e.spi_out):
-                    self._remove_children(r.spi_i + r.spi_r)
+                    self._remove_children(r.spi_i + r.spi_r, "deleted by the peer")
             elif e.kind == "child_rekeyed" and e.child is not None:
                 self._rekeyed(r, e.spi_in, e.spi_out, e.child, ike)
             elif e.kind == "ike_deleted":
                 log.info("ike deleted", extra=ike)
-                self._remove_children(r.spi_i + r.spi_r)
+                rec = self.records.get(r.spi_i + r.spi_r)
+                why = rec.closing if rec is not None and rec.closing else "deleted by the peer"
+                self._remove_children(r.spi_i + r.spi_r, why)
+                self._down_key(r.spi_i + r.spi_r, why)
             else:
                 log.debug("informational answered", extra=ike)
 
@@ -469,6 +621,20 @@ class Keymgr:
             return
         self._children[key] = (c, (inbound, outbound))
         self._retiring.setdefault(key, []).append((cur_in, cur_out))
+        if self.key_export is not None:
+            self.key_export.child_sas((inbound, outbound))
+        rec = self.records.get(key)
+        if rec is not None:
+            rec.child_installed_at = time.time()
+        self._emit(
+            ev.REKEYED,
+            c,
+            rec,
+            spi_in=child.spi_in.hex(),
+            spi_out=child.spi_out.hex(),
+            old_spi_in=old_in.hex(),
+            old_spi_out=old_out.hex(),
+        )
         log.info(
             "child rekeyed",
             extra={
@@ -499,12 +665,23 @@ class Keymgr:
                     "old child removed",
                     extra={"spi_in": spi_in.hex(), "spi_out": spi_out.hex()},
                 )
+            rec = self.records.get(key)
+            if rec is not None:
+                self._emit(
+                    ev.CHILD_DOWN,
+                    rec.conn,
+                    rec,
+                    spi_in=spi_in.hex(),
+                    spi_out=spi_out.hex(),
+                    reason="replaced by a rekey",
+                )
             return True
         return False
 
-    def _remove_children(self, key: bytes) -> None:
+    def _remove_children(self, key: bytes, reason: str = "") -> None:
         """Delete an IKE SA's Child SAs (and any pair still retiring after a rekey) from the
-        worker and withdraw the connection's SPD entry (replace_spd with a higher revision)."""
+        worker and withdraw the connection's SPD entry (replace_spd with a higher revision)
+        unless another IKE SA of the connection still has a Child SA installed."""
         for pair in self._retiring.pop(key, []):
             try:
                 for sa in pair:
@@ -515,13 +692,17 @@ class Keymgr:
         if entry is None:
             return
         c, sas = entry
+        # Another IKE SA of the same connection (a responder answers many) still has its Child
+        # SA installed under the connection's entry: withdrawing it would cut that traffic off.
+        still_used = any(other.name == c.name for other, _ in self._children.values())
         try:
             for sa in sas:
                 self.client.delete_sa(sa.spi, sa.dst, sa.protocol, sa.direction)
-            entries = {k: v for k, v in self._spd.items() if k != c.name}
-            self._spd_revision += 1
-            self.client.replace_spd(list(entries.values()), self._spd_revision)
-            self._spd = entries
+            if not still_used:
+                entries = {k: v for k, v in self._spd.items() if k != c.name}
+                self._spd_revision += 1
+                self.client.replace_spd(list(entries.values()), self._spd_revision)
+                self._spd = entries
         except grpc.RpcError as e:
             log.error("child removal failed", extra={"conn": c.name, "code": str(e.code())})
             return
@@ -533,6 +714,14 @@ class Keymgr:
                 "spi_out": sas[1].spi.to_bytes(4, "big").hex(),
                 "spd_revision": self._spd_revision,
             },
+        )
+        self._emit(
+            ev.CHILD_DOWN,
+            c,
+            self.records.get(key),
+            spi_in=f"{sas[0].spi:08x}",
+            spi_out=f"{sas[1].spi:08x}",
+            reason=reason,
         )
 
     def _shutdown(self) -> None:
@@ -551,6 +740,8 @@ class Keymgr:
             if resp.state is ResponderState.ESTABLISHED:
                 log.info("ike deleting", extra={"conn": rs.conn.name, "spi_i": resp.spi_i.hex()})
                 waiting.append((resp, functools.partial(self._send_responder, rs)))
+        for rec in self.records.values():
+            rec.closing = rec.closing or "keymgr stopping"
         for x, send in waiting:
             send(x.delete_ike(now))
         deadline = now + SHUTDOWN_WAIT
@@ -567,9 +758,15 @@ class Keymgr:
                     if x.state not in closed:
                         send(x.delete_ike(self.clock()))
                 continue
+            if isinstance(d, _Call):
+                if d.future.set_running_or_notify_cancel():
+                    d.future.set_exception(KeymgrStopped("keymgr is stopping"))
+                continue
             self._dispatch(d, self.clock())
         for key in list(self._children):
-            self._remove_children(key)
+            self._remove_children(key, "keymgr stopping")
+        for rec in list(self.records.values()):
+            self._down(rec, "keymgr stopping")
 
     def _send_responder(self, rs: ResponderSession, datagrams: list[bytes]) -> None:
         assert self._stream is not None
@@ -591,6 +788,8 @@ class Keymgr:
 
     def _timers(self, now: float) -> None:
         self._expire_responders(now)
+        self._cookie_report(now)
+        self._closing_timers(now)
         for s in self.sessions:
             if s.retry_at is not None and now >= s.retry_at:
                 self._initiate(s, now)
@@ -613,6 +812,7 @@ class Keymgr:
                 },
             )
             s.retry_at = now + RETRY_AFTER_FAILURE
+            self._failed(s.conn, "initiator", ini.spi_i, ini.failure_reason)
         elif ini.state is State.ESTABLISHED and not s.installed and ini.result is not None:
             self._established(s, ini.result, now)
 
@@ -675,7 +875,275 @@ class Keymgr:
                 "spd_revision": self._spd_revision,
             },
         )
+        self._up(c, r, role, encap, (inbound, outbound))
         return True
+
+    # --- operator view, commands and events (services/keymgr/api.py) -------------------------
+
+    def _up(
+        self, c: Connection, r: IkeSaResult, role: str, encap: bool, sas: tuple[SaConfig, SaConfig]
+    ) -> None:
+        """Record a newly established IKE SA, export its keys if asked, publish up/child_up."""
+        if self.key_export is not None:
+            self.key_export.ike_sa(
+                r.spi_i,
+                r.spi_r,
+                r.keys,
+                encr_id=r.suite.encr,
+                key_bits=r.suite.key_bits,
+                integ_id=r.suite.integ,
+            )
+            self.key_export.child_sas(sas)
+        self._next_id += 1
+        wall = time.time()
+        rec = IkeRecord(
+            id=self._next_id,
+            conn=c,
+            role=role,
+            spi_i=r.spi_i,
+            spi_r=r.spi_r,
+            port=NAT_T_PORT if encap else IKE_PORT,
+            established_at=wall,
+            child_installed_at=wall,
+            suite=r.suite,
+        )
+        self.records[r.spi_i + r.spi_r] = rec
+        self._emit(ev.UP, c, rec)
+        self._emit(ev.CHILD_UP, c, rec, spi_in=r.child.spi_in.hex(), spi_out=r.child.spi_out.hex())
+
+    def _emit(self, kind: str, c: Connection, rec: IkeRecord | None, **kw: str) -> None:
+        self.events.publish(
+            KeymgrEvent(
+                kind=kind,
+                time=time.time(),
+                connection=c.name,
+                role=rec.role if rec is not None else kw.pop("role", ""),
+                ike_sa_id=rec.id if rec is not None else 0,
+                spi_i=rec.spi_i.hex() if rec is not None else kw.pop("spi_i", ""),
+                spi_r=rec.spi_r.hex() if rec is not None else "",
+                **kw,
+            )
+        )
+
+    def _failed(self, c: Connection, role: str, spi_i: bytes, reason: str | None) -> None:
+        kind = ev.failure_kind(reason)
+        hint = ev.failure_hint(reason)
+        self._emit(kind, c, None, role=role, spi_i=spi_i.hex(), reason=hint)
+
+    def _down(self, rec: IkeRecord, reason: str) -> None:
+        if self.records.pop(rec.spi_i + rec.spi_r, None) is not None:
+            self._emit(ev.DOWN, rec.conn, rec, reason=reason)
+
+    def _down_key(self, key: bytes, reason: str) -> None:
+        rec = self.records.get(key)
+        if rec is not None:
+            self._down(rec, rec.closing or reason)
+
+    def _ike_of(
+        self, rec: IkeRecord
+    ) -> tuple[Ikev2Initiator | Ikev2Responder, Callable[[list[bytes]], None]] | None:
+        """The live IKE SA object of a record and how to send for it."""
+        for s in self.sessions:
+            ini = s.initiator
+            if ini is not None and ini.result is not None and ini.spi_i == rec.spi_i:
+                if ini.result.spi_r == rec.spi_r:
+                    return ini, functools.partial(self._send, s)
+        rs = self.responders.get(rec.spi_i)
+        if rs is not None and rs.responder.spi_r == rec.spi_r:
+            return rs.responder, functools.partial(self._send_responder, rs)
+        return None
+
+    def connection(self, name: str) -> Connection:
+        """The configured connection ``name``; LookupError if there is none."""
+        for s in self.sessions:
+            if s.conn.name == name:
+                return s.conn
+        for c, _ in self.responder_conns:
+            if c.name == name:
+                return c
+        raise LookupError(f"no connection named {name!r}")
+
+    def initiate(self, name: str, now: float) -> tuple[bool, str]:
+        """Start connection ``name`` (main loop only). LookupError: unknown; ValueError: a
+        responder-only connection. (False, why) when it is up or being negotiated already."""
+        c = self.connection(name)
+        session = next((s for s in self.sessions if s.conn is c), None)
+        if session is None:
+            raise ValueError(
+                f"connection {name!r} only responds (start_action {c.start_action!r}); "
+                "the peer must initiate it"
+            )
+        ini = session.initiator
+        if ini is not None and ini.state is State.ESTABLISHED:
+            return False, "IKE SA already established"
+        if ini is not None and ini.state in (State.SA_INIT_SENT, State.AUTH_SENT):
+            return False, "IKE SA negotiation already in progress"
+        self._initiate(session, now)
+        if session.initiator is None:
+            return False, f"cannot start: see keymgr's log; retrying in {RETRY_AFTER_FAILURE}s"
+        return True, "IKE_SA_INIT sent"
+
+    def terminate(
+        self, now: float, *, name: str | None = None, ike_sa_id: int | None = None
+    ) -> tuple[int, str]:
+        """Send a Delete of the matching IKE SAs (main loop only); an initiator still
+        negotiating is abandoned. LookupError when nothing matches the name or id."""
+        if name is not None:
+            self.connection(name)
+            recs = [r for r in self.records.values() if r.conn.name == name]
+        else:
+            recs = [r for r in self.records.values() if r.id == ike_sa_id]
+            if not recs:
+                raise LookupError(f"no established IKE SA with id {ike_sa_id}")
+        aborted = 0
+        if name is not None:
+            for s in self.sessions:
+                ini = s.initiator
+                if s.conn.name == name and (
+                    s.retry_at is not None
+                    or (ini is not None and ini.state in (State.SA_INIT_SENT, State.AUTH_SENT))
+                ):
+                    s.initiator, s.retry_at = None, None
+                    aborted += 1
+        sent = 0
+        for rec in recs:
+            found = self._ike_of(rec)
+            if found is None or rec.closing:
+                continue
+            ike, send = found
+            log.info(
+                "ike deleting",
+                extra={"conn": rec.conn.name, "spi_i": rec.spi_i.hex(), "by": "operator"},
+            )
+            rec.closing = "terminated by the operator"
+            rec.close_deadline = now + TERMINATE_WAIT
+            rec.resend_at = now + 1.0
+            send(ike.delete_ike(now))
+            sent += 1
+        detail = f"Delete sent for {sent} IKE SA(s)"
+        if aborted:
+            detail += f"; {aborted} negotiation(s) abandoned"
+        return sent, detail
+
+    def _closing_timers(self, now: float) -> None:
+        """Retransmit our operator-requested Deletes; give up after TERMINATE_WAIT."""
+        for key, rec in list(self.records.items()):
+            if not rec.closing:
+                continue
+            found = self._ike_of(rec)
+            if found is not None and now < rec.close_deadline:
+                if now >= rec.resend_at:
+                    rec.resend_at = now + 1.0
+                    found[1](found[0].delete_ike(now))
+                continue
+            log.warning(
+                "peer did not answer our Delete",
+                extra={"conn": rec.conn.name, "spi_i": rec.spi_i.hex()},
+            )
+            for s in self.sessions:
+                if s.initiator is not None and s.initiator.spi_i == rec.spi_i:
+                    s.initiator, s.installed = None, False
+            if rec.role == "responder":
+                self.responders.pop(rec.spi_i, None)
+            self._remove_children(key, rec.closing + " (the peer did not answer)")
+            self._down(rec, rec.closing + " (the peer did not answer)")
+
+    def ike_sa_views(self) -> list[IkeSaView]:
+        """Every IKE SA keymgr knows: established, being negotiated, or failed (main loop)."""
+        out: list[IkeSaView] = []
+
+        def algs(suite: IkeSuite) -> dict[str, str]:
+            return {
+                "encryption": ev.algorithm_name(suite.encr, suite.key_bits),
+                "integrity": Integ(suite.integ).name,
+                "prf": Prf(suite.prf).name,
+                "dh_group": DhGroupId(suite.dh).name,
+            }
+
+        def view(
+            c: Connection,
+            role: str,
+            state: str,
+            spi_i: bytes,
+            spi_r: bytes,
+            port: int,
+            nat_t: bool,
+            reason: str | None,
+        ) -> IkeSaView:
+            rec = self.records.get(spi_i + spi_r)
+            # the negotiated suite once established, else our first proposal
+            suite = rec.suite if rec is not None else c.ike_suites[0]
+            return IkeSaView(
+                id=rec.id if rec is not None else 0,
+                connection=c.name,
+                role=role,
+                state="closing" if rec is not None and rec.closing else state,
+                local_addr=c.local_addr,
+                local_port=rec.port if rec is not None else port,
+                remote_addr=c.remote_addr,
+                remote_port=rec.port if rec is not None else port,
+                spi_i=spi_i.hex(),
+                spi_r=spi_r.hex(),
+                nat_t=nat_t,
+                established_time=rec.established_at if rec is not None else 0.0,
+                failure_reason=ev.failure_hint(reason) if state == "failed" else "",
+                **algs(suite),
+            )
+
+        for s in self.sessions:
+            ini = s.initiator
+            if ini is None:
+                continue
+            spi_r = ini.result.spi_r if ini.result is not None else bytes(8)
+            port = NAT_T_PORT if ini.port_float else IKE_PORT
+            st = _STATE_NAMES.get(ini.state.value, ini.state.value)
+            out.append(
+                view(
+                    s.conn,
+                    "initiator",
+                    st,
+                    ini.spi_i,
+                    spi_r,
+                    port,
+                    ini.port_float,
+                    ini.failure_reason,
+                )
+            )
+        for rs in self.responders.values():
+            r = rs.responder
+            st = _STATE_NAMES.get(r.state.value, r.state.value)
+            out.append(
+                view(rs.conn, "responder", st, r.spi_i, r.spi_r, rs.port, r.nat_t, r.failure_reason)
+            )
+        return out
+
+    def child_sa_views(self) -> list[ChildSaView]:
+        """The Child SAs installed in the worker (main loop)."""
+        out: list[ChildSaView] = []
+        for key, (c, pair) in self._children.items():
+            rec = self.records.get(key)
+            states = [("installed", pair), *(("retiring", p) for p in self._retiring.get(key, []))]
+            for state, (inbound, outbound) in states:
+                out.append(
+                    ChildSaView(
+                        ike_sa_id=rec.id if rec is not None else 0,
+                        connection=c.name,
+                        state=state,
+                        spi_in=inbound.spi,
+                        spi_out=outbound.spi,
+                        dst_in=inbound.dst,
+                        dst_out=outbound.dst,
+                        encryption=ev.sa_encryption(inbound),
+                        integrity=ev.sa_integrity(inbound),
+                        esn=inbound.esn,
+                        udp_encap=inbound.encap is not None,
+                        local_ts=(c.local_ts,),
+                        remote_ts=(c.remote_ts,),
+                        reqid=inbound.reqid,
+                        install_time=rec.child_installed_at if rec is not None else 0.0,
+                    )
+                )
+        return out
 
 
 def _same_addr(a: str, b: str) -> bool:

@@ -166,7 +166,14 @@ def test_strongswan_wrong_psk_keymgr_responder_installs_nothing(rlab: ResponderL
     rlab.start_initiator_charon()
     init = rlab.initiate()
     assert init.returncode != 0, init.stdout[-2000:]
-    log_text = (rlab.workdir / "keymgr.log").read_text(errors="replace")
+    # charon may give up before keymgr's log line is flushed: wait for it briefly.
+    log_text = ""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        log_text = (rlab.workdir / "keymgr.log").read_text(errors="replace")
+        if "AUTHENTICATION_FAILED" in log_text:
+            break
+        time.sleep(0.1)
     assert "ike failed" in log_text and "AUTHENTICATION_FAILED" in log_text, rlab.logs()
     assert "ESTABLISHED" not in rlab.list_sas_b()
     assert rlab.client is not None and rlab.client.list_sas() == []

@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -139,6 +139,7 @@ class KeymgrLab:
         self.psk = secrets.token_hex(32)  # strongSwan's
         self.psk_for_keymgr = self.psk  # a test may hand keymgr a different one
         self.client: DataplaneClient | None = None
+        self.conn_extra: dict[str, object] = {}  # merged into keymgr's connection by a test
         self.bench.netns()  # also puts 198.51.100.1/32 on A's lo, 203.0.113.1/32 on B's lo
         if self.case.ipv6:
             self._add_ipv6()
@@ -188,17 +189,16 @@ class KeymgrLab:
         base = bsw._strongswan_conf
         case = self.case
 
-        def conf(workdir: pathlib.Path, name: str) -> str:
-            text = base(workdir, name)
+        def conf(workdir: pathlib.Path, name: str, extra: str = "") -> str:
+            text = base(workdir, name, extra)
             load = f"load = {bsw.PLUGINS}"
-            assert text.count(load) == 1 and text.count("charon {") == 1, "template changed"
-            text = text.replace(load, " ".join((load, *case.plugins)))
-            extra = "".join(f"\n    {kv}" for kv in case.charon_settings)
-            return text.replace("charon {", "charon {" + extra)
+            assert text.count(load) == 1, "template changed"
+            return text.replace(load, " ".join((load, *case.plugins)))
 
+        settings = "".join(f"    {kv}\n" for kv in case.charon_settings)
         bsw._strongswan_conf = conf  # start_charon writes strongswan.conf through it
         try:
-            proc = b.start_charon("b", b.ns_b, self.case.swanctl_conf(psk))
+            proc = b.start_charon("b", b.ns_b, self.case.swanctl_conf(psk), settings)
         finally:
             bsw._strongswan_conf = base
         b.wait_vici("b", proc)
@@ -268,9 +268,10 @@ class KeymgrLab:
             conn["ike_proposals"] = list(c.keymgr_ike)
             conn["esp_proposals"] = list(c.keymgr_esp)
             conn["mode"] = c.mode
+        conn.update(self.conn_extra)
         return conn
 
-    def start_keymgr(self) -> subprocess.Popen[bytes]:
+    def start_keymgr(self, extra_args: Sequence[str] = ()) -> subprocess.Popen[bytes]:
         psk_file = self.workdir / "psk"
         fd = os.open(psk_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -281,7 +282,7 @@ class KeymgrLab:
         argv = [sys.executable, "-m", "services.keymgr", "--config", str(cfg_file)]
         argv += ["--dataplane", f"unix:{self.sock}", "--tls-dir", str(self.pki)]
         argv += ["--server-name", WORKER_ID, "--client-name", CLIENT, "--log-level", "debug"]
-        return self._popen(argv, "keymgr.log")
+        return self._popen([*argv, *extra_args], "keymgr.log")
 
     def list_sas_b(self) -> str:
         return self.bench.swanctl("b", "--list-sas")

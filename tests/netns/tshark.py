@@ -230,10 +230,12 @@ def _ints(values: list[str]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def frames(pcap: Path, *, sas: Iterable[SaConfig] = ()) -> list[Frame]:
-    """Dissect every frame of ``pcap``, decrypting ESP with ``sas`` if given."""
+def frames(pcap: Path, *, sas: Iterable[SaConfig] = (), prefs: Sequence[str] = ()) -> list[Frame]:
+    """Dissect every frame of ``pcap``, decrypting ESP with ``sas`` if given; ``prefs`` are
+    extra ``-o`` values (e.g. :func:`key_file_prefs`)."""
     out: list[Frame] = []
-    for row in run_fields(pcap, STD_FIELDS, sas=sas):
+    all_prefs = ("ip.check_checksum:TRUE", *prefs)
+    for row in run_fields(pcap, STD_FIELDS, sas=sas, prefs=all_prefs):
         good = row["esp.icv_good"]
         bad = row["esp.icv_bad"]
         out.append(
@@ -258,3 +260,94 @@ def summary(fs: Iterable[Frame]) -> dict[str, int]:
         stack = ":".join(p for p in f.protocols if p not in ("eth", "ethertype"))
         counts[stack] = counts.get(stack, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+# --- IKEv2 (keymgr's key export) ---------------------------------------------------------------
+
+IKE_SA_INIT = 34  # RFC 7296 §3.1 exchange types
+PAYLOAD_SK = 46  # Encrypted and Authenticated payload (RFC 7296 §3.14)
+IKE_FIELDS = (
+    "frame.number",
+    "frame.protocols",
+    "_ws.expert.severity",
+    "_ws.expert.message",
+    "isakmp.ispi",
+    "isakmp.rspi",
+    "isakmp.exchangetype",
+    "isakmp.typepayload",
+    "isakmp.enc.pad_length",
+)
+
+
+def ike_uat(
+    spi_i: bytes, spi_r: bytes, sk_ei: bytes, sk_er: bytes, encr: str, integ: str = "NONE [RFC4306]"
+) -> str:
+    """One ``ikev2_decryption_table`` record as a ``-o`` value: SPIi, SPIr, SK_ei, SK_er,
+    encryption, SK_ai, SK_ar, integrity (bytes as bare hex, algorithm names quoted), e.g.
+    encr "AES-GCM-256 with 16 octet ICV [RFC5282]" (keys include the 4-octet salt)."""
+    return (
+        f"uat:ikev2_decryption_table:{spi_i.hex()},{spi_r.hex()},{sk_ei.hex()},{sk_er.hex()},"
+        f'"{encr}",,,"{integ}"'
+    )
+
+
+def key_file_prefs(path: Path) -> list[str]:
+    """``-o`` values for a key file keymgr wrote with ``--export-keys`` (one
+    ``uat:ikev2_decryption_table:`` or ``uat:esp_sa:`` record a line), plus the ESP decryption
+    and ICV check switches."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    bad = [
+        ln[:30] for ln in lines if not ln.startswith(("uat:ikev2_decryption_table:", "uat:esp_sa:"))
+    ]
+    if bad:
+        raise TsharkError(f"not a key export line: {bad[0]!r}...")
+    return ["esp.enable_encryption_decode:TRUE", "esp.enable_authentication_check:TRUE", *lines]
+
+
+@dataclass(frozen=True, slots=True)
+class IkeFrame:
+    """One captured IKEv2 message as tshark dissected it."""
+
+    number: int
+    exchange: int
+    spi_i: str
+    spi_r: str
+    payloads: tuple[int, ...]  # every payload type tshark found, inner ones after SK
+    decrypted: bool  # tshark decrypted the SK payload (it shows the pad length)
+    protocols: tuple[str, ...]
+    severities: tuple[int, ...]
+    messages: tuple[str, ...]
+
+    @property
+    def encrypted(self) -> bool:
+        return PAYLOAD_SK in self.payloads
+
+    @property
+    def malformed(self) -> bool:
+        return "_ws.malformed" in self.protocols or any(
+            s >= SEVERITY_ERROR for s in self.severities
+        )
+
+
+def ike_frames(pcap: Path, *, prefs: Sequence[str] = ()) -> list[IkeFrame]:
+    """Every IKEv2 message in ``pcap`` (UDP 500 and 4500), decrypted where ``prefs`` carry the
+    ikev2_decryption_table records (see :func:`key_file_prefs`)."""
+    out: list[IkeFrame] = []
+    rows = run_fields(
+        pcap, IKE_FIELDS, prefs=("ip.check_checksum:TRUE", *prefs), display_filter="isakmp"
+    )
+    for row in rows:
+        out.append(
+            IkeFrame(
+                number=int(row["frame.number"][0]),
+                exchange=_ints(row["isakmp.exchangetype"])[0] if row["isakmp.exchangetype"] else 0,
+                spi_i=(row["isakmp.ispi"] or [""])[0],
+                spi_r=(row["isakmp.rspi"] or [""])[0],
+                payloads=_ints(row["isakmp.typepayload"]),
+                decrypted=bool(row["isakmp.enc.pad_length"]),
+                protocols=tuple(":".join(row["frame.protocols"]).split(":")),
+                severities=_ints(row["_ws.expert.severity"]),
+                messages=tuple(row["_ws.expert.message"]),
+            )
+        )
+    return out
