@@ -127,6 +127,9 @@ def _env() -> dict[str, str]:
 class KeymgrLab:
     """Namespaces A and B (veth), charon responder in B, our worker in A, keymgr on the host."""
 
+    case = Case()  # the fixed suite, also for subclasses that set up their own namespaces
+    conn_extra: dict[str, object]
+
     def __init__(self, case: Case | None = None, prefix: str = "kmg") -> None:
         self.case = case or Case()
         self.bench = bsw.StrongSwanPair()
