@@ -7,12 +7,25 @@ file looks like::
         {"name": "site-b", "local_addr": "192.0.2.1", "remote_addr": "192.0.2.2",
          "local_id": "192.0.2.1", "remote_id": "192.0.2.2", "psk_file": "/run/secrets/psk",
          "local_ts": "198.51.100.1/32", "remote_ts": "203.0.113.1/32",
-         "start_action": "start"}
+         "start_action": "start",
+         "ike_proposals": ["aes256gcm16-prfsha256-x25519"], "esp_proposals": ["aes256gcm16"],
+         "mode": "tunnel"}
     ]}
 
-``local_id`` / ``remote_id`` are IPv4 address identities (ID_IPV4_ADDR) and default to the
-addresses. ``start_action`` is ``"start"`` (keymgr initiates) or ``"none"`` / ``"respond"``
-(keymgr only answers the peer's IKE_SA_INIT arriving from ``remote_addr`` at ``local_addr``).
+Addresses and traffic-selector prefixes are IPv4 or IPv6 (``local_addr`` and ``remote_addr``
+of one family; ``local_ts`` and ``remote_ts`` of one family, which in transport mode must be
+the addresses' family). ``local_id`` / ``remote_id`` are identities in text form
+(:meth:`services.core.ike.authn.Identity.parse`: an IP address, ``@fqdn``, ``user@domain``, a
+DN, ``@#hex`` key ID) and default to the addresses; ``remote_id`` may be ``"%any"`` (accept
+whichever identity the peer proves). ``ike_proposals`` / ``esp_proposals`` are strongSwan-style
+proposal strings, one suite each, in order of preference (:mod:`services.core.ike.suites`;
+defaults: ``aes256gcm16-prfsha256-x25519`` and ``aes256gcm16``); SHA-1, MODP-1024 and 3DES
+need ``"allow_legacy": true``. ``mode`` is ``"tunnel"`` (default) or ``"transport"``.
+``start_action`` is ``"start"`` (keymgr initiates) or ``"none"`` / ``"respond"`` (keymgr only
+answers the peer's IKE_SA_INIT arriving from ``remote_addr`` at ``local_addr``). The PSK lives in
+its own file (a Kubernetes Secret mount); its content is read only when a connection starts and
+never logged. A PSK file holding ``0x<hex>`` is decoded as hex (strongSwan's notation), anything
+else is used as the raw octets with surrounding whitespace removed.
 Lifetimes and liveness (all optional; seconds, 0 = off) follow strongSwan's swanctl.conf
 names: ``rekey_time`` (CHILD SA rekey, default 3600), ``life_time`` (CHILD SA hard lifetime,
 default 110 % of ``rekey_time``), ``rand_time`` (the rekey happens up to this much earlier at
@@ -22,10 +35,6 @@ up to 10 % earlier at random), ``dpd_delay`` (liveness check after that much sil
 peer, default off), ``dpd_action`` (``clear``, ``restart``, ``hold`` or ``trap``: what happens
 when the peer is found dead, default ``clear``), ``retransmit_timeout`` / ``retransmit_tries``
 (first retransmission after 1 s, doubled each time, 5 sends before the peer is dead).
-The PSK lives in its own file (a Kubernetes Secret mount); its content is read only
-when a connection starts and never logged. A PSK file holding ``0x<hex>`` is decoded as hex
-(strongSwan's notation), anything else is used as the raw octets with surrounding whitespace
-removed.
 """
 
 from __future__ import annotations
@@ -38,8 +47,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from services.core.ike.authn import Identity
+from services.core.ike.suites import (
+    DEFAULT_ESP,
+    DEFAULT_IKE,
+    EspSuite,
+    IkeSuite,
+    SuiteError,
+    parse_esp_list,
+    parse_ike_list,
+)
+from services.core.sa import Mode
+
 START_ACTIONS = ("start", "none", "respond")
 DPD_ACTIONS = ("clear", "restart", "hold", "trap")
+MODES = ("tunnel", "transport")
+ANY_ID = "%any"
+MAX_ID_TEXT = 512
 RESPONDER_ACTIONS = ("none", "respond")  # keymgr answers the peer's IKE_SA_INIT
 MAX_NAME_LEN = 64
 MAX_PATH_LEN = 4096
@@ -58,22 +82,43 @@ def _show(value: object) -> str:
     return text if len(text) <= 48 else text[:45] + "..."
 
 
-def _ipv4(value: object, what: str) -> str:
+def _ip(value: object, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if not isinstance(value, str):
-        raise ConfigError(f"{what}: expected an IPv4 address string")
+        raise ConfigError(f"{what}: expected an IPv4 or IPv6 address string")
     try:
-        return str(ipaddress.IPv4Address(value))
+        return ipaddress.ip_address(value)
     except ValueError:
-        raise ConfigError(f"{what}: not an IPv4 address: {_show(value)}") from None
+        raise ConfigError(f"{what}: not an IP address: {_show(value)}") from None
 
 
-def _prefix(value: object, what: str) -> str:
+def _prefix(value: object, what: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     if not isinstance(value, str):
-        raise ConfigError(f"{what}: expected an IPv4 prefix string")
+        raise ConfigError(f"{what}: expected an IPv4 or IPv6 prefix string")
     try:
-        return str(ipaddress.IPv4Network(value, strict=True))
+        return ipaddress.ip_network(value, strict=True)
     except ValueError:
-        raise ConfigError(f"{what}: not an IPv4 prefix: {_show(value)}") from None
+        raise ConfigError(f"{what}: not an IP prefix: {_show(value)}") from None
+
+
+def _identity(value: object, what: str, *, any_ok: bool) -> None:
+    if not isinstance(value, str) or len(value) > MAX_ID_TEXT:
+        raise ConfigError(f"{what}: expected an identity string")
+    if value.strip() == ANY_ID:
+        if any_ok:
+            return
+        raise ConfigError(f"{what}: {ANY_ID} is only allowed for remote_id")
+    try:
+        Identity.parse(value)
+    except (ValueError, UnicodeError):
+        raise ConfigError(f"{what}: not a valid identity: {_show(value)}") from None
+
+
+def _proposals(value: object, what: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{what}: expected a list of proposal strings")
+    if not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{what}: every proposal must be a string")
+    return tuple(value)
 
 
 def _seconds(value: object, what: str) -> float:
@@ -86,7 +131,7 @@ def _seconds(value: object, what: str) -> float:
 
 @dataclass(frozen=True)
 class Connection:
-    """One IKEv2 connection with one Child SA (tunnel mode, one IPv4 prefix per side)."""
+    """One IKEv2 connection with one Child SA (one prefix per side; see the module docstring)."""
 
     name: str
     local_addr: str
@@ -97,6 +142,10 @@ class Connection:
     local_id: str | None = None
     remote_id: str | None = None
     start_action: str = "start"
+    ike_proposals: tuple[str, ...] = (DEFAULT_IKE.name,)
+    esp_proposals: tuple[str, ...] = (DEFAULT_ESP.name,)
+    mode: str = "tunnel"
+    allow_legacy: bool = False
     # lifetimes and liveness (seconds; 0 = off), see the module docstring
     rekey_time: float = 3600.0
     life_time: float | None = None
@@ -119,17 +168,50 @@ class Connection:
         if not isinstance(self.psk_file, pathlib.Path):
             raise ConfigError(f"connection {self.name!r} psk_file must be a path")
         w = f"connection {self.name!r}"
-        _ipv4(self.local_addr, f"{w} local_addr")
-        _ipv4(self.remote_addr, f"{w} remote_addr")
+        la = _ip(self.local_addr, f"{w} local_addr")
+        ra = _ip(self.remote_addr, f"{w} remote_addr")
+        if la.version != ra.version:
+            raise ConfigError(f"{w}: local_addr and remote_addr are of different IP versions")
         for attr in ("local_id", "remote_id"):
             v = getattr(self, attr)
             if v is not None:
-                _ipv4(v, f"{w} {attr}")
-        _prefix(self.local_ts, f"{w} local_ts")
-        _prefix(self.remote_ts, f"{w} remote_ts")
+                _identity(v, f"{w} {attr}", any_ok=attr == "remote_id")
+        lt = _prefix(self.local_ts, f"{w} local_ts")
+        rt = _prefix(self.remote_ts, f"{w} remote_ts")
+        if lt.version != rt.version:
+            raise ConfigError(f"{w}: local_ts and remote_ts are of different IP versions")
         if not isinstance(self.start_action, str) or self.start_action not in START_ACTIONS:
             raise ConfigError(f"{w} start_action must be one of {START_ACTIONS}")
+        if not isinstance(self.mode, str) or self.mode not in MODES:
+            raise ConfigError(f"{w} mode must be one of {MODES}")
+        if self.mode == "transport" and lt.version != la.version:
+            raise ConfigError(
+                f"{w}: transport mode needs traffic selectors of the addresses' family"
+            )
+        if not isinstance(self.allow_legacy, bool):
+            raise ConfigError(f"{w} allow_legacy must be true or false")
+        for attr in ("ike_proposals", "esp_proposals"):
+            _proposals(getattr(self, attr), f"{w} {attr}")
+        try:
+            self.ike_suites  # noqa: B018 - parse now so a bad string fails at load time
+            self.esp_suites  # noqa: B018
+        except SuiteError as e:
+            raise ConfigError(f"{w}: {e}") from None
         self._check_lifetimes(w)
+
+    @property
+    def ike_suites(self) -> tuple[IkeSuite, ...]:
+        """The parsed ``ike_proposals`` (SuiteError if one is invalid)."""
+        return parse_ike_list(list(self.ike_proposals), allow_legacy=self.allow_legacy)
+
+    @property
+    def esp_suites(self) -> tuple[EspSuite, ...]:
+        """The parsed ``esp_proposals`` (SuiteError if one is invalid)."""
+        return parse_esp_list(list(self.esp_proposals), allow_legacy=self.allow_legacy)
+
+    @property
+    def sa_mode(self) -> Mode:
+        return Mode.TRANSPORT if self.mode == "transport" else Mode.TUNNEL
 
     def _check_lifetimes(self, w: str) -> None:
         for attr in ("rekey_time", "ike_rekey_time", "dpd_delay", "retransmit_timeout"):
@@ -174,7 +256,7 @@ class Connection:
 
     def ts_range(self, which: str) -> tuple[str, str]:
         """The local or remote traffic selector as an inclusive (first, last) address range."""
-        net = ipaddress.IPv4Network(self.local_ts if which == "local" else self.remote_ts)
+        net = ipaddress.ip_network(self.local_ts if which == "local" else self.remote_ts)
         return str(net.network_address), str(net.broadcast_address)
 
     def read_psk(self) -> bytes:
@@ -221,6 +303,10 @@ _FIELDS = {
     "local_ts",
     "remote_ts",
     "start_action",
+    "ike_proposals",
+    "esp_proposals",
+    "mode",
+    "allow_legacy",
 }
 _LIFETIME_FIELDS = {
     "rekey_time",
@@ -257,7 +343,15 @@ def connection_from_dict(d: Mapping[str, Any], *, base: pathlib.Path | None = No
         psk = base / psk
     for key in ("local_id", "remote_id"):
         if key in d and d[key] is None:
-            raise ConfigError(f"connection {key} must be an IPv4 address string when present")
+            raise ConfigError(f"connection {key} must be an identity string when present")
+    extra: dict[str, Any] = {}
+    for key in ("ike_proposals", "esp_proposals"):
+        if key in d:
+            extra[key] = _proposals(d[key], f"connection {key}")
+    if "mode" in d:
+        extra["mode"] = d["mode"]
+    if "allow_legacy" in d:
+        extra["allow_legacy"] = d["allow_legacy"]
     return Connection(
         name=d["name"],
         local_addr=d["local_addr"],
@@ -269,6 +363,7 @@ def connection_from_dict(d: Mapping[str, Any], *, base: pathlib.Path | None = No
         remote_id=d.get("remote_id"),
         start_action=d.get("start_action", "start"),
         **{k: d[k] for k in _LIFETIME_FIELDS if k in d},
+        **extra,
     )
 
 

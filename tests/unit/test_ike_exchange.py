@@ -346,7 +346,7 @@ def test_no_proposal_chosen_fails_with_reason() -> None:
     ini = Ikev2Initiator(_config(), now=0.0)
     _run(ini, Responder(sa_init_error=NotifyType.NO_PROPOSAL_CHOSEN))
     assert ini.state is State.FAILED
-    assert ini.failure_reason == "NO_PROPOSAL_CHOSEN"
+    assert (ini.failure_reason or "").startswith("NO_PROPOSAL_CHOSEN: the responder accepted none")
     assert ini.next_timeout is None and ini.on_timer(100.0) == []
 
 

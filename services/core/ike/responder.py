@@ -3,15 +3,17 @@
 The counterpart of :mod:`services.core.ike.exchange` (the initiator), with the same scope: one
 IKE SA and its first Child SA (ESP, tunnel mode), authentication through the
 :mod:`services.core.ike.authn` seam (PSK or certificates; identities of any §3.5 type), IPv4
-traffic selectors. Accepted are exactly the initiator module's algorithms:
-IKE ENCR_AES_GCM_16-256 / PRF_HMAC_SHA2_256 / Curve25519 (group 31) and ESP AES-GCM-16-256
-without ESN, picked from whatever the initiator offers (§2.7).
+or IPv6 addresses and traffic selectors. The IKE and ESP suites are configured
+(:mod:`services.core.ike.suites`; default IKE ENCR_AES_GCM_16-256 / PRF_HMAC_SHA2_256 /
+Curve25519 and ESP AES-GCM-16-256 without ESN): we take the first of *our* suites that the
+initiator offers (§2.7, strongSwan's default).
 
 Behaviour:
 
 * IKE_SA_INIT: no acceptable IKE proposal -> unencrypted NO_PROPOSAL_CHOSEN (state FAILED);
-  group 31 offered but the KE payload is in another group -> INVALID_KE_PAYLOAD carrying
-  group 31 (§1.3; no state is kept, the initiator may retry). NAT_DETECTION_SOURCE_IP /
+  the chosen suite's group differs from the KE payload's (and no other acceptable suite of
+  ours is in the KE's group) -> INVALID_KE_PAYLOAD naming the chosen suite's group (§1.3; no
+  state is kept, the initiator may retry). NAT_DETECTION_SOURCE_IP /
   NAT_DETECTION_DESTINATION_IP (§2.23) are answered with ours when the initiator sent them and
   the addresses are known (``remote`` / ``local`` of :meth:`Ikev2Responder.receive`, or the
   config); the initiator then moves to UDP 4500, where the I/O shell strips the non-ESP marker
@@ -21,7 +23,11 @@ Behaviour:
   with an encrypted AUTHENTICATION_FAILED (§2.21.2) and ends in FAILED with the reason.
   Otherwise IDr and our AUTH are sent; the Child SA needs an acceptable ESP
   proposal (else NO_PROPOSAL_CHOSEN) and TSi/TSr that overlap the configured ranges, which are
-  narrowed to the intersection (§2.9; else TS_UNACCEPTABLE). A Child SA error still
+  narrowed to the intersection (§2.9; else TS_UNACCEPTABLE). USE_TRANSPORT_MODE (§1.3.1): a
+  request for transport is accepted (the notify is echoed) when ``mode`` is TRANSPORT and
+  declined (tunnel, no notify) when it is TUNNEL; a responder configured for TRANSPORT refuses
+  an initiator that does not ask for it with NO_PROPOSAL_CHOSEN (the RFC gives the responder
+  no way to impose transport, and tunnel is not what it is configured for). A Child SA error still
   authenticates the IKE SA to the peer, but here it ends in FAILED (no Child SA, no result).
 * A retransmitted request (the message ID of the last request answered) gets the cached
   response again, unchanged (§2.1). Malformed, unauthenticated or unrelated datagrams are
@@ -51,36 +57,27 @@ from services.core.ike.authn import (
     peer_hash_algorithms,
     signed_octets,
 )
-from services.core.ike.child import (
-    ENCR_ID,
-    ENCR_KEY_BITS,
-    choose_esp_proposal,
-    narrow,
-    transforms_by_type,
-)
-from services.core.ike.constants import (
-    ExchangeType,
-    NotifyType,
-    ProtocolId,
-    TransformType,
-)
+from services.core.ike.child import choose_esp_proposal, narrow
+from services.core.ike.constants import ExchangeType, NotifyType
 from services.core.ike.dh import DhPrivate, InvalidKeyExchange, group
 from services.core.ike.exchange import (
-    DH_ID,
-    GCM_SALT_LEN,
     NAT_T_PORT,
-    PRF_ID,
     ChildSaResult,
     IkeSaResult,
     Rand,
+    _check_range,
     _ipv4,
+    _transport_requested,
+    check_suites,
     credentials,
+    esp_child_keys,
     identity_of,
-    ike_proposal,
+    ike_keys,
     nat_detection_hash,
+    sk_ciphers,
 )
 from services.core.ike.informational import InfoEvent, InfoSession
-from services.core.ike.keys import IkeKeys, child_keys, derive_ike_keys, skeyseed
+from services.core.ike.keys import IkeKeys
 from services.core.ike.message import (
     KE,
     SA,
@@ -101,6 +98,15 @@ from services.core.ike.message import (
     encode_message,
 )
 from services.core.ike.sk import SkCipher, SkError, decrypt_message, encrypt_message
+from services.core.ike.suites import (
+    DEFAULT_ESP,
+    DEFAULT_IKE,
+    EspSuite,
+    IkeSuite,
+    choose_esp,
+    choose_ike,
+)
+from services.core.sa import Mode
 
 __all__ = [
     "NAT_T_PORT",
@@ -113,11 +119,9 @@ __all__ = [
     "narrow",
 ]
 
-Address = tuple[bytes, int]  # (4-octet IPv4 address, UDP port)
+Address = tuple[bytes, int]  # (4- or 16-octet IP address, UDP port)
 _NONCE_LEN = 32
-_ENCR_KEY_LEN = ENCR_KEY_BITS // 8 + GCM_SALT_LEN
 _ZERO_SPI = bytes(8)
-_IPV4_ALL = (b"\x00\x00\x00\x00", b"\xff\xff\xff\xff")
 
 
 class ResponderState(Enum):
@@ -130,14 +134,16 @@ class ResponderState(Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class ResponderConfig:
-    """What the responder accepts. Addresses are IPv4 dotted quads; secrets are never in repr.
+    """What the responder accepts. Addresses are IPv4 or IPv6 text; secrets are never in repr.
 
     Authentication: ``psk`` (both directions) or ``local_auth`` / ``peer_auth`` objects of the
     :mod:`services.core.ike.authn` seam. ``local_id`` defaults to ``local_addr`` (sent as IDr,
     ID_IPV4_ADDR). ``remote_id``, when set (an :class:`Identity` or its text form), is the only
     IDi accepted; None or ``"%any"`` accepts whichever identity the initiator proves.
-    ``ts_local`` / ``ts_remote`` are inclusive (start, end) IPv4
+    ``ts_local`` / ``ts_remote`` are inclusive (start, end) address
     ranges the Child SA may cover on our side (TSr) and the initiator's side (TSi).
+    ``ike_suites`` / ``esp_suites``: what we accept, in our order of preference; ``mode``:
+    TUNNEL, or TRANSPORT (only with an initiator that asks for it, see the module docstring).
     ``remote_addr`` / ports are only the defaults for NAT detection when ``receive`` is not
     told the datagram's addresses.
     """
@@ -153,52 +159,35 @@ class ResponderConfig:
     remote_addr: str | None = None
     local_port: int = 500
     remote_port: int = 500
+    ike_suites: tuple[IkeSuite, ...] = (DEFAULT_IKE,)
+    esp_suites: tuple[EspSuite, ...] = (DEFAULT_ESP,)
+    mode: Mode = Mode.TUNNEL
 
     def __post_init__(self) -> None:
-        for a in (self.local_addr, *self.ts_local, *self.ts_remote):
-            _ipv4(a)
+        _ipv4(self.local_addr)
         if self.remote_addr is not None:
             _ipv4(self.remote_addr)
         identity_of(self.local_id, self.local_addr)
         identity_of(self.remote_id, None)
-        for lo, hi in (self.ts_local, self.ts_remote):
-            if _ipv4(lo) > _ipv4(hi):
-                raise ValueError("traffic selector range start after end")
+        _check_range(self.ts_local, "ts_local")
+        _check_range(self.ts_remote, "ts_remote")
+        check_suites(self.ike_suites, self.esp_suites)
+        if self.mode not in (Mode.TUNNEL, Mode.TRANSPORT):
+            raise ValueError("mode must be Mode.TUNNEL or Mode.TRANSPORT")
         credentials(self.psk, self.local_auth, self.peer_auth)
 
 
 # -- negotiation helpers (pure) ---------------------------------------------------------------
 
 
-_IKE_TYPES = frozenset(
-    {TransformType.ENCR, TransformType.PRF, TransformType.INTEG, TransformType.DH}
-)
-
-
-def choose_ike_proposal(proposals: tuple[Proposal, ...]) -> Proposal | None:
-    """Pick our IKE suite from the offer (RFC 7296 §2.7, §3.3.6); None if nothing fits.
-
-    A proposal is acceptable when each of its transform types offers our transform: ENCR
-    AES-GCM-16 with a 256-bit key, PRF HMAC-SHA2-256, DH 31, and INTEG (if present at all)
-    NONE. A proposal with any other transform type, or with an SPI, is not acceptable. The
-    returned proposal keeps the offer's number.
-    """
-    for p in proposals:
-        if p.protocol_id != ProtocolId.IKE or p.spi:
-            continue
-        by_type = transforms_by_type(p, _IKE_TYPES)
-        if by_type is None:
-            continue
-        if (ENCR_ID, ENCR_KEY_BITS) not in by_type.get(TransformType.ENCR, []):
-            continue
-        if not any(i == PRF_ID for i, _ in by_type.get(TransformType.PRF, [])):
-            continue
-        integ = by_type.get(TransformType.INTEG)
-        if integ is not None and not any(i == 0 for i, _ in integ):
-            continue
-        if any(i == DH_ID for i, _ in by_type.get(TransformType.DH, [])):
-            return Proposal(p.number, ProtocolId.IKE, ike_proposal().transforms)
-    return None
+def choose_ike_proposal(
+    proposals: tuple[Proposal, ...], suites: tuple[IkeSuite, ...] = (DEFAULT_IKE,)
+) -> Proposal | None:
+    """Our answer to an IKE offer (RFC 7296 §2.7, §3.3.6): the first of ``suites`` that some
+    offered proposal contains, with the offer's number; None if nothing fits (see
+    :func:`services.core.ike.suites.choose_ike`)."""
+    c = choose_ike(proposals, suites)
+    return None if c is None else c[0]
 
 
 def _first(payloads: tuple[Payload, ...], cls: type[Payload]) -> Payload | None:
@@ -252,6 +241,7 @@ class Ikev2Responder:
         self.last_activity = now
         self.nat_t = False  # NAT-D exchanged: IKE_AUTH is expected on UDP 4500
         self.dropped = 0
+        self.invalid_ke_sent = 0  # INVALID_KE_PAYLOAD answers (stateless, §1.3)
         self._spi_i = _ZERO_SPI
         self._spi_r = _ZERO_SPI
         self._ni = b""
@@ -259,6 +249,7 @@ class Ikev2Responder:
         self._msg1 = b""
         self._msg2 = b""
         self._keys: IkeKeys | None = None
+        self._suite: IkeSuite | None = None
         self._in: SkCipher | None = None
         self._out: SkCipher | None = None
         self._child_spi = b""
@@ -391,25 +382,31 @@ class Ikev2Responder:
             raise _Drop
         if not 16 <= len(nonce.data) <= 256:
             raise _Drop
-        chosen = choose_ike_proposal(sa.proposals)
-        if chosen is None:
+        choice = choose_ike(sa.proposals, self.config.ike_suites, ke.dh_group)
+        if choice is None:
             self._spi_i = msg.spi_i
-            self._fail("NO_PROPOSAL_CHOSEN")
+            self._fail(
+                "NO_PROPOSAL_CHOSEN: no IKE proposal of the initiator matches ours ("
+                + ", ".join(s.name for s in self.config.ike_suites)
+                + ")"
+            )
             err = self._error_sa_init(msg.spi_i, Notify(NotifyType.NO_PROPOSAL_CHOSEN))
             return self._answer(ExchangeType.IKE_SA_INIT, 0, [err])
-        if ke.dh_group != DH_ID:
+        chosen, suite = choice
+        if ke.dh_group != suite.dh:
             # §1.3: tell the initiator which group we want; keep no state (it retries with
             # the same SPIi and message ID 0).
+            self.invalid_ke_sent += 1
             return [
                 self._error_sa_init(
-                    msg.spi_i, Notify(NotifyType.INVALID_KE_PAYLOAD, struct.pack("!H", DH_ID))
+                    msg.spi_i, Notify(NotifyType.INVALID_KE_PAYLOAD, struct.pack("!H", suite.dh))
                 )
             ]
-        dh: DhPrivate = group(DH_ID).generate(self._rand)
+        dh: DhPrivate = group(suite.dh, allow_legacy=suite.allow_legacy).generate(self._rand)
         g_ir = dh.shared(ke.data)  # InvalidKeyExchange -> dropped
         spi_r = _nonzero(self._rand, 8, 1)
         nr = self._rand(_NONCE_LEN)
-        payloads: list[Payload] = [SA((chosen,)), KE(DH_ID, dh.public_bytes()), Nonce(nr)]
+        payloads: list[Payload] = [SA((chosen,)), KE(suite.dh, dh.public_bytes()), Nonce(nr)]
         payloads.extend(self._peer_auth.cert_requests())
         payloads.extend(hash_algorithms_notify(self._peer_auth.hash_algorithms()))
         nat_src = _has_notify(msg.payloads, NotifyType.NAT_DETECTION_SOURCE_IP)
@@ -436,20 +433,10 @@ class Ikev2Responder:
         resp = encode_message(
             Message(msg.spi_i, spi_r, ExchangeType.IKE_SA_INIT, 0, tuple(payloads), response=True)
         )
-        seed = skeyseed(PRF_ID, nonce.data, nr, g_ir)
-        keys = derive_ike_keys(
-            PRF_ID,
-            seed,
-            nonce.data,
-            nr,
-            msg.spi_i,
-            spi_r,
-            encr_key_len=_ENCR_KEY_LEN,
-            integ_key_len=0,
-        )
+        keys = ike_keys(suite, nonce.data, nr, g_ir, msg.spi_i, spi_r)
         self._keys = keys
-        self._in = SkCipher(ENCR_ID, keys.sk_ei, key_bits=ENCR_KEY_BITS)
-        self._out = SkCipher(ENCR_ID, keys.sk_er, key_bits=ENCR_KEY_BITS)
+        self._suite = suite
+        self._in, self._out = sk_ciphers(suite, keys, initiator=False)
         self._spi_i, self._spi_r = msg.spi_i, spi_r
         self._ni, self._nr = nonce.data, nr
         self._peer_hashes = peer_hash_algorithms(msg.payloads)
@@ -464,7 +451,8 @@ class Ikev2Responder:
 
     def _check_initiator(self, msg: Message, idi: IDi, auth: Auth, now: float) -> str | None:
         """Why the initiator is not authenticated (a reason for the log), or None."""
-        assert self._keys is not None
+        assert self._keys is not None and self._suite is not None
+        prf_id = self._suite.prf
         peer = Identity(idi.id_type, idi.data)
         if self._remote_id is not None and not self._remote_id.matches(peer):
             return f"initiator identity {peer} is not the configured {self._remote_id}"
@@ -474,16 +462,17 @@ class Ikev2Responder:
         ):
             wanted = Identity(idr_req.id_type, idr_req.data)
             return f"initiator asked for responder identity {wanted}, we are {self._local_id}"
-        octets = signed_octets(PRF_ID, self._msg1, self._nr, self._keys.sk_pi, idi.encode_body())
+        octets = signed_octets(prf_id, self._msg1, self._nr, self._keys.sk_pi, idi.encode_body())
         certs = tuple(p for p in msg.payloads if isinstance(p, Cert))
         try:
-            self._peer_auth.verify(auth, octets, PRF_ID, peer, certs, now)
+            self._peer_auth.verify(auth, octets, prf_id, peer, certs, now)
         except AuthFailure as e:
             return str(e)
         return None
 
     def _on_auth(self, raw: bytes, now: float) -> list[bytes]:
-        assert self._keys is not None and self._in is not None
+        assert self._keys is not None and self._in is not None and self._suite is not None
+        prf_id = self._suite.prf
         msg = decrypt_message(raw, self._in)  # SkError / IkeDecodeError -> dropped (§2.21.2)
         cfg = self.config
         idi = _first(msg.payloads, IDi)
@@ -499,8 +488,8 @@ class Ikev2Responder:
                 ExchangeType.IKE_AUTH, 1, (Notify(NotifyType.AUTHENTICATION_FAILED),)
             )
             return self._answer(ExchangeType.IKE_AUTH, 1, out)
-        octets = signed_octets(PRF_ID, self._msg2, self._ni, self._keys.sk_pr, my_id.encode_body())
-        my_auth = self._local_auth.auth_payload(octets, PRF_ID, self._peer_hashes)
+        octets = signed_octets(prf_id, self._msg2, self._ni, self._keys.sk_pr, my_id.encode_body())
+        my_auth = self._local_auth.auth_payload(octets, prf_id, self._peer_hashes)
         my_certs = self._local_auth.cert_payloads()
         sa = _first(msg.payloads, SA)
         tsi = _first(msg.payloads, TSi)
@@ -510,46 +499,66 @@ class Ikev2Responder:
             out = self._encrypted(ExchangeType.IKE_AUTH, 1, (my_id, *my_certs, my_auth))
             return self._answer(ExchangeType.IKE_AUTH, 1, out)
         self._child_spi = _nonzero(self._rand, 4, 256)  # RFC 4303 §2.1: 1..255 reserved
-        picked = choose_esp_proposal(sa.proposals, self._child_spi)
+        picked = choose_esp(sa.proposals, cfg.esp_suites, self._child_spi)
         error: int | None = None
+        why = ""
         ts_i = narrow(tsi.selectors, (_ipv4(cfg.ts_remote[0]), _ipv4(cfg.ts_remote[1])))
         ts_r = narrow(tsr.selectors, (_ipv4(cfg.ts_local[0]), _ipv4(cfg.ts_local[1])))
+        transport = _transport_requested(msg.payloads)
         if picked is None:
             error = NotifyType.NO_PROPOSAL_CHOSEN
+            why = (
+                ": no ESP proposal of the initiator matches ours ("
+                + ", ".join(s.name for s in cfg.esp_suites)
+                + ")"
+            )
+        elif cfg.mode is Mode.TRANSPORT and not transport:
+            error = NotifyType.NO_PROPOSAL_CHOSEN
+            why = ": we are configured for transport mode, the initiator did not ask for it"
         elif not ts_i or not ts_r:
             error = NotifyType.TS_UNACCEPTABLE
         if error is not None or picked is None:
             error = error or NotifyType.NO_PROPOSAL_CHOSEN
-            self._fail(NotifyType(error).name)
+            self._fail(NotifyType(error).name + why)
             out = self._encrypted(
                 ExchangeType.IKE_AUTH, 1, (my_id, *my_certs, my_auth, Notify(error))
             )
             return self._answer(ExchangeType.IKE_AUTH, 1, out)
-        ck = child_keys(
-            PRF_ID,
-            self._keys.sk_d,
-            self._ni,
-            self._nr,
-            encr_key_len=_ENCR_KEY_LEN,
-            integ_key_len=0,
-        )
-        offered, chosen = picked
+        esp = picked.suite
+        ck = esp_child_keys(esp, prf_id, self._keys.sk_d, self._ni, self._nr)
+        # §1.3.1: transport only when asked for and configured; otherwise tunnel, no notify.
+        mode = Mode.TRANSPORT if transport and cfg.mode is Mode.TRANSPORT else Mode.TUNNEL
         child = ChildSaResult(
             spi_in=self._child_spi,
-            spi_out=offered.spi,
-            encr_id=ENCR_ID,
-            key_bits=ENCR_KEY_BITS,
-            esn=False,
+            spi_out=picked.offered.spi,
+            encr_id=esp.encr,
+            key_bits=esp.key_bits,
+            esn=esp.esn,
             keys=ck,
             ts_i=ts_i,
             ts_r=ts_r,
+            integ_id=esp.integ,
+            mode=mode,
         )
+        use_transport: tuple[Payload, ...] = ()
+        if mode is Mode.TRANSPORT:
+            use_transport = (Notify(NotifyType.USE_TRANSPORT_MODE),)
         out = self._encrypted(
             ExchangeType.IKE_AUTH,
             1,
-            (my_id, *my_certs, my_auth, SA((chosen,)), TSi(ts_i), TSr(ts_r)),
+            (
+                my_id,
+                *my_certs,
+                my_auth,
+                *use_transport,
+                SA((picked.answer,)),
+                TSi(ts_i),
+                TSr(ts_r),
+            ),
         )
-        self.result = IkeSaResult(self._spi_i, self._spi_r, self._keys, child, self.nat_t)
+        self.result = IkeSaResult(
+            self._spi_i, self._spi_r, self._keys, child, self.nat_t, self._suite
+        )
         assert self._out is not None
         self._info = InfoSession(
             spi_i=self._spi_i,
@@ -565,6 +574,10 @@ class Ikev2Responder:
             peer_ts=child.ts_i,
             our_ts=child.ts_r,
             rand=self._rand,
+            ike_suite=self._suite,
+            ike_suites=cfg.ike_suites,
+            esp_suites=cfg.esp_suites,
+            mode=mode,
         )
         self._state = ResponderState.ESTABLISHED
         return self._answer(ExchangeType.IKE_AUTH, 1, out)
