@@ -649,8 +649,14 @@ class Keymgr:
                         "spi_i": new_i.hex(),
                         "spi_r": new_r.hex(),
                         "started_by": "us" if e.initiated else "peer",
+                        "ike": st.info.ike_suite.name
+                        if st is not None and st.info.ike_suite is not None
+                        else "",
                     },
                 )
+                rec = self.records.get(key)
+                if st is not None and rec is not None and st.info.ike_suite is not None:
+                    rec.suite = st.info.ike_suite  # the new IKE SA's negotiated algorithms
                 if st is not None:
                     self._schedule_ike(st, now)
             elif e.kind == "rekey_failed":
@@ -742,6 +748,8 @@ class Keymgr:
                 "spi_in": child.spi_in.hex(),
                 "spi_out": child.spi_out.hex(),
                 "reqid": cur_in.reqid,
+                "esp": child.suite_name,
+                "mode": child.mode.name.lower(),
                 "started_by": "us" if initiator else "peer",
             },
         )
@@ -1438,6 +1446,7 @@ class Keymgr:
                         integrity=ev.sa_integrity(inbound),
                         esn=inbound.esn,
                         udp_encap=inbound.encap is not None,
+                        mode=inbound.mode.name.lower(),
                         local_ts=(c.local_ts,),
                         remote_ts=(c.remote_ts,),
                         reqid=inbound.reqid,

@@ -97,6 +97,11 @@ def test_ipv6_cbc_hmac_responder_installs_the_negotiated_suite(
     assert len(inbound.dst) == 16 and inbound.dst == bytes.fromhex("20010db8" + "0" * 23 + "1")
     for sa in (inbound, outbound):
         sa.validate()
+    # the operator API views report the negotiated mode and algorithms
+    (view,) = km.child_sa_views()
+    assert (view.mode, view.encryption) == (mode, "AES_CBC-256")
+    (ike_view,) = [v for v in km.ike_sa_views() if v.state == "established"]
+    assert (ike_view.encryption, ike_view.dh_group) == ("AES_CBC-256", "ECP_384")
 
 
 def test_child_sa_configs_as_initiator_uses_initiator_keys(tmp_path: pathlib.Path) -> None:
