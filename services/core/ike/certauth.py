@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from ipaddress import IPv4Address, IPv6Address
@@ -302,7 +303,10 @@ class CertPeerAuth:
 
     ``hashes`` are the RFC 7427 hash algorithms we announce and accept (SHA-1 is never in the
     default). ``allow_sha1`` additionally accepts the classic RSA_SIG method (PKCS#1 v1.5 with
-    SHA-1). ``max_chain`` bounds the certificates from end entity to anchor.
+    SHA-1). ``max_chain`` bounds the certificates from end entity to anchor. Validity is
+    checked at ``now`` as passed to :meth:`verify` (POSIX seconds), unless ``clock`` is given:
+    a source of POSIX seconds injected by the I/O shell for exchanges that run on a monotonic
+    clock (the keymgr daemon passes the wall clock).
     """
 
     trust_anchors: tuple[x509.Certificate, ...]
@@ -312,6 +316,7 @@ class CertPeerAuth:
     )
     allow_sha1: bool = False
     max_chain: int = MAX_CHAIN
+    clock: Callable[[], float] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.trust_anchors:
@@ -345,6 +350,8 @@ class CertPeerAuth:
     ) -> None:
         if auth.method == AuthMethod.SHARED_KEY_MIC:
             raise AuthFailure("peer used a pre-shared key, we expect a certificate")
+        if self.clock is not None:
+            now = self.clock()
         try:
             self._verify(auth, octets, peer_id, certs, now)
         except AuthFailure:

@@ -10,11 +10,16 @@ answers with NAT-D notifies it moves to UDP 4500 for IKE_AUTH (``port_float``): 
 then sends the IKE_AUTH datagrams from and to port 4500 with the 4-octet non-ESP marker
 (RFC 3948 §2.2) and strips it on receipt.
 
-Out of scope: COOKIE and INVALID_KE_PAYLOAD retries, EAP, certificates, CREATE_CHILD_SA
-started by us, IKE fragmentation of received messages. An error Notify from the responder
-(NO_PROPOSAL_CHOSEN, AUTHENTICATION_FAILED, ...) ends in :attr:`State.FAILED` with the Notify's
-name as ``failure_reason``. Time comes in as ``now`` (seconds, any monotonic origin);
-randomness from ``rand`` (``secrets.token_bytes`` by default). No key appears in any repr.
+IKE fragmentation (RFC 7383): IKEV2_FRAGMENTATION_SUPPORTED is announced in IKE_SA_INIT unless
+``fragment_size`` is 0; when the responder announced it too, IKE_AUTH goes out as SKF fragments
+if it does not fit ``fragment_size`` octets of IP packet (all of them retransmitted together)
+and a fragmented response is reassembled (:class:`~services.core.ike.sk.FragmentReassembler`).
+
+Out of scope: COOKIE and INVALID_KE_PAYLOAD retries, EAP, CREATE_CHILD_SA started by us.
+An error Notify from the responder (NO_PROPOSAL_CHOSEN, AUTHENTICATION_FAILED, ...) ends in
+:attr:`State.FAILED` with the Notify's name as ``failure_reason``. Time comes in as ``now``
+(seconds, any monotonic origin); randomness from ``rand`` (``secrets.token_bytes`` by
+default). No key appears in any repr.
 
 After ESTABLISHED, INFORMATIONAL exchanges (liveness, Delete of the Child SA or of the IKE SA ->
 :attr:`State.CLOSED`, our own ``delete_ike``) and the peer's CREATE_CHILD_SA (Child SA rekey)
@@ -73,7 +78,13 @@ from services.core.ike.message import (
     encode_message,
 )
 from services.core.ike.prf import Prf
-from services.core.ike.sk import SkCipher, SkError, decrypt_message, encrypt_message
+from services.core.ike.sk import (
+    FragmentReassembler,
+    SkCipher,
+    SkError,
+    decrypt_message,
+    encrypt_message,
+)
 
 Rand = Callable[[int], bytes]
 
@@ -86,6 +97,30 @@ DH_ID = DhGroupId.CURVE25519
 RETRANSMIT_INITIAL = 1.0  # seconds; doubled per retry (RFC 7296 §2.1 leaves the policy open)
 RETRANSMIT_TRIES = 5
 _ERROR_NOTIFY_MAX = 16383  # RFC 7296 §3.10.1: types below 16384 are errors
+FRAGMENT_SIZE = 1280  # RFC 7383 §2.5.1: largest IP packet of a fragment (strongSwan's default)
+_UDP_HEADER = 8
+
+
+def fragment_limit(fragment_size: int, remote_addr: str, nat_t: bool) -> int | None:
+    """RFC 7383 §2.5.1: the largest IKE message (header included) fitting ``fragment_size``
+    octets of IP packet to ``remote_addr`` (IPv4 or IPv6 header, UDP header and, on UDP 4500,
+    the non-ESP marker subtracted); None when fragmentation is disabled (size 0)."""
+    if fragment_size <= 0:
+        return None
+    ip_header = 40 if ipaddress.ip_address(remote_addr).version == 6 else 20
+    return fragment_size - ip_header - _UDP_HEADER - (len(NON_ESP_MARKER) if nat_t else 0)
+
+
+def fragmentation_notify(fragment_size: int) -> tuple[Notify, ...]:
+    """IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383 §2.3) unless fragmentation is disabled."""
+    return (Notify(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED),) if fragment_size > 0 else ()
+
+
+def peer_supports_fragmentation(payloads: tuple[Payload, ...]) -> bool:
+    return any(
+        isinstance(p, Notify) and p.notify_type == NotifyType.IKEV2_FRAGMENTATION_SUPPORTED
+        for p in payloads
+    )
 
 
 class State(Enum):
@@ -142,7 +177,9 @@ class InitiatorConfig:
     accepts whichever identity the peer proves. Identities are :class:`Identity` or its text
     form. ``ts_local`` and ``ts_remote`` are inclusive (start, end) IPv4 ranges: TSi and TSr, all
     protocols and ports. ``local_port`` / ``remote_port`` are the IKE_SA_INIT ports the NAT-D
-    hashes cover.
+    hashes cover. ``fragment_size`` is the largest IP packet of an RFC 7383 fragment of our
+    encrypted messages when both sides announced IKEV2_FRAGMENTATION_SUPPORTED (0: we do not
+    announce it and never fragment).
     """
 
     local_addr: str
@@ -156,8 +193,11 @@ class InitiatorConfig:
     remote_id: str | Identity | None = None
     local_port: int = 500
     remote_port: int = 500
+    fragment_size: int = FRAGMENT_SIZE
 
     def __post_init__(self) -> None:
+        if self.fragment_size and self.fragment_size < 576:
+            raise ValueError("fragment_size must be 0 or at least 576")  # RFC 7383 §2.5.1
         for a in (self.local_addr, self.remote_addr, *self.ts_local, *self.ts_remote):
             _ipv4(a)
         identity_of(self.local_id, self.local_addr)
@@ -279,6 +319,8 @@ class Ikev2Initiator:
             config.psk, config.local_auth, config.peer_auth
         )
         self._peer_hashes: frozenset[int] = frozenset()
+        self._fragment = False  # both sides announced RFC 7383 fragmentation
+        self._reassembler = FragmentReassembler()
 
     def __repr__(self) -> str:
         return f"Ikev2Initiator(state={self._state.value}, spi_i={self._spi_i.hex()})"
@@ -327,6 +369,7 @@ class Ikev2Initiator:
                 nat_detection_hash(self._spi_i, bytes(8), _ipv4(cfg.remote_addr), cfg.remote_port),
             ),
             *hash_algorithms_notify(self._peer_auth.hash_algorithms()),
+            *fragmentation_notify(cfg.fragment_size),
         )
         msg = Message(self._spi_i, bytes(8), ExchangeType.IKE_SA_INIT, 0, payloads, initiator=True)
         self._msg1 = encode_message(msg)
@@ -429,6 +472,7 @@ class Ikev2Initiator:
         self._spi_r = msg.spi_r
         self._nr = nonce.data
         self._peer_hashes = peer_hash_algorithms(msg.payloads)
+        self._fragment = self.config.fragment_size > 0 and peer_supports_fragmentation(msg.payloads)
         self._msg2 = raw
         seed = skeyseed(PRF_ID, self._ni, self._nr, g_ir)
         self._keys = derive_ike_keys(
@@ -472,7 +516,10 @@ class Ikev2Initiator:
             TSr((_selector(cfg.ts_remote),)),
         )
         msg = Message(self._spi_i, self._spi_r, ExchangeType.IKE_AUTH, 1, inner, initiator=True)
-        datagrams = encrypt_message(msg, self._out)
+        limit = None
+        if self._fragment:
+            limit = fragment_limit(cfg.fragment_size, cfg.remote_addr, self.port_float)
+        datagrams = encrypt_message(msg, self._out, fragment_size=limit)
         self._expect_mid = 1
         self._state = State.AUTH_SENT
         return self._send(datagrams, now)
@@ -480,11 +527,18 @@ class Ikev2Initiator:
     def _on_auth(self, raw: bytes, now: float) -> list[bytes]:
         assert self._keys is not None and self._in is not None
         try:
-            msg = decrypt_message(raw, self._in)
+            # an SK message, or RFC 7383 fragments (SKF) reassembled once all are in
+            if self._fragment:
+                whole = self._reassembler.add(raw, self._in)
+            else:
+                whole = decrypt_message(raw, self._in)
         except SkError:
             return []  # RFC 7296 §2.21.2: a message that fails integrity is dropped
         except IkeDecodeError:
             return []
+        if whole is None:
+            return []  # more fragments to come
+        msg = whole
         self._pending = []
         self._check_errors(msg.payloads)
         idr = _first(msg.payloads, IDr)
