@@ -32,6 +32,11 @@ SAs from the worker.
 A CHILD SA rekey started by the peer (CREATE_CHILD_SA, RFC 7296 §2.8) installs the new pair
 under the same reqid and removes the old pair when the peer's Delete of it arrives.
 
+Authentication (PSK or certificates, :mod:`services.keymgr.credentials`) is read from the
+connection's files each time an IKE SA starts, so rotated secrets and certificates are used;
+an authentication failure is logged with the core's reason (untrusted CA, revoked, identity
+not in the certificate, wrong PSK, ...).
+
 Scope: one IKE SA per connection, we start no rekey, no ACQUIRE-triggered negotiation. Keys are
 never logged: only SPIs appear in logs.
 """
@@ -67,6 +72,7 @@ from services.core.selectors import Selector
 from services.core.spd import Action, SpdEntry
 from services.dataplane.client import DataplaneClient, IkeDatagram, PuntStream
 from services.keymgr.config import Connection
+from services.keymgr.credentials import authentication
 
 log = logging.getLogger("keymgr")
 
@@ -206,20 +212,22 @@ class Keymgr:
     def _initiate(self, s: Session, now: float) -> None:
         c = s.conn
         try:
-            psk = c.read_psk()
+            mine, theirs = authentication(c)
+            cfg = InitiatorConfig(
+                local_addr=c.local_addr,
+                remote_addr=c.remote_addr,
+                local_auth=mine,
+                peer_auth=theirs,
+                ts_local=c.ts_range("local"),
+                ts_remote=c.ts_range("remote"),
+                local_id=c.local_id,
+                remote_id=c.remote_id,
+                fragment_size=c.fragment_size,
+            )
         except ValueError as e:
             log.error("cannot start connection", extra={"conn": c.name, "reason": str(e)})
             s.retry_at = now + RETRY_AFTER_FAILURE
             return
-        cfg = InitiatorConfig(
-            local_addr=c.local_addr,
-            remote_addr=c.remote_addr,
-            psk=psk,
-            ts_local=c.ts_range("local"),
-            ts_remote=c.ts_range("remote"),
-            local_id=c.local_id,
-            remote_id=c.remote_id,
-        )
         ini = Ikev2Initiator(cfg, now=now)
         s.initiator = ini
         s.retry_at = None
@@ -298,15 +306,17 @@ class Keymgr:
                 )
                 return
             try:
-                psk = c.read_psk()
+                mine, theirs = authentication(c)
                 cfg = ResponderConfig(
                     local_addr=c.local_addr,
-                    psk=psk,
+                    local_auth=mine,
+                    peer_auth=theirs,
                     ts_local=c.ts_range("local"),
                     ts_remote=c.ts_range("remote"),
                     local_id=c.local_id,
                     remote_id=c.remote_id or c.remote_addr,
                     remote_addr=c.remote_addr,
+                    fragment_size=c.fragment_size,
                 )
             except ValueError as e:
                 log.error("cannot answer IKE_SA_INIT", extra={"conn": c.name, "reason": str(e)})

@@ -195,10 +195,11 @@ def test_missing_required_field(cfgdir: pathlib.Path, field: str) -> None:
         ("local_addr", None),
         ("remote_addr", "host.example"),
         ("remote_addr", "192.0.2.2/32"),
-        ("local_id", "2001:db8::1"),
+        ("local_id", "C=CH, =x"),  # identity text forms are checked (Identity.parse)
+        ("local_id", "%any"),  # only the remote identity may be "any"
         ("local_id", None),
         ("remote_id", 7),
-        ("remote_id", "peer@example"),
+        ("remote_id", "@#zz"),
         ("local_ts", "198.51.100.1/24"),  # host bits set
         ("local_ts", "2001:db8::/64"),
         ("local_ts", "198.51.100.0/33"),
