@@ -524,6 +524,16 @@ class Ikev2Initiator:
         self._state = State.AUTH_SENT
         return self._send(datagrams, now)
 
+    def _reject(self, reason: str) -> list[bytes]:
+        """The responder did not authenticate: fail, and tell it so in an INFORMATIONAL request
+        carrying AUTHENTICATION_FAILED (RFC 7296 §2.21.2; sent once, no response awaited)."""
+        assert self._out is not None
+        note = (Notify(NotifyType.AUTHENTICATION_FAILED),)
+        msg = Message(self._spi_i, self._spi_r, ExchangeType.INFORMATIONAL, 2, note, initiator=True)
+        out = encrypt_message(msg, self._out)
+        self._fail(reason)
+        return out
+
     def _on_auth(self, raw: bytes, now: float) -> list[bytes]:
         assert self._keys is not None and self._in is not None
         try:
@@ -547,7 +557,7 @@ class Ikev2Initiator:
             raise IkeFailure("IKE_AUTH response lacks IDr or AUTH")
         peer = Identity(idr.id_type, idr.data)
         if self._remote_id is not None and not self._remote_id.matches(peer):
-            raise IkeFailure(
+            return self._reject(
                 f"responder identity {peer} differs from the configured {self._remote_id}"
             )
         octets = signed_octets(PRF_ID, self._msg2, self._ni, self._keys.sk_pr, idr.encode_body())
@@ -555,7 +565,7 @@ class Ikev2Initiator:
         try:
             self._peer_auth.verify(auth, octets, PRF_ID, peer, certs, now)
         except AuthFailure as e:
-            raise IkeFailure(f"responder not authenticated: {e}") from None
+            return self._reject(f"responder not authenticated: {e}")
         sa = _first(msg.payloads, SA)
         tsi = _first(msg.payloads, TSi)
         tsr = _first(msg.payloads, TSr)
