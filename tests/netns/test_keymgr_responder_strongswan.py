@@ -49,14 +49,13 @@ class ResponderLab(KeymgrLab):
         self.psk = secrets.token_hex(32)  # keymgr's
         self.psk_for_strongswan = self.psk
         self.client = None
+        self.conn_extra = {}
         self.bench.netns()  # 198.51.100.1/32 on A's lo, 203.0.113.1/32 on B's lo
 
     def start_initiator_charon(self) -> None:
         b = self.bench
-        conf = bsw.swanctl_conf(
-            bsw.OUTER_B, bsw.OUTER_A, bsw.INNER_B, bsw.INNER_A, self.psk_for_strongswan
-        )
-        proc = b.start_charon("b", b.ns_b, conf)
+        proc = b.start_charon("b", b.ns_b, self.charon_conf(self.psk_for_strongswan))
+        self.charon_files(b.workdir / "b" / "swanctl")
         b.wait_vici("b", proc)
         b.swanctl(
             "b", "--load-all", "--noprompt", "--file", str(b.workdir / "b/swanctl/swanctl.conf")
@@ -67,21 +66,18 @@ class ResponderLab(KeymgrLab):
         fd = os.open(psk_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(f"0x{self.psk}\n")
-        cfg = {
-            "connections": [
-                {
-                    "name": "from-b",
-                    "local_addr": bsw.OUTER_A,
-                    "remote_addr": bsw.OUTER_B,
-                    "local_id": bsw.OUTER_A,
-                    "remote_id": bsw.OUTER_B,
-                    "psk_file": str(psk_file),
-                    "local_ts": f"{bsw.INNER_A}/32",
-                    "remote_ts": f"{bsw.INNER_B}/32",
-                    "start_action": "respond",
-                }
-            ]
+        conn = {
+            "name": "from-b",
+            "local_addr": bsw.OUTER_A,
+            "remote_addr": bsw.OUTER_B,
+            "local_id": bsw.OUTER_A,
+            "remote_id": bsw.OUTER_B,
+            "psk_file": str(psk_file),
+            "local_ts": f"{bsw.INNER_A}/32",
+            "remote_ts": f"{bsw.INNER_B}/32",
+            "start_action": "respond",
         }
+        cfg = {"connections": [self.keymgr_connection(conn)]}
         cfg_file = self.workdir / "keymgr.json"
         cfg_file.write_text(json.dumps(cfg))
         argv = [sys.executable, "-m", "services.keymgr", "--config", str(cfg_file)]

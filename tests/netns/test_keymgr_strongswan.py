@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -75,6 +76,7 @@ class KeymgrLab:
         self.psk = secrets.token_hex(32)  # strongSwan's
         self.psk_for_keymgr = self.psk  # a test may hand keymgr a different one
         self.client: DataplaneClient | None = None
+        self.conn_extra: dict[str, Any] = {}  # merged into keymgr's connection (None: removed)
         self.bench.netns()  # also puts 198.51.100.1/32 on A's lo, 203.0.113.1/32 on B's lo
 
     def _popen(self, argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
@@ -103,10 +105,21 @@ class KeymgrLab:
             f"\n--- charon b ---\n{self.log('charon-b.log')}"
         )
 
+    def charon_conf(self, psk: str) -> str:
+        """swanctl.conf for charon in B (a test may return a certificate configuration)."""
+        return bsw.swanctl_conf(bsw.OUTER_B, bsw.OUTER_A, bsw.INNER_B, bsw.INNER_A, psk)
+
+    def charon_files(self, swanctl_dir: pathlib.Path) -> None:
+        """Hook: put credentials into charon's swanctl directory before they are loaded."""
+
+    def keymgr_connection(self, conn: dict[str, Any]) -> dict[str, Any]:
+        merged = {**conn, **self.conn_extra}
+        return {k: v for k, v in merged.items() if v is not None}
+
     def start_responder(self) -> None:
         b = self.bench
-        conf = bsw.swanctl_conf(bsw.OUTER_B, bsw.OUTER_A, bsw.INNER_B, bsw.INNER_A, self.psk)
-        proc = b.start_charon("b", b.ns_b, conf)
+        proc = b.start_charon("b", b.ns_b, self.charon_conf(self.psk))
+        self.charon_files(b.workdir / "b" / "swanctl")
         b.wait_vici("b", proc)
         b.swanctl(
             "b", "--load-all", "--noprompt", "--file", str(b.workdir / "b/swanctl/swanctl.conf")
@@ -147,21 +160,18 @@ class KeymgrLab:
         fd = os.open(psk_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(f"0x{self.psk_for_keymgr}\n")
-        cfg = {
-            "connections": [
-                {
-                    "name": "to-b",
-                    "local_addr": bsw.OUTER_A,
-                    "remote_addr": bsw.OUTER_B,
-                    "local_id": bsw.OUTER_A,
-                    "remote_id": bsw.OUTER_B,
-                    "psk_file": str(psk_file),
-                    "local_ts": f"{bsw.INNER_A}/32",
-                    "remote_ts": f"{bsw.INNER_B}/32",
-                    "start_action": "start",
-                }
-            ]
+        conn = {
+            "name": "to-b",
+            "local_addr": bsw.OUTER_A,
+            "remote_addr": bsw.OUTER_B,
+            "local_id": bsw.OUTER_A,
+            "remote_id": bsw.OUTER_B,
+            "psk_file": str(psk_file),
+            "local_ts": f"{bsw.INNER_A}/32",
+            "remote_ts": f"{bsw.INNER_B}/32",
+            "start_action": "start",
         }
+        cfg = {"connections": [self.keymgr_connection(conn)]}
         cfg_file = self.workdir / "keymgr.json"
         cfg_file.write_text(json.dumps(cfg))
         argv = [sys.executable, "-m", "services.keymgr", "--config", str(cfg_file)]
