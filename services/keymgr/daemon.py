@@ -575,14 +575,19 @@ class Keymgr:
         ini = s.initiator
         assert ini is not None
         if ini.state is State.FAILED:
-            log.warning(
-                "ike failed",
-                extra={
-                    "conn": s.conn.name,
-                    "reason": ini.failure_reason,
-                    "retry_in": RETRY_AFTER_FAILURE,
-                },
-            )
+            extra: dict[str, object] = {
+                "conn": s.conn.name,
+                "reason": ini.failure_reason,
+                "retry_in": RETRY_AFTER_FAILURE,
+            }
+            if ini.failure_reason == "AUTHENTICATION_FAILED":
+                c = s.conn
+                extra["hint"] = (
+                    f"the responder refused our authentication ({c.auth}) as "
+                    f"{c.local_id or c.local_addr} or did not accept to be "
+                    f"{c.remote_id or c.remote_addr}; its log has the reason"
+                )
+            log.warning("ike failed", extra=extra)
             s.retry_at = now + RETRY_AFTER_FAILURE
         elif ini.state is State.ESTABLISHED and not s.installed and ini.result is not None:
             self._established(s, ini.result, now)
