@@ -84,7 +84,7 @@ def certs(pki_dir: pathlib.Path, kind: str) -> Certs:
     return _CERTS[kind]
 
 
-def charon_cert_conf() -> str:
+def charon_cert_conf(local_auth: str = "pubkey") -> str:
     return f"""connections {{
     {bsw.CONN} {{
         version = 2
@@ -92,7 +92,7 @@ def charon_cert_conf() -> str:
         remote_addrs = {bsw.OUTER_A}
         proposals = {bsw.IKE_PROPOSAL}
         local {{
-            auth = pubkey
+            auth = {local_auth}
             certs = sun.crt
             id = @{SUN}
         }}
@@ -135,8 +135,10 @@ class CertMixin:
             **keymgr,
         }
 
+    charon_auth = "pubkey"  # charon's local auth (e.g. ike:rsa/pss-sha256)
+
     def charon_conf(self, psk: str) -> str:
-        return charon_cert_conf()
+        return charon_cert_conf(self.charon_auth)
 
     def charon_files(self, swanctl_dir: pathlib.Path) -> None:
         c = self.certs
@@ -317,6 +319,25 @@ def test_strongswan_initiates_to_keymgr_with_certificates(
     keymgr.terminate()
     assert keymgr.wait(timeout=10) == 0, rlab.logs()
     _assert_no_secret(rlab, (rlab.workdir / "keymgr.log").read_text(errors="replace"))
+
+
+def test_strongswan_rsassa_pss_signature_to_keymgr(
+    rlab: CertResponderLab, pki_dir: pathlib.Path
+) -> None:
+    """charon signs with RSASSA-PSS (RFC 7427 with RFC 4055 parameters); keymgr verifies."""
+    rlab.use_certs(certs(pki_dir, "rsa4096"), start_action="respond")
+    rlab.charon_auth = "ike:rsa/pss-sha256"
+    rlab.start_worker()
+    keymgr = rlab.start_responder_keymgr()
+    rlab.wait_punt_connected(keymgr)
+    rlab.start_initiator_charon()
+    init = rlab.initiate()
+    assert init.returncode == 0, f"{init.stdout[-2000:]}\n{rlab.logs()}"
+    charon = _charon_log(rlab)
+    assert re.search(rf"authentication of '{SUN}' \(myself\) with RSA_EMSA_PSS", charon), charon
+    assert "ESTABLISHED" in rlab.list_sas_b()
+    keymgr.terminate()
+    assert keymgr.wait(timeout=10) == 0, rlab.logs()
 
 
 # -- negative: keymgr refuses charon ---------------------------------------------------------------

@@ -488,3 +488,53 @@ def test_cryptography_chain_p521_and_key_usage() -> None:
         v.verify(
             me4.auth_payload(OCTETS, PRF, ALL_HASHES), OCTETS, PRF, sun, me4.cert_payloads(), now()
         )
+
+
+# -- RSASSA-PSS (verification only) --------------------------------------------------------------
+
+
+def _tlv(tag: int, body: bytes) -> bytes:
+    assert len(body) < 128
+    return bytes((tag, len(body))) + body
+
+
+def _pss_alg(hash_oid: bytes, mgf_hash_oid: bytes, salt: int) -> bytes:
+    """RFC 4055 §3.1 RSASSA-PSS AlgorithmIdentifier, built by hand (hash with NULL params)."""
+    h = _tlv(0x30, _tlv(0x06, hash_oid) + b"\x05\x00")
+    mh = _tlv(0x30, _tlv(0x06, mgf_hash_oid) + b"\x05\x00")
+    mgf = _tlv(0x30, _tlv(0x06, bytes.fromhex("2a864886f70d010108")) + mh)
+    params = _tlv(0xA0, h) + _tlv(0xA1, mgf) + _tlv(0xA2, _tlv(0x02, bytes((salt,))))
+    return _tlv(0x30, _tlv(0x06, bytes.fromhex("2a864886f70d01010a")) + _tlv(0x30, params))
+
+
+SHA256_OID = bytes.fromhex("608648016503040201")
+SHA384_OID = bytes.fromhex("608648016503040202")
+
+
+def test_rsassa_pss_signatures_verify(lab: Lab) -> None:
+    i = lab.ee["rsa2048"]
+    k = key(i)
+    assert isinstance(k, rsa.RSAPrivateKey)
+    certs = local(lab, i, lab.inter).cert_payloads()
+    for hash_oid, h, salt in ((SHA256_OID, hashes.SHA256(), 32), (SHA384_OID, hashes.SHA384(), 48)):
+        alg = _pss_alg(hash_oid, hash_oid, salt)
+        sig = k.sign(OCTETS, padding.PSS(mgf=padding.MGF1(h), salt_length=salt), h)
+        auth = Auth(14, bytes((len(alg),)) + alg + sig)
+        peer(lab).verify(auth, OCTETS, PRF, MOON, certs, now())
+        with pytest.raises(AuthFailure, match="does not verify"):
+            peer(lab).verify(auth, OCTETS + b"!", PRF, MOON, certs, now())
+        with pytest.raises(AuthFailure, match="did not announce"):
+            peer(lab, hashes=frozenset({5})).verify(auth, OCTETS, PRF, MOON, certs, now())
+    # the salt length in the parameters is the one checked
+    alg = _pss_alg(SHA256_OID, SHA256_OID, 20)
+    sig = k.sign(
+        OCTETS, padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32), hashes.SHA256()
+    )
+    with pytest.raises(AuthFailure, match="does not verify"):
+        peer(lab).verify(Auth(14, bytes((len(alg),)) + alg + sig), OCTETS, PRF, MOON, certs, now())
+    # MGF1 with another hash than the signature's, and PSS without parameters: refused
+    for bad in (_pss_alg(SHA256_OID, SHA384_OID, 32), bytes.fromhex("300b06092a864886f70d01010a")):
+        with pytest.raises(AuthFailure, match="RSASSA-PSS"):
+            peer(lab).verify(
+                Auth(14, bytes((len(bad),)) + bad + sig), OCTETS, PRF, MOON, certs, now()
+            )

@@ -1,4 +1,5 @@
-"""Certificate authentication for IKEv2: RFC 7296 §2.15, §3.6-§3.8, RFC 7427 §3-§4, RFC 4754 §7.
+"""Certificate authentication for IKEv2: RFC 7296 §2.15, §3.6-§3.8, RFC 7427 §3-§4, RFC 4754 §7,
+RFC 4055 §3.1 (RSASSA-PSS parameters).
 
 Two implementations of the :mod:`services.core.ike.authn` seam:
 
@@ -7,10 +8,11 @@ Two implementations of the :mod:`services.core.ike.authn` seam:
   peer announced RFC 7427 SIGNATURE_HASH_ALGORITHMS the AUTH method is DIGITAL_SIGNATURE (14):
   a one-octet length, the signature's AlgorithmIdentifier (DER) and the signature, with a hash
   the peer announced: sha256/384/512WithRSAEncryption (PKCS#1 v1.5), ecdsa-with-SHA256/384/512
-  (DER ECDSA-Sig-Value) or Ed25519 / Ed448 ("identity" hash). Without the announcement the
-  classic methods are used: RSA_SIG (1, PKCS#1 v1.5 with SHA-1, only if ``allow_sha1``) and
-  ECDSA_SHA256_P256 / SHA384_P384 / SHA512_P521 (9/10/11, r || s per RFC 4754); keys with no
-  classic method (Ed25519, RSA without SHA-1) still use DIGITAL_SIGNATURE.
+  (DER ECDSA-Sig-Value) or Ed25519 / Ed448 ("identity" hash); RSASSA-PSS (RFC 4055 parameters)
+  is verified but not produced. Without the announcement the classic methods are used: RSA_SIG
+  (1, PKCS#1 v1.5 with SHA-1, only if ``allow_sha1``) and ECDSA_SHA256_P256 / SHA384_P384 /
+  SHA512_P521 (9/10/11, r || s per RFC 4754); keys with no classic method (Ed25519, RSA without
+  SHA-1) still use DIGITAL_SIGNATURE.
 * :class:`CertPeerAuth` checks, in this order, that the CERT payloads parse, that the peer's
   identity is bound to its end-entity certificate (ID_IPV4/IPV6_ADDR -> subjectAltName
   iPAddress, ID_FQDN -> dNSName, ID_RFC822_ADDR -> rfc822Name, ID_DER_ASN1_DN -> the subject or a
@@ -143,33 +145,97 @@ def _kind(key: PrivateKey | PublicKey | object) -> str:
     return type(key).__name__
 
 
-def signature_algorithm(blob: bytes) -> tuple[str, int, int]:
-    """Split an RFC 7427 §3 AUTH body into (key kind, hash, offset of the signature).
+_RSASSA_PSS = "1.2.840.113549.1.1.10"
+_MGF1 = "1.2.840.113549.1.1.8"
+_HASH_OIDS = {
+    "1.3.14.3.2.26": HashAlg.SHA1,
+    "2.16.840.1.101.3.4.2.1": HashAlg.SHA2_256,
+    "2.16.840.1.101.3.4.2.2": HashAlg.SHA2_384,
+    "2.16.840.1.101.3.4.2.3": HashAlg.SHA2_512,
+}
 
-    ValueError for a malformed body or an AlgorithmIdentifier we do not know (its OID is in the
-    message). RSA parameters may be NULL or absent; ECDSA and EdDSA take none.
-    """
+
+def _algorithm_identifier(der: bytes) -> tuple[str, bytes]:
+    """A whole DER AlgorithmIdentifier -> (dotted OID, DER of its parameters or b"")."""
+    tag, body, end = _der_tlv(der, 0)
+    if tag != 0x30 or end != len(der):
+        raise ValueError("AlgorithmIdentifier is not one DER SEQUENCE")
+    otag, oid_body, off = _der_tlv(body, 0)
+    if otag != 0x06:
+        raise ValueError("AlgorithmIdentifier lacks its OID")
+    return _oid_from_der(oid_body).dotted_string, body[off:]
+
+
+def _hash_of(der: bytes) -> int:
+    oid, params = _algorithm_identifier(der)
+    if oid not in _HASH_OIDS or params not in (b"", b"\x05\x00"):
+        raise ValueError(f"hash algorithm {oid} is not supported in RSASSA-PSS")
+    return _HASH_OIDS[oid]
+
+
+def _pss_params(params: bytes) -> tuple[int, int]:
+    """RFC 4055 §3.1 RSASSA-PSS-params -> (hash, salt length); the MGF1 hash must match."""
+    h, mgf_h, salt = int(HashAlg.SHA1), int(HashAlg.SHA1), 20  # the DEFAULTs
+    tag, body, end = _der_tlv(params, 0)
+    if tag != 0x30 or end != len(params):
+        raise ValueError("RSASSA-PSS parameters are not one DER SEQUENCE")
+    off = 0
+    while off < len(body):
+        t, v, off = _der_tlv(body, off)
+        if t == 0xA0:
+            h = _hash_of(v)
+        elif t == 0xA1:
+            oid, mgf_params = _algorithm_identifier(v)
+            if oid != _MGF1:
+                raise ValueError(f"mask generation function {oid} is not supported")
+            mgf_h = _hash_of(mgf_params)
+        elif t == 0xA2:
+            itag, num, iend = _der_tlv(v, 0)
+            if itag != 0x02 or iend != len(v) or not 0 < len(num) <= 2:
+                raise ValueError("bad RSASSA-PSS saltLength")
+            salt = int.from_bytes(num, "big", signed=True)
+        elif t == 0xA3:
+            if v != b"\x02\x01\x01":
+                raise ValueError("RSASSA-PSS trailerField other than 1")
+        else:
+            raise ValueError("unexpected field in RSASSA-PSS parameters")
+    if mgf_h != h or salt < 0:
+        raise ValueError("RSASSA-PSS with an MGF1 hash other than its hash or a negative salt")
+    return h, salt
+
+
+def _parse_signature(blob: bytes) -> tuple[str, int, int, int | None]:
+    """(key kind, hash, offset of the signature, RSASSA-PSS salt length or None)."""
     if not blob:
         raise ValueError("empty DIGITAL_SIGNATURE AUTH data")
     n = blob[0]
     alg = blob[1 : 1 + n]
     if n == 0 or len(alg) != n:
         raise ValueError("DIGITAL_SIGNATURE AlgorithmIdentifier truncated")
-    tag, body, end = _der_tlv(alg, 0)
-    if tag != 0x30 or end != len(alg):
-        raise ValueError("DIGITAL_SIGNATURE AlgorithmIdentifier is not one DER SEQUENCE")
-    otag, oid_body, off = _der_tlv(body, 0)
-    if otag != 0x06:
-        raise ValueError("AlgorithmIdentifier lacks its OID")
-    oid = _oid_from_der(oid_body).dotted_string
-    params = body[off:]
+    oid, params = _algorithm_identifier(alg)
+    if oid == _RSASSA_PSS:
+        if not params:
+            raise ValueError("RSASSA-PSS without parameters is not supported")
+        h, salt = _pss_params(params)
+        return "rsa", h, 1 + n, salt
     known = _OIDS.get(oid)
     if known is None:
         raise ValueError(f"signature algorithm {oid} is not supported")
     kind, h = known
     if params and not (kind == "rsa" and params == b"\x05\x00"):
         raise ValueError(f"unexpected parameters for signature algorithm {oid}")
-    return kind, h, 1 + n
+    return kind, h, 1 + n, None
+
+
+def signature_algorithm(blob: bytes) -> tuple[str, int, int]:
+    """Split an RFC 7427 §3 AUTH body into (key kind, hash, offset of the signature).
+
+    ValueError for a malformed body or an AlgorithmIdentifier we do not know (its OID is in the
+    message). RSA parameters may be NULL or absent; ECDSA and EdDSA take none; RSASSA-PSS
+    (RFC 4055, verification only) needs explicit parameters whose MGF1 hash is its hash.
+    """
+    kind, h, off, _ = _parse_signature(blob)
+    return kind, h, off
 
 
 def _sign(key: PrivateKey, h: int, data: bytes) -> bytes:
@@ -517,7 +583,7 @@ class CertPeerAuth:
         try:
             if method == AuthMethod.DIGITAL_SIGNATURE:
                 try:
-                    sig_kind, h, off = signature_algorithm(auth.data)
+                    sig_kind, h, off, pss_salt = _parse_signature(auth.data)
                 except ValueError as e:
                     raise AuthFailure(f"AUTH of {_who(ee)}: {e}") from None
                 if h not in self.hashes:
@@ -529,7 +595,12 @@ class CertPeerAuth:
                         f"AUTH of {_who(ee)} is a {sig_kind} signature but the certificate "
                         f"holds a {kind} key"
                     )
-                _verify(key, h, auth.data[off:], octets)
+                if pss_salt is not None and isinstance(key, rsa.RSAPublicKey):
+                    hash_alg = _HASHES[h]()
+                    pss = padding.PSS(mgf=padding.MGF1(hash_alg), salt_length=pss_salt)
+                    key.verify(auth.data[off:], octets, pss, hash_alg)
+                else:
+                    _verify(key, h, auth.data[off:], octets)
             elif method == AuthMethod.RSA_SIG:
                 if not self.allow_sha1:
                     raise AuthFailure(f"AUTH of {_who(ee)} is RSA with SHA-1, which we refuse")
