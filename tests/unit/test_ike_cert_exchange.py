@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from services.core.ike.certauth import CertLocalAuth, CertPeerAuth, PrivateKey
+from services.core.ike.child import ENCR_ID, ENCR_KEY_BITS
 from services.core.ike.constants import NotifyType
 from services.core.ike.exchange import (
     Ikev2Initiator,
@@ -33,6 +34,7 @@ from services.core.ike.exchange import (
 )
 from services.core.ike.message import SK, SKF, Notify, decode_message
 from services.core.ike.responder import Ikev2Responder, ResponderConfig, ResponderState
+from services.core.ike.sk import SkCipher, decrypt_message, encrypt_message
 
 I_ADDR, R_ADDR = "192.0.2.1", "192.0.2.2"
 TS_I, TS_R = "198.51.100.1", "203.0.113.1"
@@ -320,3 +322,32 @@ def test_untrusted_responder_certificate_fails_both_sides() -> None:
     assert resp.state is ResponderState.FAILED and ini.state is State.FAILED
     assert resp.failure_reason is not None and "no trusted CA" in resp.failure_reason
     assert ini.failure_reason == "AUTHENTICATION_FAILED"
+
+
+def test_fragment_limit_subtracts_headers() -> None:
+    assert fragment_limit(1280, "192.0.2.2", nat_t=False) == 1280 - 20 - 8
+    assert fragment_limit(1280, "2001:db8::2", nat_t=True) == 1280 - 40 - 8 - 4
+    assert fragment_limit(0, "192.0.2.2", nat_t=True) is None
+
+
+def test_fragments_refused_when_not_negotiated(big: Pki) -> None:
+    """A responder that did not agree to RFC 7383 drops SKF fragments, even authentic ones."""
+    ini_cfg, _ = _configs(big)
+    _, resp_cfg = _configs(big, frag_r=0)
+    ini = Ikev2Initiator(ini_cfg, now=0.0, rand=_rand(b"i"))
+    resp = Ikev2Responder(resp_cfg, now=0.0, rand=_rand(b"r"))
+    (m1,) = ini.start(0.0)
+    (m2,) = resp.receive(m1, 0.0, remote=(I_EP, 500), local=(R_EP, 500))
+    (single,) = ini.receive(m2, 0.0)  # no fragmentation agreed: one SK message
+    keys = ini._keys  # the test plays a misbehaving initiator with the real SK_ei
+    assert keys is not None
+    msg = decrypt_message(single, SkCipher(ENCR_ID, keys.sk_ei, key_bits=ENCR_KEY_BITS))
+    frags = encrypt_message(
+        msg, SkCipher(ENCR_ID, keys.sk_ei, key_bits=ENCR_KEY_BITS), fragment_size=600
+    )
+    assert len(frags) > 2
+    for f in frags:
+        assert resp.receive(f, 0.0, remote=(I_EP, 4500), local=(R_EP, 4500)) == []
+    assert resp.state is ResponderState.WAIT_AUTH and resp.dropped == len(frags)
+    assert resp.receive(single, 0.0, remote=(I_EP, 4500), local=(R_EP, 4500))
+    assert resp.state is ResponderState.ESTABLISHED, resp.failure_reason
