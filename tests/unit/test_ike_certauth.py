@@ -538,3 +538,28 @@ def test_rsassa_pss_signatures_verify(lab: Lab) -> None:
             peer(lab).verify(
                 Auth(14, bytes((len(bad),)) + bad + sig), OCTETS, PRF, MOON, certs, now()
             )
+
+
+def test_ecdsa_signature_is_rfc6979_deterministic() -> None:
+    """RFC 6979 A.2.5 (P-256, SHA-256, message "sample"): our RFC 4754 r || s equals the
+    published r and s, so signing draws no randomness."""
+    x = int("C9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721", 16)
+    k = ec.derive_private_key(x, ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rfc6979")])
+    t = datetime.datetime.now(datetime.UTC)
+    c = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(k.public_key())
+        .serial_number(1)
+        .not_valid_before(t - datetime.timedelta(hours=1))
+        .not_valid_after(t + datetime.timedelta(hours=1))
+        .sign(k, hashes.SHA256())
+    )
+    auth = CertLocalAuth(k, (c,)).auth_payload(b"sample", PRF, frozenset())
+    assert auth.method == AuthMethod.ECDSA_SHA256_P256
+    assert auth.data.hex().upper() == (
+        "EFD48B2AACB6A8FD1140DD9CD45E81D69D2C877B56AAF991C34D0EA84EAF3716"
+        "F7CB1C942D657C41D436C7A1B6E29F65F3E900DBB9AFF4064DC4AB2F843ACDA8"
+    )

@@ -12,7 +12,8 @@ Two implementations of the :mod:`services.core.ike.authn` seam:
   is verified but not produced. Without the announcement the classic methods are used: RSA_SIG
   (1, PKCS#1 v1.5 with SHA-1, only if ``allow_sha1``) and ECDSA_SHA256_P256 / SHA384_P384 /
   SHA512_P521 (9/10/11, r || s per RFC 4754); keys with no classic method (Ed25519, RSA without
-  SHA-1) still use DIGITAL_SIGNATURE.
+  SHA-1) still use DIGITAL_SIGNATURE. ECDSA nonces are deterministic (RFC 6979), so signing
+  draws no randomness; PKCS#1 v1.5 and EdDSA are deterministic anyway.
 * :class:`CertPeerAuth` checks, in this order, that the CERT payloads parse, that the peer's
   identity is bound to its end-entity certificate (ID_IPV4/IPV6_ADDR -> subjectAltName
   iPAddress, ID_FQDN -> dNSName, ID_RFC822_ADDR -> rfc822Name, ID_DER_ASN1_DN -> the subject or a
@@ -242,7 +243,8 @@ def _sign(key: PrivateKey, h: int, data: bytes) -> bytes:
     if isinstance(key, rsa.RSAPrivateKey):
         return key.sign(data, padding.PKCS1v15(), _HASHES[h]())
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        return key.sign(data, ec.ECDSA(_HASHES[h]()))
+        # RFC 6979 deterministic nonces: no randomness outside the core's ``rand``
+        return key.sign(data, ec.ECDSA(_HASHES[h](), deterministic_signing=True))
     return key.sign(data)
 
 
