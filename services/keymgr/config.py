@@ -17,15 +17,24 @@ of one family; ``local_ts`` and ``remote_ts`` of one family, which in transport 
 the addresses' family). ``local_id`` / ``remote_id`` are identities in text form
 (:meth:`services.core.ike.authn.Identity.parse`: an IP address, ``@fqdn``, ``user@domain``, a
 DN, ``@#hex`` key ID) and default to the addresses; ``remote_id`` may be ``"%any"`` (accept
-whichever identity the peer proves). ``ike_proposals`` / ``esp_proposals`` are strongSwan-style
-proposal strings, one suite each, in order of preference (:mod:`services.core.ike.suites`;
-defaults: ``aes256gcm16-prfsha256-x25519`` and ``aes256gcm16``); SHA-1, MODP-1024 and 3DES
-need ``"allow_legacy": true``. ``mode`` is ``"tunnel"`` (default) or ``"transport"``.
+whichever identity the peer proves, e.g. with its certificate). ``ike_proposals`` /
+``esp_proposals`` are strongSwan-style proposal strings, one suite each, in order of
+preference (:mod:`services.core.ike.suites`; defaults: ``aes256gcm16-prfsha256-x25519`` and
+``aes256gcm16``); SHA-1, MODP-1024 and 3DES need ``"allow_legacy": true``. ``mode`` is
+``"tunnel"`` (default) or ``"transport"``.
 ``start_action`` is ``"start"`` (keymgr initiates) or ``"none"`` / ``"respond"`` (keymgr only
 answers the peer's IKE_SA_INIT arriving from ``remote_addr`` at ``local_addr``). The PSK lives in
 its own file (a Kubernetes Secret mount); its content is read only when a connection starts and
 never logged. A PSK file holding ``0x<hex>`` is decoded as hex (strongSwan's notation), anything
 else is used as the raw octets with surrounding whitespace removed.
+
+``auth`` is ``"psk"`` (default; ``psk_file`` required) or ``"pubkey"``: certificates, with
+``cert_file`` (PEM or DER; our certificate first, then intermediates to send), ``key_file``
+(its private key, PEM or DER, unencrypted), ``ca_files`` (a list of trusted CA certificate
+files) and optionally ``crl_files`` (a list of CRL files). Relative paths resolve against the
+config file's directory. ``fragment_size`` is the largest IP packet of an IKE fragment (RFC
+7383; default 1280 as in strongSwan, 0 disables fragmentation).
+
 Lifetimes and liveness (all optional; seconds, 0 = off) follow strongSwan's swanctl.conf
 names: ``rekey_time`` (CHILD SA rekey, default 3600), ``life_time`` (CHILD SA hard lifetime,
 default 110 % of ``rekey_time``), ``rand_time`` (the rekey happens up to this much earlier at
@@ -70,6 +79,10 @@ MAX_PATH_LEN = 4096
 MAX_CONNECTIONS = 1024
 MAX_CONFIG_BYTES = 1 << 20
 MAX_PSK_BYTES = 4096
+AUTH_METHODS = ("psk", "pubkey")
+MAX_FILES = 32  # entries of ca_files / crl_files
+DEFAULT_FRAGMENT_SIZE = 1280  # strongSwan's charon.fragment_size
+MIN_FRAGMENT_SIZE = 576  # RFC 7383 §2.5.1: IPv4 hosts must accept 576-octet packets
 
 
 class ConfigError(ValueError):
@@ -106,7 +119,7 @@ def _identity(value: object, what: str, *, any_ok: bool) -> None:
     if value.strip() == ANY_ID:
         if any_ok:
             return
-        raise ConfigError(f"{what}: {ANY_ID} is only allowed for remote_id")
+        raise ConfigError(f"{what}: {ANY_ID} is only allowed for the remote identity (remote_id)")
     try:
         Identity.parse(value)
     except (ValueError, UnicodeError):
@@ -136,7 +149,7 @@ class Connection:
     name: str
     local_addr: str
     remote_addr: str
-    psk_file: pathlib.Path
+    psk_file: pathlib.Path | None
     local_ts: str
     remote_ts: str
     local_id: str | None = None
@@ -157,6 +170,12 @@ class Connection:
     dpd_action: str = "clear"
     retransmit_timeout: float = 1.0
     retransmit_tries: int = 5
+    auth: str = "psk"
+    cert_file: pathlib.Path | None = None
+    key_file: pathlib.Path | None = None
+    ca_files: tuple[pathlib.Path, ...] = ()
+    crl_files: tuple[pathlib.Path, ...] = ()
+    fragment_size: int = DEFAULT_FRAGMENT_SIZE
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -165,9 +184,28 @@ class Connection:
             raise ConfigError(
                 f"connection name must be at most {MAX_NAME_LEN} printable characters"
             )
-        if not isinstance(self.psk_file, pathlib.Path):
-            raise ConfigError(f"connection {self.name!r} psk_file must be a path")
         w = f"connection {self.name!r}"
+        if self.auth not in AUTH_METHODS:
+            raise ConfigError(f"{w} auth must be one of {AUTH_METHODS}")
+        if self.auth == "psk" and not isinstance(self.psk_file, pathlib.Path):
+            raise ConfigError(f"{w} psk_file must be a path (auth psk)")
+        if self.auth == "pubkey":
+            for attr in ("cert_file", "key_file"):
+                if not isinstance(getattr(self, attr), pathlib.Path):
+                    raise ConfigError(f"{w} {attr} must be a path (auth pubkey)")
+            if not self.ca_files:
+                raise ConfigError(f"{w} ca_files must name at least one CA (auth pubkey)")
+        for attr in ("ca_files", "crl_files"):
+            files = getattr(self, attr)
+            if not isinstance(files, tuple) or not all(isinstance(f, pathlib.Path) for f in files):
+                raise ConfigError(f"{w} {attr} must be a tuple of paths")
+        fs = self.fragment_size
+        if (
+            not isinstance(fs, int)
+            or isinstance(fs, bool)
+            or not (fs == 0 or MIN_FRAGMENT_SIZE <= fs <= 65535)
+        ):
+            raise ConfigError(f"{w} fragment_size must be 0 or {MIN_FRAGMENT_SIZE}..65535")
         la = _ip(self.local_addr, f"{w} local_addr")
         ra = _ip(self.remote_addr, f"{w} remote_addr")
         if la.version != ra.version:
@@ -261,6 +299,8 @@ class Connection:
 
     def read_psk(self) -> bytes:
         """The pre-shared key from ``psk_file`` (never logged, never in repr)."""
+        if self.psk_file is None:
+            raise ConfigError(f"connection {self.name!r} has no psk_file")
         try:
             with self.psk_file.open("rb") as f:
                 raw = f.read(MAX_PSK_BYTES + 1)
@@ -307,6 +347,12 @@ _FIELDS = {
     "esp_proposals",
     "mode",
     "allow_legacy",
+    "auth",
+    "cert_file",
+    "key_file",
+    "ca_files",
+    "crl_files",
+    "fragment_size",
 }
 _LIFETIME_FIELDS = {
     "rekey_time",
@@ -322,6 +368,23 @@ _LIFETIME_FIELDS = {
 }
 
 
+def _path(value: object, what: str, base: pathlib.Path | None) -> pathlib.Path:
+    if not isinstance(value, str) or not value or len(value) > MAX_PATH_LEN:
+        raise ConfigError(f"connection {what} must be a non-empty path string")
+    if "\x00" in value:
+        raise ConfigError(f"connection {what} must not contain NUL")
+    p = pathlib.Path(value)
+    if base is not None and not p.is_absolute():
+        p = base / p
+    return p
+
+
+def _paths(value: object, what: str, base: pathlib.Path | None) -> tuple[pathlib.Path, ...]:
+    if not isinstance(value, list) or len(value) > MAX_FILES:
+        raise ConfigError(f"connection {what} must be a list of at most {MAX_FILES} paths")
+    return tuple(_path(v, what, base) for v in value)
+
+
 def connection_from_dict(d: Mapping[str, Any], *, base: pathlib.Path | None = None) -> Connection:
     """Build a Connection from a JSON object; relative psk_file paths resolve against ``base``."""
     if not isinstance(d, Mapping):
@@ -330,24 +393,26 @@ def connection_from_dict(d: Mapping[str, Any], *, base: pathlib.Path | None = No
     if unknown:
         shown = ", ".join(_show(k) for k in sorted(unknown)[:5])
         raise ConfigError(f"unknown connection field(s): {shown}")
-    missing = {"name", "local_addr", "remote_addr", "psk_file", "local_ts", "remote_ts"} - set(d)
+    auth = d.get("auth", "psk")
+    if auth not in AUTH_METHODS:
+        raise ConfigError(f"connection auth must be one of {AUTH_METHODS}")
+    required = {"name", "local_addr", "remote_addr", "local_ts", "remote_ts"}
+    required |= {"psk_file"} if auth == "psk" else {"cert_file", "key_file", "ca_files"}
+    missing = required - set(d)
     if missing:
         raise ConfigError(f"connection lacks field(s): {sorted(missing)}")
-    raw_psk = d["psk_file"]
-    if not isinstance(raw_psk, str) or not raw_psk or len(raw_psk) > MAX_PATH_LEN:
-        raise ConfigError("connection psk_file must be a non-empty path string")
-    if "\x00" in raw_psk:
-        raise ConfigError("connection psk_file must not contain NUL")
-    psk = pathlib.Path(raw_psk)
-    if base is not None and not psk.is_absolute():
-        psk = base / psk
-    for key in ("local_id", "remote_id"):
-        if key in d and d[key] is None:
-            raise ConfigError(f"connection {key} must be an identity string when present")
+    psk = _path(d["psk_file"], "psk_file", base) if "psk_file" in d else None
+    cert = _path(d["cert_file"], "cert_file", base) if "cert_file" in d else None
+    key = _path(d["key_file"], "key_file", base) if "key_file" in d else None
+    cas = _paths(d["ca_files"], "ca_files", base) if "ca_files" in d else ()
+    crls = _paths(d["crl_files"], "crl_files", base) if "crl_files" in d else ()
+    for k in ("local_id", "remote_id"):
+        if k in d and d[k] is None:
+            raise ConfigError(f"connection {k} must be an identity string when present")
     extra: dict[str, Any] = {}
-    for key in ("ike_proposals", "esp_proposals"):
-        if key in d:
-            extra[key] = _proposals(d[key], f"connection {key}")
+    for name in ("ike_proposals", "esp_proposals"):
+        if name in d:
+            extra[name] = _proposals(d[name], f"connection {name}")
     if "mode" in d:
         extra["mode"] = d["mode"]
     if "allow_legacy" in d:
@@ -364,14 +429,21 @@ def connection_from_dict(d: Mapping[str, Any], *, base: pathlib.Path | None = No
         start_action=d.get("start_action", "start"),
         **{k: d[k] for k in _LIFETIME_FIELDS if k in d},
         **extra,
+        auth=auth,
+        cert_file=cert,
+        key_file=key,
+        ca_files=cas,
+        crl_files=crls,
+        fragment_size=d.get("fragment_size", DEFAULT_FRAGMENT_SIZE),
     )
 
 
 def load_config(path: pathlib.Path, *, check_psk: bool = True) -> KeymgrConfig:
     """Parse the JSON configuration file.
 
-    With ``check_psk`` every connection's psk_file must be readable and valid now (the content
-    is discarded: it is read again when the connection starts, so a rotated secret is used).
+    With ``check_psk`` every connection's psk_file (or its certificate, key, CA and CRL files)
+    must be readable and valid now (the content is discarded: it is read again when the
+    connection starts, so a rotated secret or certificate is used).
     Any problem raises :class:`ConfigError`, whose message never contains the PSK.
     """
     try:
@@ -401,6 +473,8 @@ def config_from_json(
         raise ConfigError(f"more than {MAX_CONNECTIONS} connections")
     cfg = KeymgrConfig(tuple(connection_from_dict(c, base=base) for c in doc["connections"]))
     if check_psk:
+        from services.keymgr.credentials import authentication  # here: credentials imports us
+
         for c in cfg.connections:
-            c.read_psk()
+            authentication(c)  # the PSK, or certificates, keys and CRLs, read and discarded
     return cfg

@@ -51,6 +51,11 @@ future. Every SA lifecycle step is published on :attr:`Keymgr.events` (up, down,
 child_down, rekeyed, auth_failed, negotiation_failed). With a :class:`KeyExporter` the IKE and
 ESP keys of each new SA are appended to its file (troubleshooting only, off by default).
 
+Authentication (PSK or certificates, :mod:`services.keymgr.credentials`) is read from the
+connection's files each time an IKE SA starts, so rotated secrets and certificates are used;
+an authentication failure is logged with the core's reason (untrusted CA, revoked, identity
+not in the certificate, wrong PSK, ...).
+
 Scope: one IKE SA per connection. Keys are never logged: only SPIs appear in logs.
 """
 
@@ -101,6 +106,7 @@ from services.dataplane.client import (
 )
 from services.keymgr import events as ev
 from services.keymgr.config import Connection
+from services.keymgr.credentials import authentication
 from services.keymgr.events import ChildSaView, EventBus, IkeSaView, KeyExporter, KeymgrEvent
 
 log = logging.getLogger("keymgr")
@@ -358,16 +364,12 @@ class Keymgr:
     def _initiate(self, s: Session, now: float) -> None:
         c = s.conn
         try:
-            psk = c.read_psk()
-        except ValueError as e:
-            log.error("cannot start connection", extra={"conn": c.name, "reason": str(e)})
-            s.retry_at = now + RETRY_AFTER_FAILURE
-            return
-        try:
+            mine, theirs = authentication(c)
             cfg = InitiatorConfig(
                 local_addr=c.local_addr,
                 remote_addr=c.remote_addr,
-                psk=psk,
+                local_auth=mine,
+                peer_auth=theirs,
                 ts_local=c.ts_range("local"),
                 ts_remote=c.ts_range("remote"),
                 local_id=c.local_id,
@@ -375,6 +377,7 @@ class Keymgr:
                 ike_suites=c.ike_suites,
                 esp_suites=c.esp_suites,
                 mode=c.sa_mode,
+                fragment_size=c.fragment_size,
             )
         except ValueError as e:
             log.error("cannot start connection", extra={"conn": c.name, "reason": str(e)})
@@ -521,10 +524,11 @@ class Keymgr:
                 )
                 return
             try:
-                psk = c.read_psk()
+                mine, theirs = authentication(c)
                 cfg = ResponderConfig(
                     local_addr=c.local_addr,
-                    psk=psk,
+                    local_auth=mine,
+                    peer_auth=theirs,
                     ts_local=c.ts_range("local"),
                     ts_remote=c.ts_range("remote"),
                     local_id=c.local_id,
@@ -533,6 +537,7 @@ class Keymgr:
                     ike_suites=c.ike_suites,
                     esp_suites=c.esp_suites,
                     mode=c.sa_mode,
+                    fragment_size=c.fragment_size,
                 )
             except ValueError as e:
                 log.error("cannot answer IKE_SA_INIT", extra={"conn": c.name, "reason": str(e)})
@@ -1107,14 +1112,19 @@ class Keymgr:
         ini = s.initiator
         assert ini is not None
         if ini.state is State.FAILED:
-            log.warning(
-                "ike failed",
-                extra={
-                    "conn": s.conn.name,
-                    "reason": ini.failure_reason,
-                    "retry_in": RETRY_AFTER_FAILURE,
-                },
-            )
+            extra: dict[str, object] = {
+                "conn": s.conn.name,
+                "reason": ini.failure_reason,
+                "retry_in": RETRY_AFTER_FAILURE,
+            }
+            if ini.failure_reason == "AUTHENTICATION_FAILED":
+                c = s.conn
+                extra["hint"] = (
+                    f"the responder refused our authentication ({c.auth}) as "
+                    f"{c.local_id or c.local_addr} or did not accept to be "
+                    f"{c.remote_id or c.remote_addr}; its log has the reason"
+                )
+            log.warning("ike failed", extra=extra)
             s.retry_at = now + RETRY_AFTER_FAILURE
             self._failed(s.conn, "initiator", ini.spi_i, ini.failure_reason)
         elif ini.state is State.ESTABLISHED and not s.installed and ini.result is not None:

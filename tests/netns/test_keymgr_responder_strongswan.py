@@ -47,10 +47,8 @@ class ResponderLab(KeymgrLab):
             self.start_charon_b(self.psk_for_strongswan)
             return
         b = self.bench
-        conf = bsw.swanctl_conf(
-            bsw.OUTER_B, bsw.OUTER_A, bsw.INNER_B, bsw.INNER_A, self.psk_for_strongswan
-        )
-        proc = b.start_charon("b", b.ns_b, conf)
+        proc = b.start_charon("b", b.ns_b, self.charon_conf(self.psk_for_strongswan))
+        self.charon_files(b.workdir / "b" / "swanctl")
         b.wait_vici("b", proc)
         b.swanctl(
             "b", "--load-all", "--noprompt", "--file", str(b.workdir / "b/swanctl/swanctl.conf")

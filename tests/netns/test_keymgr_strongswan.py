@@ -207,13 +207,20 @@ class KeymgrLab:
             "b", "--load-all", "--noprompt", "--file", str(b.workdir / "b/swanctl/swanctl.conf")
         )
 
+    def charon_conf(self, psk: str) -> str:
+        """swanctl.conf for charon in B (a test may return a certificate configuration)."""
+        return bsw.swanctl_conf(bsw.OUTER_B, bsw.OUTER_A, bsw.INNER_B, bsw.INNER_A, psk)
+
+    def charon_files(self, swanctl_dir: pathlib.Path) -> None:
+        """Hook: put credentials into charon's swanctl directory before they are loaded."""
+
     def start_responder(self) -> None:
         if self.case != Case():
             self.start_charon_b(self.psk)
             return
         b = self.bench
-        conf = bsw.swanctl_conf(bsw.OUTER_B, bsw.OUTER_A, bsw.INNER_B, bsw.INNER_A, self.psk)
-        proc = b.start_charon("b", b.ns_b, conf)
+        proc = b.start_charon("b", b.ns_b, self.charon_conf(self.psk))
+        self.charon_files(b.workdir / "b" / "swanctl")
         b.wait_vici("b", proc)
         b.swanctl(
             "b", "--load-all", "--noprompt", "--file", str(b.workdir / "b/swanctl/swanctl.conf")
@@ -258,7 +265,8 @@ class KeymgrLab:
         extra: dict[str, object] | None = None,
     ) -> dict[str, object]:
         """keymgr's connection for this case (the default case leaves the suite fields out);
-        ``extra`` adds or replaces fields (lifetimes, dpd, addresses, ...)."""
+        ``extra`` adds or replaces fields (lifetimes, dpd, addresses, certificates, ...); a
+        field given as None is left out (e.g. ``psk_file`` with certificates)."""
         c = self.case
         (out_a, out_b), (in_a, in_b) = c.outer, c.inner
         conn: dict[str, object] = {
@@ -277,7 +285,7 @@ class KeymgrLab:
             conn["esp_proposals"] = list(c.keymgr_esp)
             conn["mode"] = c.mode
         conn.update(extra or {})
-        return conn
+        return {k: v for k, v in conn.items() if v is not None}
 
     def start_keymgr(
         self, extra: dict[str, object] | None = None, extra_args: Sequence[str] = ()

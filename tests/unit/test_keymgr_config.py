@@ -209,6 +209,8 @@ def test_missing_required_field(cfgdir: pathlib.Path, field: str) -> None:
         ("mode", "beet"),
         ("mode", None),
         ("allow_legacy", "yes"),
+        ("local_id", "C=CH, =x"),  # identity text forms are checked (Identity.parse)
+        ("remote_id", "@#zz"),
         ("local_ts", "198.51.100.1/24"),  # host bits set
         ("local_ts", "2001:db8::/64"),  # mixed families: IPv6 local_ts, IPv4 remote_ts
         ("local_ts", "198.51.100.0/33"),

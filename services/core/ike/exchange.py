@@ -18,7 +18,12 @@ answers with NAT-D notifies it moves to UDP 4500 for IKE_AUTH (``port_float``): 
 then sends the IKE_AUTH datagrams from and to port 4500 with the 4-octet non-ESP marker
 (RFC 3948 §2.2) and strips it on receipt.
 
-Out of scope: EAP, CREATE_CHILD_SA started by us, IKE fragmentation of received messages. An
+IKE fragmentation (RFC 7383): IKEV2_FRAGMENTATION_SUPPORTED is announced in IKE_SA_INIT unless
+``fragment_size`` is 0; when the responder announced it too, IKE_AUTH goes out as SKF fragments
+if it does not fit ``fragment_size`` octets of IP packet (all of them retransmitted together)
+and a fragmented response is reassembled (:class:`~services.core.ike.sk.FragmentReassembler`).
+
+Out of scope: EAP, new Child SAs beyond the first. An
 error Notify from the responder (NO_PROPOSAL_CHOSEN, AUTHENTICATION_FAILED, ...) ends in
 :attr:`State.FAILED` with the Notify's name as ``failure_reason``. Time comes in as ``now``
 (seconds, any monotonic origin); randomness from ``rand`` (``secrets.token_bytes`` by
@@ -76,7 +81,13 @@ from services.core.ike.message import (
     decode_message,
     encode_message,
 )
-from services.core.ike.sk import SkCipher, SkError, decrypt_message, encrypt_message
+from services.core.ike.sk import (
+    FragmentReassembler,
+    SkCipher,
+    SkError,
+    decrypt_message,
+    encrypt_message,
+)
 from services.core.ike.suites import (
     DEFAULT_ESP,
     DEFAULT_IKE,
@@ -103,6 +114,30 @@ MAX_COOKIE_LEN = 64  # RFC 7296 §2.6: a cookie SHOULD be 1..64 octets
 RETRANSMIT_INITIAL = 1.0  # seconds; doubled per retry (RFC 7296 §2.1 leaves the policy open)
 RETRANSMIT_TRIES = 5
 _ERROR_NOTIFY_MAX = 16383  # RFC 7296 §3.10.1: types below 16384 are errors
+FRAGMENT_SIZE = 1280  # RFC 7383 §2.5.1: largest IP packet of a fragment (strongSwan's default)
+_UDP_HEADER = 8
+
+
+def fragment_limit(fragment_size: int, remote_addr: str, nat_t: bool) -> int | None:
+    """RFC 7383 §2.5.1: the largest IKE message (header included) fitting ``fragment_size``
+    octets of IP packet to ``remote_addr`` (IPv4 or IPv6 header, UDP header and, on UDP 4500,
+    the non-ESP marker subtracted); None when fragmentation is disabled (size 0)."""
+    if fragment_size <= 0:
+        return None
+    ip_header = 40 if ipaddress.ip_address(remote_addr).version == 6 else 20
+    return fragment_size - ip_header - _UDP_HEADER - (len(NON_ESP_MARKER) if nat_t else 0)
+
+
+def fragmentation_notify(fragment_size: int) -> tuple[Notify, ...]:
+    """IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383 §2.3) unless fragmentation is disabled."""
+    return (Notify(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED),) if fragment_size > 0 else ()
+
+
+def peer_supports_fragmentation(payloads: tuple[Payload, ...]) -> bool:
+    return any(
+        isinstance(p, Notify) and p.notify_type == NotifyType.IKEV2_FRAGMENTATION_SUPPORTED
+        for p in payloads
+    )
 
 
 class State(Enum):
@@ -179,6 +214,9 @@ class InitiatorConfig:
     IPv6): TSi and TSr, all protocols and ports. ``local_port`` / ``remote_port`` are the
     IKE_SA_INIT ports the NAT-D hashes cover. ``ike_suites`` / ``esp_suites`` are what we
     propose, in order of preference; ``mode`` TRANSPORT asks for USE_TRANSPORT_MODE.
+    ``fragment_size`` is the largest IP packet of an RFC 7383 fragment of our encrypted messages
+    when both sides announced IKEV2_FRAGMENTATION_SUPPORTED (0: we do not announce it and never
+    fragment).
     """
 
     local_addr: str
@@ -195,8 +233,11 @@ class InitiatorConfig:
     ike_suites: tuple[IkeSuite, ...] = (DEFAULT_IKE,)
     esp_suites: tuple[EspSuite, ...] = (DEFAULT_ESP,)
     mode: Mode = Mode.TUNNEL
+    fragment_size: int = FRAGMENT_SIZE
 
     def __post_init__(self) -> None:
+        if self.fragment_size and self.fragment_size < 576:
+            raise ValueError("fragment_size must be 0 or at least 576")  # RFC 7383 §2.5.1
         if len(_ipv4(self.local_addr)) != len(_ipv4(self.remote_addr)):
             raise ValueError("local_addr and remote_addr are of different address families")
         _check_range(self.ts_local, "ts_local")
@@ -392,6 +433,8 @@ class Ikev2Initiator:
             config.psk, config.local_auth, config.peer_auth
         )
         self._peer_hashes: frozenset[int] = frozenset()
+        self._fragment = False  # both sides announced RFC 7383 fragmentation
+        self._reassembler = FragmentReassembler()
 
     def __repr__(self) -> str:
         return f"Ikev2Initiator(state={self._state.value}, spi_i={self._spi_i.hex()})"
@@ -463,6 +506,7 @@ class Ikev2Initiator:
                 nat_detection_hash(self._spi_i, bytes(8), _ipv4(cfg.remote_addr), cfg.remote_port),
             ),
             *hash_algorithms_notify(self._peer_auth.hash_algorithms()),
+            *fragmentation_notify(cfg.fragment_size),
         )
         msg = Message(self._spi_i, bytes(8), ExchangeType.IKE_SA_INIT, 0, payloads, initiator=True)
         self._msg1 = encode_message(msg)
@@ -621,6 +665,7 @@ class Ikev2Initiator:
         self._spi_r = msg.spi_r
         self._nr = nonce.data
         self._peer_hashes = peer_hash_algorithms(msg.payloads)
+        self._fragment = self.config.fragment_size > 0 and peer_supports_fragmentation(msg.payloads)
         self._msg2 = raw
         self._suite = suite
         self._keys = ike_keys(suite, self._ni, self._nr, g_ir, self._spi_i, self._spi_r)
@@ -659,20 +704,40 @@ class Ikev2Initiator:
             TSr((_selector(cfg.ts_remote),)),
         )
         msg = Message(self._spi_i, self._spi_r, ExchangeType.IKE_AUTH, 1, inner, initiator=True)
-        datagrams = encrypt_message(msg, self._out)
+        limit = None
+        if self._fragment:
+            limit = fragment_limit(cfg.fragment_size, cfg.remote_addr, self.port_float)
+        datagrams = encrypt_message(msg, self._out, fragment_size=limit)
         self._expect_mid = 1
         self._state = State.AUTH_SENT
         return self._send(datagrams, now)
+
+    def _reject(self, reason: str) -> list[bytes]:
+        """The responder did not authenticate: fail, and tell it so in an INFORMATIONAL request
+        carrying AUTHENTICATION_FAILED (RFC 7296 §2.21.2; sent once, no response awaited)."""
+        assert self._out is not None
+        note = (Notify(NotifyType.AUTHENTICATION_FAILED),)
+        msg = Message(self._spi_i, self._spi_r, ExchangeType.INFORMATIONAL, 2, note, initiator=True)
+        out = encrypt_message(msg, self._out)
+        self._fail(reason)
+        return out
 
     def _on_auth(self, raw: bytes, now: float) -> list[bytes]:
         assert self._keys is not None and self._in is not None and self._suite is not None
         prf_id = self._suite.prf
         try:
-            msg = decrypt_message(raw, self._in)
+            # an SK message, or RFC 7383 fragments (SKF) reassembled once all are in
+            if self._fragment:
+                whole = self._reassembler.add(raw, self._in)
+            else:
+                whole = decrypt_message(raw, self._in)
         except SkError:
             return []  # RFC 7296 §2.21.2: a message that fails integrity is dropped
         except IkeDecodeError:
             return []
+        if whole is None:
+            return []  # more fragments to come
+        msg = whole
         self._pending = []
         names = ", ".join(x.without_dh().name for x in self._esp_suites)
         mode = " in transport mode" if self.config.mode is Mode.TRANSPORT else ""
@@ -683,7 +748,7 @@ class Ikev2Initiator:
             raise IkeFailure("IKE_AUTH response lacks IDr or AUTH")
         peer = Identity(idr.id_type, idr.data)
         if self._remote_id is not None and not self._remote_id.matches(peer):
-            raise IkeFailure(
+            return self._reject(
                 f"responder identity {peer} differs from the configured {self._remote_id}"
             )
         octets = signed_octets(prf_id, self._msg2, self._ni, self._keys.sk_pr, idr.encode_body())
@@ -691,7 +756,7 @@ class Ikev2Initiator:
         try:
             self._peer_auth.verify(auth, octets, prf_id, peer, certs, now)
         except AuthFailure as e:
-            raise IkeFailure(f"responder not authenticated: {e}") from None
+            return self._reject(f"responder not authenticated: {e}")
         sa = _first(msg.payloads, SA)
         tsi = _first(msg.payloads, TSi)
         tsr = _first(msg.payloads, TSr)

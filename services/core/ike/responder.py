@@ -33,15 +33,22 @@ Behaviour:
   response again, unchanged (§2.1). Malformed, unauthenticated or unrelated datagrams are
   dropped: ``receive`` never raises for what arrives on the wire.
 
-Out of scope: COOKIEs, IKE fragmentation (we do not announce it), CREATE_CHILD_SA started by
-us, EAP, certificates, more than one IKE SA per instance. INFORMATIONAL and CREATE_CHILD_SA
-exchanges after ESTABLISHED are handled by :mod:`services.core.ike.informational` (liveness,
-Delete of the Child SA or of the IKE SA -> CLOSED, ``delete_ike``, the peer's Child SA rekey).
-Time comes in as ``now``; randomness from ``rand``. No key appears in any repr.
+* IKE fragmentation (RFC 7383): when the initiator announced IKEV2_FRAGMENTATION_SUPPORTED
+  (and ``fragment_size`` is not 0) we announce it too, reassemble a fragmented IKE_AUTH request
+  and send our IKE_AUTH response as SKF fragments when it does not fit ``fragment_size``
+  octets of IP packet. A retransmitted request is answered (all fragments again) on its first
+  fragment only.
+
+Out of scope: COOKIEs, CREATE_CHILD_SA started by us, EAP, more than one IKE SA per instance.
+INFORMATIONAL and CREATE_CHILD_SA exchanges after ESTABLISHED are handled by
+:mod:`services.core.ike.informational` (liveness, Delete of the Child SA or of the IKE SA ->
+CLOSED, ``delete_ike``, the peer's Child SA rekey). Time comes in as ``now``; randomness from
+``rand``. No key appears in any repr.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 import struct
 from dataclasses import dataclass, field
@@ -61,6 +68,7 @@ from services.core.ike.child import choose_esp_proposal, narrow
 from services.core.ike.constants import ExchangeType, NotifyType
 from services.core.ike.dh import DhPrivate, InvalidKeyExchange, group
 from services.core.ike.exchange import (
+    FRAGMENT_SIZE,
     NAT_T_PORT,
     ChildSaResult,
     IkeSaResult,
@@ -71,9 +79,12 @@ from services.core.ike.exchange import (
     check_suites,
     credentials,
     esp_child_keys,
+    fragment_limit,
+    fragmentation_notify,
     identity_of,
     ike_keys,
     nat_detection_hash,
+    peer_supports_fragmentation,
     sk_ciphers,
 )
 from services.core.ike.informational import InfoEvent, InfoSession
@@ -81,6 +92,7 @@ from services.core.ike.keys import IkeKeys
 from services.core.ike.message import (
     KE,
     SA,
+    SKF,
     Auth,
     Cert,
     IDi,
@@ -97,7 +109,13 @@ from services.core.ike.message import (
     decode_message,
     encode_message,
 )
-from services.core.ike.sk import SkCipher, SkError, decrypt_message, encrypt_message
+from services.core.ike.sk import (
+    FragmentReassembler,
+    SkCipher,
+    SkError,
+    decrypt_message,
+    encrypt_message,
+)
 from services.core.ike.suites import (
     DEFAULT_ESP,
     DEFAULT_IKE,
@@ -145,7 +163,8 @@ class ResponderConfig:
     ``ike_suites`` / ``esp_suites``: what we accept, in our order of preference; ``mode``:
     TUNNEL, or TRANSPORT (only with an initiator that asks for it, see the module docstring).
     ``remote_addr`` / ports are only the defaults for NAT detection when ``receive`` is not
-    told the datagram's addresses.
+    told the datagram's addresses. ``fragment_size``: the largest IP packet of an RFC 7383
+    fragment we send (0: fragmentation not announced).
     """
 
     local_addr: str
@@ -162,8 +181,11 @@ class ResponderConfig:
     ike_suites: tuple[IkeSuite, ...] = (DEFAULT_IKE,)
     esp_suites: tuple[EspSuite, ...] = (DEFAULT_ESP,)
     mode: Mode = Mode.TUNNEL
+    fragment_size: int = FRAGMENT_SIZE
 
     def __post_init__(self) -> None:
+        if self.fragment_size and self.fragment_size < 576:
+            raise ValueError("fragment_size must be 0 or at least 576")  # RFC 7383 §2.5.1
         _ipv4(self.local_addr)
         if self.remote_addr is not None:
             _ipv4(self.remote_addr)
@@ -266,6 +288,9 @@ class Ikev2Responder:
             config.psk, config.local_auth, config.peer_auth
         )
         self._peer_hashes: frozenset[int] = frozenset()
+        self._fragment = False  # both sides announced RFC 7383 fragmentation
+        self._reassembler = FragmentReassembler()
+        self._peer_addr = config.remote_addr or config.local_addr  # for the IP header size
 
     def __repr__(self) -> str:
         return (
@@ -325,6 +350,15 @@ class Ikev2Responder:
         self, data: bytes, now: float, remote: Address | None, local: Address | None
     ) -> list[bytes]:
         if self._state is ResponderState.ESTABLISHED and self._info is not None:
+            hdr = decode_header(data)
+            if (
+                hdr.message_id == self._last_mid
+                and hdr.exchange_type == ExchangeType.IKE_AUTH
+                and hdr.next_payload == SKF.payload_type
+                and not hdr.response
+            ):  # a retransmitted fragmented IKE_AUTH request (RFC 7383 §2.6.1)
+                self._check_retransmit(data)
+                return list(self._last_response)
             out = self._info.handle(data)  # InfoDrop is a ValueError -> dropped
             if self._info.closed:
                 self._state = ResponderState.CLOSED
@@ -345,7 +379,7 @@ class Ikev2Responder:
         if hdr.message_id == self._last_mid and self._last_response:
             want_spi_r = _ZERO_SPI if hdr.message_id == 0 else self._spi_r
             if hdr.spi_r == want_spi_r and hdr.exchange_type == self._last_exchange:
-                decode_message(data)  # malformed "retransmissions" are dropped
+                self._check_retransmit(data)
                 return list(self._last_response)
             raise _Drop
         if self._state is ResponderState.WAIT_AUTH:
@@ -357,6 +391,15 @@ class Ikev2Responder:
                 raise _Drop
             return self._on_auth(data, now)
         raise _Drop
+
+    def _check_retransmit(self, data: bytes) -> None:
+        """Drop a malformed "retransmission", and every fragment of one but the first."""
+        msg = decode_message(data)
+        last = msg.payloads[-1] if msg.payloads else None
+        if isinstance(last, SKF):
+            if last.fragment_number != 1 or self._in is None:
+                raise _Drop
+            self._in.open(data[: len(data) - len(last.data)], last.data)  # SkError -> drop
 
     def _fail(self, reason: str) -> None:
         self._state = ResponderState.FAILED
@@ -409,6 +452,9 @@ class Ikev2Responder:
         payloads: list[Payload] = [SA((chosen,)), KE(suite.dh, dh.public_bytes()), Nonce(nr)]
         payloads.extend(self._peer_auth.cert_requests())
         payloads.extend(hash_algorithms_notify(self._peer_auth.hash_algorithms()))
+        if peer_supports_fragmentation(msg.payloads):
+            payloads.extend(fragmentation_notify(self.config.fragment_size))
+            self._fragment = self.config.fragment_size > 0
         nat_src = _has_notify(msg.payloads, NotifyType.NAT_DETECTION_SOURCE_IP)
         nat_dst = _has_notify(msg.payloads, NotifyType.NAT_DETECTION_DESTINATION_IP)
         cfg = self.config
@@ -441,13 +487,18 @@ class Ikev2Responder:
         self._ni, self._nr = nonce.data, nr
         self._peer_hashes = peer_hash_algorithms(msg.payloads)
         self._msg1, self._msg2 = raw, resp
+        if there is not None:
+            self._peer_addr = str(ipaddress.ip_address(there[0]))
         self._state = ResponderState.WAIT_AUTH
         return self._answer(ExchangeType.IKE_SA_INIT, 0, [resp])
 
     def _encrypted(self, exchange: int, mid: int, inner: tuple[Payload, ...]) -> list[bytes]:
         assert self._out is not None
         msg = Message(self._spi_i, self._spi_r, exchange, mid, inner, response=True)
-        return encrypt_message(msg, self._out)
+        limit = None
+        if self._fragment:
+            limit = fragment_limit(self.config.fragment_size, self._peer_addr, self.nat_t)
+        return encrypt_message(msg, self._out, fragment_size=limit)
 
     def _check_initiator(self, msg: Message, idi: IDi, auth: Auth, now: float) -> str | None:
         """Why the initiator is not authenticated (a reason for the log), or None."""
@@ -473,7 +524,14 @@ class Ikev2Responder:
     def _on_auth(self, raw: bytes, now: float) -> list[bytes]:
         assert self._keys is not None and self._in is not None and self._suite is not None
         prf_id = self._suite.prf
-        msg = decrypt_message(raw, self._in)  # SkError / IkeDecodeError -> dropped (§2.21.2)
+        # SkError / IkeDecodeError -> dropped (§2.21.2); SKF fragments only if negotiated
+        if self._fragment:
+            whole = self._reassembler.add(raw, self._in)
+            if whole is None:
+                return []  # more fragments to come
+            msg = whole
+        else:
+            msg = decrypt_message(raw, self._in)
         cfg = self.config
         idi = _first(msg.payloads, IDi)
         auth = _first(msg.payloads, Auth)
