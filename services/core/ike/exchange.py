@@ -22,6 +22,8 @@ IKE fragmentation (RFC 7383): IKEV2_FRAGMENTATION_SUPPORTED is announced in IKE_
 ``fragment_size`` is 0; when the responder announced it too, IKE_AUTH goes out as SKF fragments
 if it does not fit ``fragment_size`` octets of IP packet (all of them retransmitted together)
 and a fragmented response is reassembled (:class:`~services.core.ike.sk.FragmentReassembler`).
+After IKE_AUTH the same limit applies to our CREATE_CHILD_SA and INFORMATIONAL messages and
+fragmented requests and responses are reassembled there too.
 
 Out of scope: EAP, new Child SAs beyond the first. An
 error Notify from the responder (NO_PROPOSAL_CHOSEN, AUTHENTICATION_FAILED, ...) ends in
@@ -809,6 +811,11 @@ class Ikev2Initiator:
             ike_suites=self._ike_suites,
             esp_suites=self._esp_suites,
             mode=child.mode,
+            fragment_size=fragment_limit(
+                self.config.fragment_size, self.config.remote_addr, self.port_float
+            )
+            if self._fragment
+            else None,
         )
         self._state = State.ESTABLISHED
         return []

@@ -1,4 +1,4 @@
-"""After IKE_AUTH, sans-IO: RFC 7296 §1.3.2, §1.3.3, §1.4, §2.1, §2.4, §2.8, §2.18, §2.25.
+"""After IKE_AUTH, sans-IO: RFC 7296 §1.3.2-§1.3.3, §1.4, §2.1, §2.4, §2.8, §2.18, §2.25; RFC 7383.
 
 Shared by both roles (:mod:`services.core.ike.exchange`, :mod:`services.core.ike.responder`),
 which hand every datagram received after IKE_AUTH to :meth:`InfoSession.handle`.
@@ -75,7 +75,13 @@ from services.core.ike.message import (
     TSr,
     decode_header,
 )
-from services.core.ike.sk import SkCipher, decrypt_message, encrypt_message
+from services.core.ike.sk import (
+    FragmentReassembler,
+    SkCipher,
+    answers_retransmission,
+    decrypt_message,
+    encrypt_message,
+)
 from services.core.ike.suites import (
     DEFAULT_ESP,
     DEFAULT_IKE,
@@ -206,6 +212,10 @@ class InfoSession:
     ``ike_suite``: the IKE SA's negotiated suite (its PRF is ``prf_id`` when not given);
     ``ike_suites`` / ``esp_suites``: what we offer in our rekeys and accept in the peer's, in
     our order of preference; ``mode``: the first Child SA's mode (each Child SA keeps its own).
+    ``fragment_size``: when IKE fragmentation was agreed in IKE_SA_INIT (RFC 7383), the largest
+    IKE message we send whole (:func:`~services.core.ike.exchange.fragment_limit`); larger
+    CREATE_CHILD_SA and INFORMATIONAL messages go out as SKF fragments, and received fragments
+    are reassembled. None: no fragments sent, received ones dropped.
     """
 
     def __init__(
@@ -233,6 +243,7 @@ class InfoSession:
         ike_suites: tuple[IkeSuite, ...] = (DEFAULT_IKE,),
         esp_suites: tuple[EspSuite, ...] = (DEFAULT_ESP,),
         mode: Mode = Mode.TUNNEL,
+        fragment_size: int | None = None,
     ) -> None:
         if not ike_suites or not esp_suites:
             raise ValueError("ike_suites and esp_suites must not be empty")
@@ -268,6 +279,10 @@ class InfoSession:
         self._ike_suites = ike_suites
         self._esp_suites = esp_suites
         self._modes: dict[bytes, Mode] = {child[0]: mode}  # spi_in -> mode (§1.3.1)
+        # RFC 7383: the largest IKE message we send whole (None: fragmentation not agreed)
+        self.fragment_size = fragment_size
+        self._requests = FragmentReassembler()  # the peer's fragmented requests
+        self._responses = FragmentReassembler()  # fragmented responses to ours
         self._queue: list[_Request] = []
         self._out: _Request | None = None  # the outstanding request (window size 1)
         self._now: float | None = None
@@ -431,22 +446,30 @@ class InfoSession:
                 raise InfoDrop("not a response to our request")
             if hdr.exchange_type != out.exchange:
                 raise InfoDrop("response with another exchange type")
-            msg = decrypt_message(data, sa.cin)
+            whole = self._open(data, sa, self._responses)
+            if whole is None:
+                return []  # more fragments to come (RFC 7383 §2.6)
             self._rx += 1
             self._out = None
-            follow = self._response(out, msg.payloads)
+            follow = self._response(out, whole.payloads)
             return follow + self._pump(None)
         if sa.last_mid is not None and hdr.message_id == sa.last_mid:
             if hdr.exchange_type != sa.last_exchange:
                 raise InfoDrop("retransmit with another exchange type")
-            decrypt_message(data, sa.cin)  # forged "retransmissions" are dropped
+            # forged "retransmissions" are dropped; fragments: answered on the first (RFC 7383)
+            if self.fragment_size is None:
+                decrypt_message(data, sa.cin)
+            elif not answers_retransmission(data, sa.cin):
+                raise InfoDrop("a later fragment of a retransmitted request")
             self._rx += 1
             return list(sa.last_response)
         if hdr.message_id != sa.peer_mid:
             raise InfoDrop("message ID outside the window")
         if hdr.exchange_type not in (ExchangeType.INFORMATIONAL, ExchangeType.CREATE_CHILD_SA):
             raise InfoDrop("only INFORMATIONAL and CREATE_CHILD_SA are handled after IKE_AUTH")
-        msg = decrypt_message(data, sa.cin)
+        msg = self._open(data, sa, self._requests)
+        if msg is None:
+            return []  # more fragments to come (RFC 7383 §2.6)
         self._rx += 1
         close = False
         after: Callable[[], None] | None = None
@@ -463,7 +486,7 @@ class InfoSession:
             initiator=sa.initiator,
             response=True,
         )
-        answer = encrypt_message(resp, sa.cout)
+        answer = encrypt_message(resp, sa.cout, fragment_size=self.fragment_size)
         sa.peer_mid = hdr.message_id + 1
         sa.last_mid = hdr.message_id
         sa.last_exchange = hdr.exchange_type
@@ -479,6 +502,13 @@ class InfoSession:
                 self._drop_other(sa)
         self.events.extend(events)
         return list(answer) + self._pump(None)
+
+    def _open(self, data: bytes, sa: _IkeSa, reassembler: FragmentReassembler) -> Message | None:
+        """Verify and decrypt one message; with fragmentation agreed, SKF fragments are
+        collected (None until the last one is in, RFC 7383 §2.6). SkError / IkeDecodeError."""
+        if self.fragment_size is None:
+            return decrypt_message(data, sa.cin)
+        return reassembler.add(data, sa.cin)
 
     # -- internals: our requests --------------------------------------------------------------
 
@@ -514,7 +544,7 @@ class InfoSession:
                 on.spi_i, on.spi_r, exchange, mid, tuple(payloads), initiator=on.initiator
             )
             req.on, req.mid, req.exchange = on, mid, exchange
-            req.datagrams = encrypt_message(msg, on.cout)
+            req.datagrams = encrypt_message(msg, on.cout, fragment_size=self.fragment_size)
             req.sent_at, req.interval, req.tries = t, self.retransmit_timeout, 1
             self._out = req
             return list(req.datagrams)

@@ -113,6 +113,7 @@ from services.core.ike.sk import (
     FragmentReassembler,
     SkCipher,
     SkError,
+    answers_retransmission,
     decrypt_message,
     encrypt_message,
 )
@@ -396,10 +397,9 @@ class Ikev2Responder:
         """Drop a malformed "retransmission", and every fragment of one but the first."""
         msg = decode_message(data)
         last = msg.payloads[-1] if msg.payloads else None
-        if isinstance(last, SKF):
-            if last.fragment_number != 1 or self._in is None:
+        if isinstance(last, SKF):  # SkError -> drop
+            if self._in is None or not answers_retransmission(data, self._in):
                 raise _Drop
-            self._in.open(data[: len(data) - len(last.data)], last.data)  # SkError -> drop
 
     def _fail(self, reason: str) -> None:
         self._state = ResponderState.FAILED
@@ -636,6 +636,9 @@ class Ikev2Responder:
             ike_suites=cfg.ike_suites,
             esp_suites=cfg.esp_suites,
             mode=mode,
+            fragment_size=fragment_limit(cfg.fragment_size, self._peer_addr, self.nat_t)
+            if self._fragment
+            else None,
         )
         self._state = ResponderState.ESTABLISHED
         return self._answer(ExchangeType.IKE_AUTH, 1, out)
