@@ -157,7 +157,7 @@ def child_sa_to_pb(v: ChildSaView, counters: Counters | None) -> pb.ChildSaInfo:
         spi_in=f"{v.spi_in:08x}",
         spi_out=f"{v.spi_out:08x}",
         protocol="esp",
-        mode="tunnel",
+        mode=v.mode,
         encryption=v.encryption,
         integrity=v.integrity,
         esn=v.esn,

@@ -7,12 +7,34 @@ file looks like::
         {"name": "site-b", "local_addr": "192.0.2.1", "remote_addr": "192.0.2.2",
          "local_id": "192.0.2.1", "remote_id": "192.0.2.2", "psk_file": "/run/secrets/psk",
          "local_ts": "198.51.100.1/32", "remote_ts": "203.0.113.1/32",
-         "start_action": "start"}
+         "start_action": "start",
+         "ike_proposals": ["aes256gcm16-prfsha256-x25519"], "esp_proposals": ["aes256gcm16"],
+         "mode": "tunnel"}
     ]}
 
-``local_id`` / ``remote_id`` are IPv4 address identities (ID_IPV4_ADDR) and default to the
-addresses. ``start_action`` is ``"start"`` (keymgr initiates) or ``"none"`` / ``"respond"``
-(keymgr only answers the peer's IKE_SA_INIT arriving from ``remote_addr`` at ``local_addr``).
+Addresses and traffic-selector prefixes are IPv4 or IPv6 (``local_addr`` and ``remote_addr``
+of one family; ``local_ts`` and ``remote_ts`` of one family, which in transport mode must be
+the addresses' family). ``local_id`` / ``remote_id`` are identities in text form
+(:meth:`services.core.ike.authn.Identity.parse`: an IP address, ``@fqdn``, ``user@domain``, a
+DN, ``@#hex`` key ID) and default to the addresses; ``remote_id`` may be ``"%any"`` (accept
+whichever identity the peer proves, e.g. with its certificate). ``ike_proposals`` /
+``esp_proposals`` are strongSwan-style proposal strings, one suite each, in order of
+preference (:mod:`services.core.ike.suites`; defaults: ``aes256gcm16-prfsha256-x25519`` and
+``aes256gcm16``); SHA-1, MODP-1024 and 3DES need ``"allow_legacy": true``. ``mode`` is
+``"tunnel"`` (default) or ``"transport"``.
+``start_action`` is ``"start"`` (keymgr initiates) or ``"none"`` / ``"respond"`` (keymgr only
+answers the peer's IKE_SA_INIT arriving from ``remote_addr`` at ``local_addr``). The PSK lives in
+its own file (a Kubernetes Secret mount); its content is read only when a connection starts and
+never logged. A PSK file holding ``0x<hex>`` is decoded as hex (strongSwan's notation), anything
+else is used as the raw octets with surrounding whitespace removed.
+
+``auth`` is ``"psk"`` (default; ``psk_file`` required) or ``"pubkey"``: certificates, with
+``cert_file`` (PEM or DER; our certificate first, then intermediates to send), ``key_file``
+(its private key, PEM or DER, unencrypted), ``ca_files`` (a list of trusted CA certificate
+files) and optionally ``crl_files`` (a list of CRL files). Relative paths resolve against the
+config file's directory. ``fragment_size`` is the largest IP packet of an IKE fragment (RFC
+7383; default 1280 as in strongSwan, 0 disables fragmentation).
+
 Lifetimes and liveness (all optional; seconds, 0 = off) follow strongSwan's swanctl.conf
 names: ``rekey_time`` (CHILD SA rekey, default 3600), ``life_time`` (CHILD SA hard lifetime,
 default 110 % of ``rekey_time``), ``rand_time`` (the rekey happens up to this much earlier at
@@ -22,10 +44,6 @@ up to 10 % earlier at random), ``dpd_delay`` (liveness check after that much sil
 peer, default off), ``dpd_action`` (``clear``, ``restart``, ``hold`` or ``trap``: what happens
 when the peer is found dead, default ``clear``), ``retransmit_timeout`` / ``retransmit_tries``
 (first retransmission after 1 s, doubled each time, 5 sends before the peer is dead).
-The PSK lives in its own file (a Kubernetes Secret mount); its content is read only
-when a connection starts and never logged. A PSK file holding ``0x<hex>`` is decoded as hex
-(strongSwan's notation), anything else is used as the raw octets with surrounding whitespace
-removed.
 """
 
 from __future__ import annotations
@@ -38,14 +56,33 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from services.core.ike.authn import Identity
+from services.core.ike.suites import (
+    DEFAULT_ESP,
+    DEFAULT_IKE,
+    EspSuite,
+    IkeSuite,
+    SuiteError,
+    parse_esp_list,
+    parse_ike_list,
+)
+from services.core.sa import Mode
+
 START_ACTIONS = ("start", "none", "respond")
 DPD_ACTIONS = ("clear", "restart", "hold", "trap")
+MODES = ("tunnel", "transport")
+ANY_ID = "%any"
+MAX_ID_TEXT = 512
 RESPONDER_ACTIONS = ("none", "respond")  # keymgr answers the peer's IKE_SA_INIT
 MAX_NAME_LEN = 64
 MAX_PATH_LEN = 4096
 MAX_CONNECTIONS = 1024
 MAX_CONFIG_BYTES = 1 << 20
 MAX_PSK_BYTES = 4096
+AUTH_METHODS = ("psk", "pubkey")
+MAX_FILES = 32  # entries of ca_files / crl_files
+DEFAULT_FRAGMENT_SIZE = 1280  # strongSwan's charon.fragment_size
+MIN_FRAGMENT_SIZE = 576  # RFC 7383 §2.5.1: IPv4 hosts must accept 576-octet packets
 
 
 class ConfigError(ValueError):
@@ -58,22 +95,43 @@ def _show(value: object) -> str:
     return text if len(text) <= 48 else text[:45] + "..."
 
 
-def _ipv4(value: object, what: str) -> str:
+def _ip(value: object, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if not isinstance(value, str):
-        raise ConfigError(f"{what}: expected an IPv4 address string")
+        raise ConfigError(f"{what}: expected an IPv4 or IPv6 address string")
     try:
-        return str(ipaddress.IPv4Address(value))
+        return ipaddress.ip_address(value)
     except ValueError:
-        raise ConfigError(f"{what}: not an IPv4 address: {_show(value)}") from None
+        raise ConfigError(f"{what}: not an IP address: {_show(value)}") from None
 
 
-def _prefix(value: object, what: str) -> str:
+def _prefix(value: object, what: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     if not isinstance(value, str):
-        raise ConfigError(f"{what}: expected an IPv4 prefix string")
+        raise ConfigError(f"{what}: expected an IPv4 or IPv6 prefix string")
     try:
-        return str(ipaddress.IPv4Network(value, strict=True))
+        return ipaddress.ip_network(value, strict=True)
     except ValueError:
-        raise ConfigError(f"{what}: not an IPv4 prefix: {_show(value)}") from None
+        raise ConfigError(f"{what}: not an IP prefix: {_show(value)}") from None
+
+
+def _identity(value: object, what: str, *, any_ok: bool) -> None:
+    if not isinstance(value, str) or len(value) > MAX_ID_TEXT:
+        raise ConfigError(f"{what}: expected an identity string")
+    if value.strip() == ANY_ID:
+        if any_ok:
+            return
+        raise ConfigError(f"{what}: {ANY_ID} is only allowed for the remote identity (remote_id)")
+    try:
+        Identity.parse(value)
+    except (ValueError, UnicodeError):
+        raise ConfigError(f"{what}: not a valid identity: {_show(value)}") from None
+
+
+def _proposals(value: object, what: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{what}: expected a list of proposal strings")
+    if not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{what}: every proposal must be a string")
+    return tuple(value)
 
 
 def _seconds(value: object, what: str) -> float:
@@ -86,17 +144,21 @@ def _seconds(value: object, what: str) -> float:
 
 @dataclass(frozen=True)
 class Connection:
-    """One IKEv2 connection with one Child SA (tunnel mode, one IPv4 prefix per side)."""
+    """One IKEv2 connection with one Child SA (one prefix per side; see the module docstring)."""
 
     name: str
     local_addr: str
     remote_addr: str
-    psk_file: pathlib.Path
+    psk_file: pathlib.Path | None
     local_ts: str
     remote_ts: str
     local_id: str | None = None
     remote_id: str | None = None
     start_action: str = "start"
+    ike_proposals: tuple[str, ...] = (DEFAULT_IKE.name,)
+    esp_proposals: tuple[str, ...] = (DEFAULT_ESP.name,)
+    mode: str = "tunnel"
+    allow_legacy: bool = False
     # lifetimes and liveness (seconds; 0 = off), see the module docstring
     rekey_time: float = 3600.0
     life_time: float | None = None
@@ -108,6 +170,12 @@ class Connection:
     dpd_action: str = "clear"
     retransmit_timeout: float = 1.0
     retransmit_tries: int = 5
+    auth: str = "psk"
+    cert_file: pathlib.Path | None = None
+    key_file: pathlib.Path | None = None
+    ca_files: tuple[pathlib.Path, ...] = ()
+    crl_files: tuple[pathlib.Path, ...] = ()
+    fragment_size: int = DEFAULT_FRAGMENT_SIZE
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -116,20 +184,72 @@ class Connection:
             raise ConfigError(
                 f"connection name must be at most {MAX_NAME_LEN} printable characters"
             )
-        if not isinstance(self.psk_file, pathlib.Path):
-            raise ConfigError(f"connection {self.name!r} psk_file must be a path")
         w = f"connection {self.name!r}"
-        _ipv4(self.local_addr, f"{w} local_addr")
-        _ipv4(self.remote_addr, f"{w} remote_addr")
+        if self.auth not in AUTH_METHODS:
+            raise ConfigError(f"{w} auth must be one of {AUTH_METHODS}")
+        if self.auth == "psk" and not isinstance(self.psk_file, pathlib.Path):
+            raise ConfigError(f"{w} psk_file must be a path (auth psk)")
+        if self.auth == "pubkey":
+            for attr in ("cert_file", "key_file"):
+                if not isinstance(getattr(self, attr), pathlib.Path):
+                    raise ConfigError(f"{w} {attr} must be a path (auth pubkey)")
+            if not self.ca_files:
+                raise ConfigError(f"{w} ca_files must name at least one CA (auth pubkey)")
+        for attr in ("ca_files", "crl_files"):
+            files = getattr(self, attr)
+            if not isinstance(files, tuple) or not all(isinstance(f, pathlib.Path) for f in files):
+                raise ConfigError(f"{w} {attr} must be a tuple of paths")
+        fs = self.fragment_size
+        if (
+            not isinstance(fs, int)
+            or isinstance(fs, bool)
+            or not (fs == 0 or MIN_FRAGMENT_SIZE <= fs <= 65535)
+        ):
+            raise ConfigError(f"{w} fragment_size must be 0 or {MIN_FRAGMENT_SIZE}..65535")
+        la = _ip(self.local_addr, f"{w} local_addr")
+        ra = _ip(self.remote_addr, f"{w} remote_addr")
+        if la.version != ra.version:
+            raise ConfigError(f"{w}: local_addr and remote_addr are of different IP versions")
         for attr in ("local_id", "remote_id"):
             v = getattr(self, attr)
             if v is not None:
-                _ipv4(v, f"{w} {attr}")
-        _prefix(self.local_ts, f"{w} local_ts")
-        _prefix(self.remote_ts, f"{w} remote_ts")
+                _identity(v, f"{w} {attr}", any_ok=attr == "remote_id")
+        lt = _prefix(self.local_ts, f"{w} local_ts")
+        rt = _prefix(self.remote_ts, f"{w} remote_ts")
+        if lt.version != rt.version:
+            raise ConfigError(f"{w}: local_ts and remote_ts are of different IP versions")
         if not isinstance(self.start_action, str) or self.start_action not in START_ACTIONS:
             raise ConfigError(f"{w} start_action must be one of {START_ACTIONS}")
+        if not isinstance(self.mode, str) or self.mode not in MODES:
+            raise ConfigError(f"{w} mode must be one of {MODES}")
+        if self.mode == "transport" and lt.version != la.version:
+            raise ConfigError(
+                f"{w}: transport mode needs traffic selectors of the addresses' family"
+            )
+        if not isinstance(self.allow_legacy, bool):
+            raise ConfigError(f"{w} allow_legacy must be true or false")
+        for attr in ("ike_proposals", "esp_proposals"):
+            _proposals(getattr(self, attr), f"{w} {attr}")
+        try:
+            self.ike_suites  # noqa: B018 - parse now so a bad string fails at load time
+            self.esp_suites  # noqa: B018
+        except SuiteError as e:
+            raise ConfigError(f"{w}: {e}") from None
         self._check_lifetimes(w)
+
+    @property
+    def ike_suites(self) -> tuple[IkeSuite, ...]:
+        """The parsed ``ike_proposals`` (SuiteError if one is invalid)."""
+        return parse_ike_list(list(self.ike_proposals), allow_legacy=self.allow_legacy)
+
+    @property
+    def esp_suites(self) -> tuple[EspSuite, ...]:
+        """The parsed ``esp_proposals`` (SuiteError if one is invalid)."""
+        return parse_esp_list(list(self.esp_proposals), allow_legacy=self.allow_legacy)
+
+    @property
+    def sa_mode(self) -> Mode:
+        return Mode.TRANSPORT if self.mode == "transport" else Mode.TUNNEL
 
     def _check_lifetimes(self, w: str) -> None:
         for attr in ("rekey_time", "ike_rekey_time", "dpd_delay", "retransmit_timeout"):
@@ -174,11 +294,13 @@ class Connection:
 
     def ts_range(self, which: str) -> tuple[str, str]:
         """The local or remote traffic selector as an inclusive (first, last) address range."""
-        net = ipaddress.IPv4Network(self.local_ts if which == "local" else self.remote_ts)
+        net = ipaddress.ip_network(self.local_ts if which == "local" else self.remote_ts)
         return str(net.network_address), str(net.broadcast_address)
 
     def read_psk(self) -> bytes:
         """The pre-shared key from ``psk_file`` (never logged, never in repr)."""
+        if self.psk_file is None:
+            raise ConfigError(f"connection {self.name!r} has no psk_file")
         try:
             with self.psk_file.open("rb") as f:
                 raw = f.read(MAX_PSK_BYTES + 1)
@@ -221,6 +343,16 @@ _FIELDS = {
     "local_ts",
     "remote_ts",
     "start_action",
+    "ike_proposals",
+    "esp_proposals",
+    "mode",
+    "allow_legacy",
+    "auth",
+    "cert_file",
+    "key_file",
+    "ca_files",
+    "crl_files",
+    "fragment_size",
 }
 _LIFETIME_FIELDS = {
     "rekey_time",
@@ -236,6 +368,23 @@ _LIFETIME_FIELDS = {
 }
 
 
+def _path(value: object, what: str, base: pathlib.Path | None) -> pathlib.Path:
+    if not isinstance(value, str) or not value or len(value) > MAX_PATH_LEN:
+        raise ConfigError(f"connection {what} must be a non-empty path string")
+    if "\x00" in value:
+        raise ConfigError(f"connection {what} must not contain NUL")
+    p = pathlib.Path(value)
+    if base is not None and not p.is_absolute():
+        p = base / p
+    return p
+
+
+def _paths(value: object, what: str, base: pathlib.Path | None) -> tuple[pathlib.Path, ...]:
+    if not isinstance(value, list) or len(value) > MAX_FILES:
+        raise ConfigError(f"connection {what} must be a list of at most {MAX_FILES} paths")
+    return tuple(_path(v, what, base) for v in value)
+
+
 def connection_from_dict(d: Mapping[str, Any], *, base: pathlib.Path | None = None) -> Connection:
     """Build a Connection from a JSON object; relative psk_file paths resolve against ``base``."""
     if not isinstance(d, Mapping):
@@ -244,20 +393,30 @@ def connection_from_dict(d: Mapping[str, Any], *, base: pathlib.Path | None = No
     if unknown:
         shown = ", ".join(_show(k) for k in sorted(unknown)[:5])
         raise ConfigError(f"unknown connection field(s): {shown}")
-    missing = {"name", "local_addr", "remote_addr", "psk_file", "local_ts", "remote_ts"} - set(d)
+    auth = d.get("auth", "psk")
+    if auth not in AUTH_METHODS:
+        raise ConfigError(f"connection auth must be one of {AUTH_METHODS}")
+    required = {"name", "local_addr", "remote_addr", "local_ts", "remote_ts"}
+    required |= {"psk_file"} if auth == "psk" else {"cert_file", "key_file", "ca_files"}
+    missing = required - set(d)
     if missing:
         raise ConfigError(f"connection lacks field(s): {sorted(missing)}")
-    raw_psk = d["psk_file"]
-    if not isinstance(raw_psk, str) or not raw_psk or len(raw_psk) > MAX_PATH_LEN:
-        raise ConfigError("connection psk_file must be a non-empty path string")
-    if "\x00" in raw_psk:
-        raise ConfigError("connection psk_file must not contain NUL")
-    psk = pathlib.Path(raw_psk)
-    if base is not None and not psk.is_absolute():
-        psk = base / psk
-    for key in ("local_id", "remote_id"):
-        if key in d and d[key] is None:
-            raise ConfigError(f"connection {key} must be an IPv4 address string when present")
+    psk = _path(d["psk_file"], "psk_file", base) if "psk_file" in d else None
+    cert = _path(d["cert_file"], "cert_file", base) if "cert_file" in d else None
+    key = _path(d["key_file"], "key_file", base) if "key_file" in d else None
+    cas = _paths(d["ca_files"], "ca_files", base) if "ca_files" in d else ()
+    crls = _paths(d["crl_files"], "crl_files", base) if "crl_files" in d else ()
+    for k in ("local_id", "remote_id"):
+        if k in d and d[k] is None:
+            raise ConfigError(f"connection {k} must be an identity string when present")
+    extra: dict[str, Any] = {}
+    for name in ("ike_proposals", "esp_proposals"):
+        if name in d:
+            extra[name] = _proposals(d[name], f"connection {name}")
+    if "mode" in d:
+        extra["mode"] = d["mode"]
+    if "allow_legacy" in d:
+        extra["allow_legacy"] = d["allow_legacy"]
     return Connection(
         name=d["name"],
         local_addr=d["local_addr"],
@@ -269,14 +428,22 @@ def connection_from_dict(d: Mapping[str, Any], *, base: pathlib.Path | None = No
         remote_id=d.get("remote_id"),
         start_action=d.get("start_action", "start"),
         **{k: d[k] for k in _LIFETIME_FIELDS if k in d},
+        **extra,
+        auth=auth,
+        cert_file=cert,
+        key_file=key,
+        ca_files=cas,
+        crl_files=crls,
+        fragment_size=d.get("fragment_size", DEFAULT_FRAGMENT_SIZE),
     )
 
 
 def load_config(path: pathlib.Path, *, check_psk: bool = True) -> KeymgrConfig:
     """Parse the JSON configuration file.
 
-    With ``check_psk`` every connection's psk_file must be readable and valid now (the content
-    is discarded: it is read again when the connection starts, so a rotated secret is used).
+    With ``check_psk`` every connection's psk_file (or its certificate, key, CA and CRL files)
+    must be readable and valid now (the content is discarded: it is read again when the
+    connection starts, so a rotated secret or certificate is used).
     Any problem raises :class:`ConfigError`, whose message never contains the PSK.
     """
     try:
@@ -306,6 +473,8 @@ def config_from_json(
         raise ConfigError(f"more than {MAX_CONNECTIONS} connections")
     cfg = KeymgrConfig(tuple(connection_from_dict(c, base=base) for c in doc["connections"]))
     if check_psk:
+        from services.keymgr.credentials import authentication  # here: credentials imports us
+
         for c in cfg.connections:
-            c.read_psk()
+            authentication(c)  # the PSK, or certificates, keys and CRLs, read and discarded
     return cfg

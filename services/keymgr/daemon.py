@@ -9,8 +9,12 @@ Flow per connection with ``start_action == "start"`` (RFC 7296 §1.2):
    ``receive()``; after ``port_float`` (the responder sent NAT-D) IKE moves to UDP 4500 — the
    worker adds and strips the RFC 3948 non-ESP marker itself, so keymgr never sees it;
 3. ``on_timer()`` drives retransmission;
-4. on ESTABLISHED the inbound and outbound ESP SAs (AES-GCM-16, tunnel mode, ESP-in-UDP
-   4500/4500 when IKE floated) and one SPD PROTECT entry are installed with a shared reqid.
+4. on ESTABLISHED the inbound and outbound ESP SAs (the negotiated ESP suite and mode, tunnel or
+   transport; ESP-in-UDP 4500/4500 when IKE floated) and one SPD PROTECT entry are installed
+   with a shared reqid.
+
+IKE and ESP proposals, mode and identities come from the connection (``ike_proposals``,
+``esp_proposals``, ``mode``, ``local_id`` / ``remote_id``); addresses may be IPv4 or IPv6.
 
 Responder role, per connection with ``start_action`` ``"none"`` / ``"respond"``: a punted
 IKE_SA_INIT request whose (local, remote) address pair matches the connection starts an
@@ -47,6 +51,11 @@ future. Every SA lifecycle step is published on :attr:`Keymgr.events` (up, down,
 child_down, rekeyed, auth_failed, negotiation_failed). With a :class:`KeyExporter` the IKE and
 ESP keys of each new SA are appended to its file (troubleshooting only, off by default).
 
+Authentication (PSK or certificates, :mod:`services.keymgr.credentials`) is read from the
+connection's files each time an IKE SA starts, so rotated secrets and certificates are used;
+an authentication failure is logged with the core's reason (untrusted CA, revoked, identity
+not in the certificate, wrong PSK, ...).
+
 Scope: one IKE SA per connection. Keys are never logged: only SPIs appear in logs.
 """
 
@@ -68,14 +77,12 @@ from typing import Any, TypeVar
 import grpc
 
 from services.core.events import Acquire, HardExpire, SoftExpire
-from services.core.iana import IpProto
-from services.core.ike.child import ENCR_ID, ENCR_KEY_BITS
+from services.core.iana import Integ, IpProto
 from services.core.ike.constants import ExchangeType
 from services.core.ike.cookies import DEFAULT_PERIOD, DEFAULT_THRESHOLD, CookieGuard
+from services.core.ike.dh import DhGroupId
 from services.core.ike.exchange import (
-    DH_ID,
     NAT_T_PORT,
-    PRF_ID,
     ChildSaResult,
     IkeSaResult,
     Ikev2Initiator,
@@ -84,8 +91,10 @@ from services.core.ike.exchange import (
 )
 from services.core.ike.informational import InfoEvent, InfoSession
 from services.core.ike.message import IkeDecodeError, decode_header
+from services.core.ike.prf import Prf
 from services.core.ike.responder import Ikev2Responder, ResponderConfig, ResponderState
-from services.core.sa import Direction, Lifetime, Mode, SaConfig, UdpEncap
+from services.core.ike.suites import DEFAULT_IKE, IkeSuite
+from services.core.sa import Direction, Lifetime, SaConfig, UdpEncap
 from services.core.selectors import Selector
 from services.core.spd import Action, SpdEntry
 from services.dataplane.client import (
@@ -97,6 +106,7 @@ from services.dataplane.client import (
 )
 from services.keymgr import events as ev
 from services.keymgr.config import Connection
+from services.keymgr.credentials import authentication
 from services.keymgr.events import ChildSaView, EventBus, IkeSaView, KeyExporter, KeymgrEvent
 
 log = logging.getLogger("keymgr")
@@ -148,6 +158,7 @@ class IkeRecord:
     port: int
     established_at: float  # seconds since the epoch
     child_installed_at: float
+    suite: IkeSuite = DEFAULT_IKE  # the negotiated IKE algorithms
     closing: str = ""  # why we sent a Delete of this IKE SA ("" = we did not)
     close_deadline: float = 0.0
     resend_at: float = 0.0
@@ -353,26 +364,38 @@ class Keymgr:
     def _initiate(self, s: Session, now: float) -> None:
         c = s.conn
         try:
-            psk = c.read_psk()
+            mine, theirs = authentication(c)
+            cfg = InitiatorConfig(
+                local_addr=c.local_addr,
+                remote_addr=c.remote_addr,
+                local_auth=mine,
+                peer_auth=theirs,
+                ts_local=c.ts_range("local"),
+                ts_remote=c.ts_range("remote"),
+                local_id=c.local_id,
+                remote_id=c.remote_id,
+                ike_suites=c.ike_suites,
+                esp_suites=c.esp_suites,
+                mode=c.sa_mode,
+                fragment_size=c.fragment_size,
+            )
         except ValueError as e:
             log.error("cannot start connection", extra={"conn": c.name, "reason": str(e)})
             s.retry_at = now + RETRY_AFTER_FAILURE
             return
-        cfg = InitiatorConfig(
-            local_addr=c.local_addr,
-            remote_addr=c.remote_addr,
-            psk=psk,
-            ts_local=c.ts_range("local"),
-            ts_remote=c.ts_range("remote"),
-            local_id=c.local_id,
-            remote_id=c.remote_id,
-        )
         ini = Ikev2Initiator(cfg, now=now)
         s.initiator = ini
         s.retry_at = None
         log.info(
             "ike initiating",
-            extra={"conn": c.name, "spi_i": ini.spi_i.hex(), "remote": c.remote_addr},
+            extra={
+                "conn": c.name,
+                "spi_i": ini.spi_i.hex(),
+                "remote": c.remote_addr,
+                "ike_proposals": ",".join(c.ike_proposals),
+                "esp_proposals": ",".join(c.esp_proposals),
+                "mode": c.mode,
+            },
         )
         self._send(s, ini.start(now))
 
@@ -385,12 +408,12 @@ class Keymgr:
 
     def _dispatch(self, d: IkeDatagram, now: float) -> None:
         for c, reqid in self.responder_conns:
-            if (d.local_addr, d.remote_addr) == (c.local_addr, c.remote_addr):
+            if _matches(d, c):
                 self._respond(c, reqid, d, now)
                 return
         for s in self.sessions:
             c = s.conn
-            if (d.local_addr, d.remote_addr) != (c.local_addr, c.remote_addr):
+            if not _matches(d, c):
                 continue
             ini = s.initiator
             if ini is not None and ini.state is State.ESTABLISHED:
@@ -399,7 +422,18 @@ class Keymgr:
             if ini is None or ini.state not in (State.SA_INIT_SENT, State.AUTH_SENT):
                 log.debug("ignoring IKE datagram", extra={"conn": c.name})
                 return
+            before = ini.retries
             self._send(s, ini.receive(d.data, now))
+            after = ini.retries
+            if after[:2] != before[:2]:
+                log.info(
+                    "ike_sa_init resent",
+                    extra={
+                        "conn": c.name,
+                        "reason": "INVALID_KE_PAYLOAD" if after[0] != before[0] else "COOKIE",
+                        "dh_group": after[2],
+                    },
+                )
             self._check(s, now)
             return
         log.debug("IKE datagram for no connection", extra={"remote": d.remote_addr})
@@ -490,24 +524,35 @@ class Keymgr:
                 )
                 return
             try:
-                psk = c.read_psk()
+                mine, theirs = authentication(c)
                 cfg = ResponderConfig(
                     local_addr=c.local_addr,
-                    psk=psk,
+                    local_auth=mine,
+                    peer_auth=theirs,
                     ts_local=c.ts_range("local"),
                     ts_remote=c.ts_range("remote"),
                     local_id=c.local_id,
                     remote_id=c.remote_id or c.remote_addr,
                     remote_addr=c.remote_addr,
+                    ike_suites=c.ike_suites,
+                    esp_suites=c.esp_suites,
+                    mode=c.sa_mode,
+                    fragment_size=c.fragment_size,
                 )
             except ValueError as e:
                 log.error("cannot answer IKE_SA_INIT", extra={"conn": c.name, "reason": str(e)})
                 return
             rs = ResponderSession(c, reqid, Ikev2Responder(cfg, now=now))
-        local = (ipaddress.IPv4Address(d.local_addr).packed, d.local_port)
-        remote = (ipaddress.IPv4Address(d.remote_addr).packed, d.remote_port)
+        local = (ipaddress.ip_address(d.local_addr).packed, d.local_port)
+        remote = (ipaddress.ip_address(d.remote_addr).packed, d.remote_port)
         before = rs.responder.state
+        ke_before = rs.responder.invalid_ke_sent
         out = rs.responder.receive(d.data, now, remote=remote, local=local)
+        if rs.responder.invalid_ke_sent != ke_before:
+            log.info(
+                "INVALID_KE_PAYLOAD sent",
+                extra={"conn": c.name, "spi_i": hdr.spi_i.hex(), "remote": d.remote_addr},
+            )
         if hdr.spi_i not in self.responders:
             if rs.responder.state is ResponderState.WAIT_SA_INIT and not out:
                 return  # dropped before any state (malformed request)
@@ -609,8 +654,14 @@ class Keymgr:
                         "spi_i": new_i.hex(),
                         "spi_r": new_r.hex(),
                         "started_by": "us" if e.initiated else "peer",
+                        "ike": st.info.ike_suite.name
+                        if st is not None and st.info.ike_suite is not None
+                        else "",
                     },
                 )
+                rec = self.records.get(key)
+                if st is not None and rec is not None and st.info.ike_suite is not None:
+                    rec.suite = st.info.ike_suite  # the new IKE SA's negotiated algorithms
                 if st is not None:
                     self._schedule_ike(st, now)
             elif e.kind == "rekey_failed":
@@ -702,6 +753,8 @@ class Keymgr:
                 "spi_in": child.spi_in.hex(),
                 "spi_out": child.spi_out.hex(),
                 "reqid": cur_in.reqid,
+                "esp": child.suite_name,
+                "mode": child.mode.name.lower(),
                 "started_by": "us" if initiator else "peer",
             },
         )
@@ -1059,14 +1112,19 @@ class Keymgr:
         ini = s.initiator
         assert ini is not None
         if ini.state is State.FAILED:
-            log.warning(
-                "ike failed",
-                extra={
-                    "conn": s.conn.name,
-                    "reason": ini.failure_reason,
-                    "retry_in": RETRY_AFTER_FAILURE,
-                },
-            )
+            extra: dict[str, object] = {
+                "conn": s.conn.name,
+                "reason": ini.failure_reason,
+                "retry_in": RETRY_AFTER_FAILURE,
+            }
+            if ini.failure_reason == "AUTHENTICATION_FAILED":
+                c = s.conn
+                extra["hint"] = (
+                    f"the responder refused our authentication ({c.auth}) as "
+                    f"{c.local_id or c.local_addr} or did not accept to be "
+                    f"{c.remote_id or c.remote_addr}; its log has the reason"
+                )
+            log.warning("ike failed", extra=extra)
             s.retry_at = now + RETRY_AFTER_FAILURE
             self._failed(s.conn, "initiator", ini.spi_i, ini.failure_reason)
         elif ini.state is State.ESTABLISHED and not s.installed and ini.result is not None:
@@ -1103,6 +1161,7 @@ class Keymgr:
                 "spi_i": r.spi_i.hex(),
                 "spi_r": r.spi_r.hex(),
                 "nat_t": encap,
+                "ike": r.suite.name,
             },
         )
         try:
@@ -1129,6 +1188,8 @@ class Keymgr:
                 "spi_in": r.child.spi_in.hex(),
                 "spi_out": r.child.spi_out.hex(),
                 "reqid": reqid,
+                "esp": r.child.suite_name,
+                "mode": r.child.mode.name.lower(),
                 "encap": "udp-4500" if encap else "esp",
                 "spd_revision": self._spd_revision,
             },
@@ -1144,7 +1205,12 @@ class Keymgr:
         """Record a newly established IKE SA, export its keys if asked, publish up/child_up."""
         if self.key_export is not None:
             self.key_export.ike_sa(
-                r.spi_i, r.spi_r, r.keys, encr_id=int(ENCR_ID), key_bits=ENCR_KEY_BITS
+                r.spi_i,
+                r.spi_r,
+                r.keys,
+                encr_id=r.suite.encr,
+                key_bits=r.suite.key_bits,
+                integ_id=r.suite.integ,
             )
             self.key_export.child_sas(sas)
         self._next_id += 1
@@ -1158,6 +1224,7 @@ class Keymgr:
             port=NAT_T_PORT if encap else IKE_PORT,
             established_at=wall,
             child_installed_at=wall,
+            suite=r.suite,
         )
         self.records[r.spi_i + r.spi_r] = rec
         self._emit(ev.UP, c, rec)
@@ -1302,9 +1369,15 @@ class Keymgr:
 
     def ike_sa_views(self) -> list[IkeSaView]:
         """Every IKE SA keymgr knows: established, being negotiated, or failed (main loop)."""
-        encr = ev.algorithm_name(int(ENCR_ID), ENCR_KEY_BITS)
-        algs = {"encryption": encr, "integrity": "NONE", "prf": PRF_ID.name, "dh_group": DH_ID.name}
         out: list[IkeSaView] = []
+
+        def algs(suite: IkeSuite) -> dict[str, str]:
+            return {
+                "encryption": ev.algorithm_name(suite.encr, suite.key_bits),
+                "integrity": Integ(suite.integ).name,
+                "prf": Prf(suite.prf).name,
+                "dh_group": DhGroupId(suite.dh).name,
+            }
 
         def view(
             c: Connection,
@@ -1317,6 +1390,8 @@ class Keymgr:
             reason: str | None,
         ) -> IkeSaView:
             rec = self.records.get(spi_i + spi_r)
+            # the negotiated suite once established, else our first proposal
+            suite = rec.suite if rec is not None else c.ike_suites[0]
             return IkeSaView(
                 id=rec.id if rec is not None else 0,
                 connection=c.name,
@@ -1331,7 +1406,7 @@ class Keymgr:
                 nat_t=nat_t,
                 established_time=rec.established_at if rec is not None else 0.0,
                 failure_reason=ev.failure_hint(reason) if state == "failed" else "",
-                **algs,
+                **algs(suite),
             )
 
         for s in self.sessions:
@@ -1381,6 +1456,7 @@ class Keymgr:
                         integrity=ev.sa_integrity(inbound),
                         esn=inbound.esn,
                         udp_encap=inbound.encap is not None,
+                        mode=inbound.mode.name.lower(),
                         local_ts=(c.local_ts,),
                         remote_ts=(c.remote_ts,),
                         reqid=inbound.reqid,
@@ -1388,6 +1464,20 @@ class Keymgr:
                     )
                 )
         return out
+
+
+def _same_addr(a: str, b: str) -> bool:
+    """Textual IP addresses equal as addresses (IPv6 has several spellings)."""
+    if a == b:
+        return True
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return False
+
+
+def _matches(d: IkeDatagram, c: Connection) -> bool:
+    return _same_addr(d.local_addr, c.local_addr) and _same_addr(d.remote_addr, c.remote_addr)
 
 
 def child_sa_configs(
@@ -1403,18 +1493,20 @@ def child_sa_configs(
     ``child.spi_in`` is always our SPI (inbound, remote→local) and ``spi_out`` the peer's
     (outbound, local→remote). RFC 7296 §2.17: the initiator→responder key is ``encr_i``, so as
     initiator inbound uses ``encr_r`` and outbound ``encr_i``; as responder the other way
-    round. Keys include the 4-octet AES-GCM salt (RFC 4106 §8.1). ``encap`` (default: the
-    result's ``nat_t``) selects ESP-in-UDP 4500/4500.
+    round (integrity keys likewise). Encryption keys carry the cipher's salt (RFC 4106 §8.1,
+    RFC 7634 §2). The negotiated algorithms, ESN and mode (tunnel / transport) come from the
+    Child SA result. ``encap`` (default: the result's ``nat_t``) selects ESP-in-UDP 4500/4500.
     """
     child = r.child
-    local = ipaddress.IPv4Address(c.local_addr).packed
-    remote = ipaddress.IPv4Address(c.remote_addr).packed
+    local = ipaddress.ip_address(c.local_addr).packed
+    remote = ipaddress.ip_address(c.remote_addr).packed
     use_encap = r.nat_t if encap is None else encap
     encap_cfg = UdpEncap(NAT_T_PORT, NAT_T_PORT) if use_encap else None
-    key_in, key_out = (
-        (child.keys.encr_r, child.keys.encr_i)
+    k = child.keys
+    (key_in, integ_in), (key_out, integ_out) = (
+        ((k.encr_r, k.integ_r), (k.encr_i, k.integ_i))
         if initiator
-        else (child.keys.encr_i, child.keys.encr_r)
+        else ((k.encr_i, k.integ_i), (k.encr_r, k.integ_r))
     )
     sel_out = Selector.make(c.local_ts, c.remote_ts)
     sel_in = Selector.make(c.remote_ts, c.local_ts)
@@ -1422,11 +1514,13 @@ def child_sa_configs(
         spi=int.from_bytes(child.spi_in, "big"),
         protocol=int(IpProto.ESP),
         direction=Direction.INBOUND,
-        mode=Mode.TUNNEL,
+        mode=child.mode,
         src=remote,
         dst=local,
         encr_id=int(child.encr_id),
         encr_key=key_in,
+        integ_id=int(child.integ_id),
+        integ_key=integ_in,
         esn=child.esn,
         encap=encap_cfg,
         reqid=reqid,
@@ -1444,6 +1538,7 @@ def child_sa_configs(
         src=local,
         dst=remote,
         encr_key=key_out,
+        integ_key=integ_out,
         selectors=(sel_out,),
     )
     spd = SpdEntry(

@@ -152,6 +152,7 @@ class ChildSaView:
     integrity: str
     esn: bool
     udp_encap: bool
+    mode: str  # "tunnel" or "transport"
     local_ts: tuple[str, ...]
     remote_ts: tuple[str, ...]
     reqid: int

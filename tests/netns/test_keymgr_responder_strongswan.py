@@ -30,7 +30,7 @@ import pytest
 from scripts import bench_strongswan as bsw
 from services.core.engine import SaStatus
 from services.core.sa import Direction
-from tests.netns.test_keymgr_strongswan import CLIENT, WORKER_ID, KeymgrLab, _skip_reason
+from tests.netns.test_keymgr_strongswan import CLIENT, WORKER_ID, Case, KeymgrLab, _skip_reason
 
 pytestmark = pytest.mark.netns
 
@@ -38,25 +38,17 @@ pytestmark = pytest.mark.netns
 class ResponderLab(KeymgrLab):
     """KeymgrLab with namespaces prefixed 'kmr', charon as initiator and keymgr responding."""
 
-    def __init__(self) -> None:  # like KeymgrLab.__init__, other namespace prefix
-        self.bench = bsw.StrongSwanPair()
-        tag = secrets.token_hex(4)
-        self.bench.ns_a = f"kmr{tag}a"
-        self.bench.ns_b = f"kmr{tag}b"
-        self.workdir = self.bench.workdir
-        self.pki = self.workdir / "pki"
-        self.sock = self.workdir / "a.sock"
-        self.psk = secrets.token_hex(32)  # keymgr's
+    def __init__(self, case: Case | None = None) -> None:
+        super().__init__(case, prefix="kmr")  # self.psk is keymgr's
         self.psk_for_strongswan = self.psk
-        self.client = None
-        self.bench.netns()  # 198.51.100.1/32 on A's lo, 203.0.113.1/32 on B's lo
 
     def start_initiator_charon(self) -> None:
+        if self.case != Case():
+            self.start_charon_b(self.psk_for_strongswan)
+            return
         b = self.bench
-        conf = bsw.swanctl_conf(
-            bsw.OUTER_B, bsw.OUTER_A, bsw.INNER_B, bsw.INNER_A, self.psk_for_strongswan
-        )
-        proc = b.start_charon("b", b.ns_b, conf)
+        proc = b.start_charon("b", b.ns_b, self.charon_conf(self.psk_for_strongswan))
+        self.charon_files(b.workdir / "b" / "swanctl")
         b.wait_vici("b", proc)
         b.swanctl(
             "b", "--load-all", "--noprompt", "--file", str(b.workdir / "b/swanctl/swanctl.conf")
@@ -70,22 +62,7 @@ class ResponderLab(KeymgrLab):
         fd = os.open(psk_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(f"0x{self.psk}\n")
-        cfg: dict[str, list[dict[str, object]]] = {
-            "connections": [
-                {
-                    "name": "from-b",
-                    "local_addr": bsw.OUTER_A,
-                    "remote_addr": bsw.OUTER_B,
-                    "local_id": bsw.OUTER_A,
-                    "remote_id": bsw.OUTER_B,
-                    "psk_file": str(psk_file),
-                    "local_ts": f"{bsw.INNER_A}/32",
-                    "remote_ts": f"{bsw.INNER_B}/32",
-                    "start_action": "respond",
-                    **(extra or {}),
-                }
-            ]
-        }
+        cfg = {"connections": [self.keymgr_connection("from-b", psk_file, "respond", extra)]}
         cfg_file = self.workdir / "keymgr.json"
         cfg_file.write_text(json.dumps(cfg))
         argv = [sys.executable, "-m", "services.keymgr", "--config", str(cfg_file)]
@@ -109,7 +86,7 @@ class ResponderLab(KeymgrLab):
 
     def ping_from_b(self) -> subprocess.CompletedProcess[str]:
         cmd = ["ip", "netns", "exec", self.bench.ns_b, "ping", "-c", "3", "-i", "0.3", "-W", "2"]
-        cmd += ["-I", bsw.INNER_B, bsw.INNER_A]
+        cmd += ["-I", self.case.inner[1], self.case.inner[0]]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
 
 

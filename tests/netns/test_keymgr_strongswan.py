@@ -10,6 +10,11 @@ Asserts: swanctl on B shows the IKE SA ESTABLISHED and the Child SA INSTALLED wi
 worker holds; ``ping -I 198.51.100.1 203.0.113.1`` from A gets replies; both of our worker's
 SAs counted packets; keymgr's log never contains the PSK. keymgr, worker, charon, the
 namespaces and the temporary directory are removed also on failure.
+
+:class:`KeymgrLab` takes the proposals, the mode and the address family of a case (see
+:class:`Case`; the defaults are the fixed suite of this file's tests), so
+``test_keymgr_matrix.py`` runs the same lab across algorithms, IPv4 / IPv6 and tunnel /
+transport in both roles.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -39,6 +45,63 @@ pytestmark = pytest.mark.netns
 REPO = pathlib.Path(__file__).resolve().parents[2]
 WORKER_ID = "worker-a"
 CLIENT = "keymgr"
+# IPv6 twins of the bench addresses (RFC 3849 documentation prefix)
+OUTER6_A, OUTER6_B = "2001:db8::1", "2001:db8::2"
+INNER6_A, INNER6_B = "2001:db8:a::1", "2001:db8:b::1"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One interop case: charon's proposals (swanctl syntax, comma-separated alternatives),
+    keymgr's (lists), the mode and the address family. The defaults are the fixed suite."""
+
+    charon_ike: str = bsw.IKE_PROPOSAL
+    charon_esp: str = bsw.ESP_PROPOSAL
+    keymgr_ike: tuple[str, ...] = (bsw.IKE_PROPOSAL,)
+    keymgr_esp: tuple[str, ...] = (bsw.ESP_PROPOSAL,)
+    mode: str = "tunnel"
+    ipv6: bool = False
+    plugins: tuple[str, ...] = field(default=())  # extra charon plugins (e.g. chapoly)
+    charon_settings: tuple[str, ...] = field(default=())  # extra "key = value" in charon { }
+
+    @property
+    def outer(self) -> tuple[str, str]:
+        return (OUTER6_A, OUTER6_B) if self.ipv6 else (bsw.OUTER_A, bsw.OUTER_B)
+
+    @property
+    def inner(self) -> tuple[str, str]:
+        """(A's, B's) protected address: the loopback sites in tunnel mode, the outer
+        addresses themselves in transport mode."""
+        if self.mode == "transport":
+            return self.outer
+        return (INNER6_A, INNER6_B) if self.ipv6 else (bsw.INNER_A, bsw.INNER_B)
+
+    @property
+    def host_len(self) -> int:
+        return 128 if self.ipv6 else 32
+
+    def swanctl_conf(self, psk: str) -> str:
+        """charon (namespace B) configuration for this case, from the bench's template."""
+        conf = bsw.swanctl_conf(bsw.OUTER_B, bsw.OUTER_A, bsw.INNER_B, bsw.INNER_A, psk)
+        (out_a, out_b), (in_a, in_b) = self.outer, self.inner
+        h = self.host_len
+        subs = [
+            (f"local_addrs = {bsw.OUTER_B}", f"local_addrs = {out_b}"),
+            (f"remote_addrs = {bsw.OUTER_A}", f"remote_addrs = {out_a}"),
+            (f"id = {bsw.OUTER_B}", f"id = {out_b}"),
+            (f"id = {bsw.OUTER_A}", f"id = {out_a}"),
+            (f"id-a = {bsw.OUTER_A}", f"id-a = {out_a}"),
+            (f"id-b = {bsw.OUTER_B}", f"id-b = {out_b}"),
+            (f"local_ts = {bsw.INNER_B}/32", f"local_ts = {in_b}/{h}"),
+            (f"remote_ts = {bsw.INNER_A}/32", f"remote_ts = {in_a}/{h}"),
+            (f"proposals = {bsw.IKE_PROPOSAL}", f"proposals = {self.charon_ike}"),
+            (f"esp_proposals = {bsw.ESP_PROPOSAL}", f"esp_proposals = {self.charon_esp}"),
+            ("mode = tunnel", f"mode = {self.mode}"),
+        ]
+        for old, new in subs:
+            assert conf.count(old) == 1, f"template changed: {old!r}"
+            conf = conf.replace(old, new)
+        return conf
 
 
 def _skip_reason() -> str | None:
@@ -64,11 +127,14 @@ def _env() -> dict[str, str]:
 class KeymgrLab:
     """Namespaces A and B (veth), charon responder in B, our worker in A, keymgr on the host."""
 
-    def __init__(self) -> None:
+    case = Case()  # the fixed suite, also for subclasses that set up their own namespaces
+
+    def __init__(self, case: Case | None = None, prefix: str = "kmg") -> None:
+        self.case = case or Case()
         self.bench = bsw.StrongSwanPair()
         tag = secrets.token_hex(4)
-        self.bench.ns_a = f"kmg{tag}a"
-        self.bench.ns_b = f"kmg{tag}b"
+        self.bench.ns_a = f"{prefix}{tag}a"
+        self.bench.ns_b = f"{prefix}{tag}b"
         self.workdir = self.bench.workdir
         self.pki = self.workdir / "pki"
         self.sock = self.workdir / "a.sock"
@@ -76,6 +142,21 @@ class KeymgrLab:
         self.psk_for_keymgr = self.psk  # a test may hand keymgr a different one
         self.client: DataplaneClient | None = None
         self.bench.netns()  # also puts 198.51.100.1/32 on A's lo, 203.0.113.1/32 on B's lo
+        if self.case.ipv6:
+            self._add_ipv6()
+
+    def _add_ipv6(self) -> None:
+        """IPv6 twins of the bench's addresses (no DAD, so they are usable at once)."""
+        ns_a, ns_b = self.bench.ns_a, self.bench.ns_b
+        for ns, outer, inner in ((ns_a, OUTER6_A, INNER6_A), (ns_b, OUTER6_B, INNER6_B)):
+            bsw._run(["ip", "-n", ns, "addr", "add", f"{outer}/64", "dev", "veth0", "nodad"])
+            bsw._run(["ip", "-n", ns, "addr", "add", f"{inner}/128", "dev", "lo", "nodad"])
+        for _ in range(30):
+            ping = ["ip", "netns", "exec", ns_a, "ping", "-6", "-c1", "-W1", OUTER6_B]
+            if bsw._run(ping, check=False).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise bsw.BenchError("IPv6 between the namespaces does not pass traffic")
 
     def _popen(self, argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
         with (self.workdir / log_name).open("wb") as out:
@@ -103,10 +184,43 @@ class KeymgrLab:
             f"\n--- charon b ---\n{self.log('charon-b.log')}"
         )
 
-    def start_responder(self) -> None:
+    def start_charon_b(self, psk: str) -> None:
+        """charon in B with this case's configuration (loaded, not initiated)."""
         b = self.bench
-        conf = bsw.swanctl_conf(bsw.OUTER_B, bsw.OUTER_A, bsw.INNER_B, bsw.INNER_A, self.psk)
-        proc = b.start_charon("b", b.ns_b, conf)
+        base = bsw._strongswan_conf
+        case = self.case
+
+        def conf(workdir: pathlib.Path, name: str, extra: str = "") -> str:
+            text = base(workdir, name, extra)
+            load = f"load = {bsw.PLUGINS}"
+            assert text.count(load) == 1, "template changed"
+            return text.replace(load, " ".join((load, *case.plugins)))
+
+        settings = "".join(f"    {kv}\n" for kv in case.charon_settings)
+        bsw._strongswan_conf = conf  # start_charon writes strongswan.conf through it
+        try:
+            proc = b.start_charon("b", b.ns_b, self.case.swanctl_conf(psk), settings)
+        finally:
+            bsw._strongswan_conf = base
+        b.wait_vici("b", proc)
+        b.swanctl(
+            "b", "--load-all", "--noprompt", "--file", str(b.workdir / "b/swanctl/swanctl.conf")
+        )
+
+    def charon_conf(self, psk: str) -> str:
+        """swanctl.conf for charon in B (a test may return a certificate configuration)."""
+        return bsw.swanctl_conf(bsw.OUTER_B, bsw.OUTER_A, bsw.INNER_B, bsw.INNER_A, psk)
+
+    def charon_files(self, swanctl_dir: pathlib.Path) -> None:
+        """Hook: put credentials into charon's swanctl directory before they are loaded."""
+
+    def start_responder(self) -> None:
+        if self.case != Case():
+            self.start_charon_b(self.psk)
+            return
+        b = self.bench
+        proc = b.start_charon("b", b.ns_b, self.charon_conf(self.psk))
+        self.charon_files(b.workdir / "b" / "swanctl")
         b.wait_vici("b", proc)
         b.swanctl(
             "b", "--load-all", "--noprompt", "--file", str(b.workdir / "b/swanctl/swanctl.conf")
@@ -124,8 +238,9 @@ class KeymgrLab:
         argv = ["ip", "netns", "exec", self.bench.ns_a, sys.executable, "-m", "services.dataplane"]
         argv += ["--worker-id", WORKER_ID, "--grpc-listen", f"unix:{self.sock}"]
         argv += ["--tls-dir", str(self.pki), "--tls-cert-name", WORKER_ID]
-        argv += ["--tun", "ipsec0", "--tun-mtu", "1380", "--route", f"{bsw.INNER_B}/32"]
-        argv += ["--local-address", bsw.OUTER_A, "--fwmark", "0x1ee", "--table", "1450"]
+        route = f"{self.case.inner[1]}/{self.case.host_len}"
+        argv += ["--tun", "ipsec0", "--tun-mtu", "1380", "--route", route]
+        argv += ["--local-address", self.case.outer[0], "--fwmark", "0x1ee", "--table", "1450"]
         argv += ["--metrics-listen", ""]
         proc = self._popen(argv, "worker.log")
         self.client = DataplaneClient(
@@ -142,31 +257,46 @@ class KeymgrLab:
                     raise
                 time.sleep(0.2)
 
+    def keymgr_connection(
+        self,
+        name: str,
+        psk_file: pathlib.Path,
+        start_action: str,
+        extra: dict[str, object] | None = None,
+    ) -> dict[str, object]:
+        """keymgr's connection for this case (the default case leaves the suite fields out);
+        ``extra`` adds or replaces fields (lifetimes, dpd, addresses, certificates, ...); a
+        field given as None is left out (e.g. ``psk_file`` with certificates)."""
+        c = self.case
+        (out_a, out_b), (in_a, in_b) = c.outer, c.inner
+        conn: dict[str, object] = {
+            "name": name,
+            "local_addr": out_a,
+            "remote_addr": out_b,
+            "local_id": out_a,
+            "remote_id": out_b,
+            "psk_file": str(psk_file),
+            "local_ts": f"{in_a}/{c.host_len}",
+            "remote_ts": f"{in_b}/{c.host_len}",
+            "start_action": start_action,
+        }
+        if c != Case():
+            conn["ike_proposals"] = list(c.keymgr_ike)
+            conn["esp_proposals"] = list(c.keymgr_esp)
+            conn["mode"] = c.mode
+        conn.update(extra or {})
+        return {k: v for k, v in conn.items() if v is not None}
+
     def start_keymgr(
         self, extra: dict[str, object] | None = None, extra_args: Sequence[str] = ()
     ) -> subprocess.Popen[bytes]:
-        """Start keymgr; ``extra`` adds connection fields (lifetimes, dpd, ...), ``extra_args``
-        command-line flags."""
+        """Start keymgr; ``extra`` adds connection fields (see :meth:`keymgr_connection`),
+        ``extra_args`` command-line flags."""
         psk_file = self.workdir / "psk"
         fd = os.open(psk_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(f"0x{self.psk_for_keymgr}\n")
-        cfg: dict[str, list[dict[str, object]]] = {
-            "connections": [
-                {
-                    "name": "to-b",
-                    "local_addr": bsw.OUTER_A,
-                    "remote_addr": bsw.OUTER_B,
-                    "local_id": bsw.OUTER_A,
-                    "remote_id": bsw.OUTER_B,
-                    "psk_file": str(psk_file),
-                    "local_ts": f"{bsw.INNER_A}/32",
-                    "remote_ts": f"{bsw.INNER_B}/32",
-                    "start_action": "start",
-                    **(extra or {}),
-                }
-            ]
-        }
+        cfg = {"connections": [self.keymgr_connection("to-b", psk_file, "start", extra)]}
         cfg_file = self.workdir / "keymgr.json"
         cfg_file.write_text(json.dumps(cfg))
         argv = [sys.executable, "-m", "services.keymgr", "--config", str(cfg_file)]
@@ -179,8 +309,82 @@ class KeymgrLab:
 
     def ping(self) -> subprocess.CompletedProcess[str]:
         cmd = ["ip", "netns", "exec", self.bench.ns_a, "ping", "-c", "3", "-i", "0.3", "-W", "2"]
-        cmd += ["-I", bsw.INNER_A, bsw.INNER_B]
+        cmd += ["-I", self.case.inner[0], self.case.inner[1]]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+
+    def tcp_transfer(self, from_a: bool, nbytes: int = 256 * 1024) -> tuple[dict, dict]:
+        """``nbytes`` random octets over TCP between the protected addresses (A -> B when
+        ``from_a``), through the tunnel; returns (sender's report, receiver's report), each with
+        the SHA-256 its end computed (services.dataplane.lab tcp-send / tcp-recv)."""
+        (ns_s, src), (ns_r, dst) = (
+            ((self.bench.ns_a, self.case.inner[0]), (self.bench.ns_b, self.case.inner[1]))
+            if from_a
+            else ((self.bench.ns_b, self.case.inner[1]), (self.bench.ns_a, self.case.inner[0]))
+        )
+        port = str(20000 + secrets.randbelow(20000))
+        py = [sys.executable, "-m", "services.dataplane.lab"]
+        recv = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns_r,
+                *py,
+                "tcp-recv",
+                "--bind",
+                dst,
+                "--port",
+                port,
+                "--timeout",
+                "20",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+            env=_env(),
+            start_new_session=True,
+        )
+        self.bench.procs.append(recv)  # killed by cleanup() if still running
+        try:
+            assert recv.stdout is not None
+            line = recv.stdout.readline().decode()
+            assert line.startswith("listening"), f"tcp-recv: {line!r}"
+            send = subprocess.run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns_s,
+                    *py,
+                    "tcp-send",
+                    "--source",
+                    src,
+                    "--connect",
+                    dst,
+                    "--port",
+                    port,
+                    "--bytes",
+                    str(nbytes),
+                    "--timeout",
+                    "20",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=40,
+                cwd=REPO,
+                env=_env(),
+                check=False,
+            )
+            out, err = recv.communicate(timeout=30)
+        finally:
+            if recv.poll() is None:
+                recv.kill()
+                recv.wait()
+        assert send.returncode == 0, f"tcp-send: {send.stdout}{send.stderr}\n{self.logs()}"
+        assert recv.returncode == 0, f"tcp-recv: {err.decode()}"
+        return json.loads(send.stdout.strip().splitlines()[-1]), json.loads(
+            out.decode().strip().splitlines()[-1]
+        )
 
     def cleanup(self) -> None:
         if self.client is not None:

@@ -49,6 +49,7 @@ from services.core.ike.message import (
     Proposal,
     TSi,
     TSr,
+    decode_header,
     decode_message,
     encode_message,
 )
@@ -346,7 +347,7 @@ def test_no_proposal_chosen_fails_with_reason() -> None:
     ini = Ikev2Initiator(_config(), now=0.0)
     _run(ini, Responder(sa_init_error=NotifyType.NO_PROPOSAL_CHOSEN))
     assert ini.state is State.FAILED
-    assert ini.failure_reason == "NO_PROPOSAL_CHOSEN"
+    assert (ini.failure_reason or "").startswith("NO_PROPOSAL_CHOSEN: the responder accepted none")
     assert ini.next_timeout is None and ini.on_timer(100.0) == []
 
 
@@ -373,7 +374,10 @@ def test_responder_auth_that_does_not_verify_fails() -> None:
     (m1,) = ini.start(0.0)
     (m3,) = ini.receive(resp.sa_init(m1), 0.1)
     resp.keys["sk_pr"] = bytes(32)
-    assert ini.receive(resp.auth(m3), 0.2) == []
+    # RFC 7296 §2.21.2: the responder is told in an INFORMATIONAL request (AUTHENTICATION_FAILED)
+    (info,) = ini.receive(resp.auth(m3), 0.2)
+    hdr = decode_header(info)
+    assert (hdr.exchange_type, hdr.message_id, hdr.response) == (37, 2, False)
     assert ini.state is State.FAILED
     assert ini.failure_reason is not None and "AUTH does not verify" in ini.failure_reason
 

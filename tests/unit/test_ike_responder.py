@@ -231,7 +231,9 @@ def test_no_acceptable_ike_proposal_gives_no_proposal_chosen() -> None:
     assert [p.notify_type for p in msg.payloads if isinstance(p, Notify)] == [
         NotifyType.NO_PROPOSAL_CHOSEN
     ]
-    assert resp.state is ResponderState.FAILED and resp.failure_reason == "NO_PROPOSAL_CHOSEN"
+    assert resp.state is ResponderState.FAILED and (resp.failure_reason or "").startswith(
+        "NO_PROPOSAL_CHOSEN"
+    )
     assert resp.receive(req, 1.0) == [raw]  # retransmission: same answer
 
 
@@ -252,7 +254,8 @@ def test_initiator_sees_no_proposal_chosen() -> None:
     )
     out = resp.receive(tampered, 0.0)
     assert ini.receive(out[0], 0.0) == []
-    assert ini.state is State.FAILED and ini.failure_reason == "NO_PROPOSAL_CHOSEN"
+    assert ini.state is State.FAILED
+    assert (ini.failure_reason or "").startswith("NO_PROPOSAL_CHOSEN")
 
 
 def test_other_ke_group_gives_invalid_ke_payload_with_group_31() -> None:

@@ -195,12 +195,24 @@ def test_missing_required_field(cfgdir: pathlib.Path, field: str) -> None:
         ("local_addr", None),
         ("remote_addr", "host.example"),
         ("remote_addr", "192.0.2.2/32"),
-        ("local_id", "2001:db8::1"),
+        ("local_id", "%any"),  # only the remote identity may be "any"
+        ("local_id", "CN=x, =y"),
         ("local_id", None),
         ("remote_id", 7),
-        ("remote_id", "peer@example"),
+        ("remote_id", ""),
+        ("ike_proposals", "aes256gcm16-prfsha256-x25519"),  # a string, not a list
+        ("ike_proposals", []),
+        ("ike_proposals", ["aes256gcm16-prfsha1-x25519"]),  # legacy without allow_legacy
+        ("ike_proposals", ["aes256gcm16-x25519"]),  # AEAD without PRF
+        ("esp_proposals", [5]),
+        ("esp_proposals", ["aes256"]),  # CBC without integrity
+        ("mode", "beet"),
+        ("mode", None),
+        ("allow_legacy", "yes"),
+        ("local_id", "C=CH, =x"),  # identity text forms are checked (Identity.parse)
+        ("remote_id", "@#zz"),
         ("local_ts", "198.51.100.1/24"),  # host bits set
-        ("local_ts", "2001:db8::/64"),
+        ("local_ts", "2001:db8::/64"),  # mixed families: IPv6 local_ts, IPv4 remote_ts
         ("local_ts", "198.51.100.0/33"),
         ("remote_ts", 24),
         ("remote_ts", {"a": 1}),
@@ -306,6 +318,10 @@ json_values = st.recursive(
             "local_ts",
             "remote_ts",
             "start_action",
+            "ike_proposals",
+            "esp_proposals",
+            "mode",
+            "allow_legacy",
         ]
     ),
     value=json_values,

@@ -2,19 +2,34 @@
 
 Scope: one IKE SA and its first Child SA, authenticated through the
 :mod:`services.core.ike.authn` seam (pre-shared key or certificates; identities of any §3.5
-type) and one IPv4 traffic selector per side. The IKE proposal is fixed to
-ENCR_AES_GCM_16 with a 256-bit key, PRF_HMAC_SHA2_256 and Curve25519 (group 31); the ESP
-proposal to AES-GCM-16 256 without ESN. The initiator sends NAT_DETECTION_SOURCE_IP /
+type) and one IPv4 or IPv6 traffic selector per side (TS_IPV4_ADDR_RANGE /
+TS_IPV6_ADDR_RANGE, §3.13.1). The IKE and ESP proposals are built from the configured suites
+(:mod:`services.core.ike.suites`, one proposal per suite; default ENCR_AES_GCM_16-256 /
+PRF_HMAC_SHA2_256 / Curve25519 and ESP AES-GCM-16-256 without ESN); the KE payload is in the
+first IKE suite's group. An INVALID_KE_PAYLOAD answer naming another group of our suites is
+retried with that group (§1.3, at most MAX_KE_RETRIES times) and a COOKIE answer by resending
+IKE_SA_INIT with the COOKIE notify first (§2.6, at most MAX_COOKIE_RETRIES times). With
+``mode`` TRANSPORT the IKE_AUTH request carries USE_TRANSPORT_MODE (§1.3.1); a responder that
+declines it (answers without the notify) would give a tunnel-mode SA, which the RFC says the
+initiator must then delete: we fail the exchange instead of installing it. The initiator
+sends NAT_DETECTION_SOURCE_IP /
 NAT_DETECTION_DESTINATION_IP (§2.23, SHA-1 of SPIi | SPIr | IP | port); when the responder
 answers with NAT-D notifies it moves to UDP 4500 for IKE_AUTH (``port_float``): the I/O shell
 then sends the IKE_AUTH datagrams from and to port 4500 with the 4-octet non-ESP marker
 (RFC 3948 §2.2) and strips it on receipt.
 
-Out of scope: COOKIE and INVALID_KE_PAYLOAD retries, EAP, certificates, CREATE_CHILD_SA
-started by us, IKE fragmentation of received messages. An error Notify from the responder
-(NO_PROPOSAL_CHOSEN, AUTHENTICATION_FAILED, ...) ends in :attr:`State.FAILED` with the Notify's
-name as ``failure_reason``. Time comes in as ``now`` (seconds, any monotonic origin);
-randomness from ``rand`` (``secrets.token_bytes`` by default). No key appears in any repr.
+IKE fragmentation (RFC 7383): IKEV2_FRAGMENTATION_SUPPORTED is announced in IKE_SA_INIT unless
+``fragment_size`` is 0; when the responder announced it too, IKE_AUTH goes out as SKF fragments
+if it does not fit ``fragment_size`` octets of IP packet (all of them retransmitted together)
+and a fragmented response is reassembled (:class:`~services.core.ike.sk.FragmentReassembler`).
+After IKE_AUTH the same limit applies to our CREATE_CHILD_SA and INFORMATIONAL messages and
+fragmented requests and responses are reassembled there too.
+
+Out of scope: EAP, new Child SAs beyond the first. An
+error Notify from the responder (NO_PROPOSAL_CHOSEN, AUTHENTICATION_FAILED, ...) ends in
+:attr:`State.FAILED` with the Notify's name as ``failure_reason``. Time comes in as ``now``
+(seconds, any monotonic origin); randomness from ``rand`` (``secrets.token_bytes`` by
+default). No key appears in any repr.
 
 After ESTABLISHED, INFORMATIONAL exchanges (liveness, Delete of the Child SA or of the IKE SA ->
 :attr:`State.CLOSED`, our own ``delete_ike``) and the peer's CREATE_CHILD_SA (Child SA rekey)
@@ -31,6 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from services.core.algorithms import AlgorithmError
 from services.core.ike.authn import (
     AuthFailure,
     Identity,
@@ -41,14 +57,11 @@ from services.core.ike.authn import (
     peer_hash_algorithms,
     signed_octets,
 )
-from services.core.ike.child import ENCR_ID, ENCR_KEY_BITS, esp_proposal
 from services.core.ike.constants import (
     ExchangeType,
     NotifyType,
-    ProtocolId,
-    TransformType,
 )
-from services.core.ike.dh import DhGroupId, DhPrivate, InvalidKeyExchange, group
+from services.core.ike.dh import DhPrivate, InvalidKeyExchange, group
 from services.core.ike.informational import InfoDrop, InfoEvent, InfoSession
 from services.core.ike.keys import ChildKeys, IkeKeys, child_keys, derive_ike_keys, skeyseed
 from services.core.ike.message import (
@@ -65,15 +78,29 @@ from services.core.ike.message import (
     Payload,
     Proposal,
     TrafficSelector,
-    Transform,
-    TransformAttribute,
     TSi,
     TSr,
     decode_message,
     encode_message,
 )
-from services.core.ike.prf import Prf
-from services.core.ike.sk import SkCipher, SkError, decrypt_message, encrypt_message
+from services.core.ike.sk import (
+    FragmentReassembler,
+    SkCipher,
+    SkError,
+    decrypt_message,
+    encrypt_message,
+)
+from services.core.ike.suites import (
+    DEFAULT_ESP,
+    DEFAULT_IKE,
+    EspSuite,
+    IkeSuite,
+    esp_proposals,
+    ike_proposals,
+    match_esp,
+    match_ike,
+)
+from services.core.sa import Mode
 
 Rand = Callable[[int], bytes]
 
@@ -81,11 +108,38 @@ NONCE_LEN = 32  # RFC 7296 §2.10: at least half the PRF key size, 16..256 octet
 NAT_T_PORT = 4500  # RFC 3948
 NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2
 GCM_SALT_LEN = 4  # RFC 5282 §7.1 (IKE), RFC 4106 §8.1 (ESP)
-PRF_ID = Prf.HMAC_SHA2_256
-DH_ID = DhGroupId.CURVE25519
+PRF_ID = DEFAULT_IKE.prf  # the default suite's (kept for callers of the fixed-suite era)
+DH_ID = DEFAULT_IKE.dh
+MAX_KE_RETRIES = 2  # IKE_SA_INIT resent with another group after INVALID_KE_PAYLOAD (§1.3)
+MAX_COOKIE_RETRIES = 2  # IKE_SA_INIT resent with a COOKIE (§2.6)
+MAX_COOKIE_LEN = 64  # RFC 7296 §2.6: a cookie SHOULD be 1..64 octets
 RETRANSMIT_INITIAL = 1.0  # seconds; doubled per retry (RFC 7296 §2.1 leaves the policy open)
 RETRANSMIT_TRIES = 5
 _ERROR_NOTIFY_MAX = 16383  # RFC 7296 §3.10.1: types below 16384 are errors
+FRAGMENT_SIZE = 1280  # RFC 7383 §2.5.1: largest IP packet of a fragment (strongSwan's default)
+_UDP_HEADER = 8
+
+
+def fragment_limit(fragment_size: int, remote_addr: str, nat_t: bool) -> int | None:
+    """RFC 7383 §2.5.1: the largest IKE message (header included) fitting ``fragment_size``
+    octets of IP packet to ``remote_addr`` (IPv4 or IPv6 header, UDP header and, on UDP 4500,
+    the non-ESP marker subtracted); None when fragmentation is disabled (size 0)."""
+    if fragment_size <= 0:
+        return None
+    ip_header = 40 if ipaddress.ip_address(remote_addr).version == 6 else 20
+    return fragment_size - ip_header - _UDP_HEADER - (len(NON_ESP_MARKER) if nat_t else 0)
+
+
+def fragmentation_notify(fragment_size: int) -> tuple[Notify, ...]:
+    """IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383 §2.3) unless fragmentation is disabled."""
+    return (Notify(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED),) if fragment_size > 0 else ()
+
+
+def peer_supports_fragmentation(payloads: tuple[Payload, ...]) -> bool:
+    return any(
+        isinstance(p, Notify) and p.notify_type == NotifyType.IKEV2_FRAGMENTATION_SUPPORTED
+        for p in payloads
+    )
 
 
 class State(Enum):
@@ -98,7 +152,24 @@ class State(Enum):
 
 
 def _ipv4(text: str) -> bytes:
-    return ipaddress.IPv4Address(text).packed
+    """A textual IPv4 or IPv6 address, packed (4 or 16 octets); ValueError otherwise."""
+    return ipaddress.ip_address(text).packed
+
+
+def _check_range(rng: tuple[str, str], what: str) -> int:
+    lo, hi = _ipv4(rng[0]), _ipv4(rng[1])
+    if len(lo) != len(hi):
+        raise ValueError(f"{what}: start and end are of different address families")
+    if lo > hi:
+        raise ValueError(f"{what}: traffic selector range start after end")
+    return len(lo)
+
+
+def check_suites(ike: tuple[IkeSuite, ...] | None, esp: tuple[EspSuite, ...]) -> None:
+    if ike is not None and (not ike or not all(isinstance(s, IkeSuite) for s in ike)):
+        raise ValueError("ike_suites must be a non-empty tuple of IkeSuite")
+    if not esp or not all(isinstance(s, EspSuite) for s in esp):
+        raise ValueError("esp_suites must be a non-empty tuple of EspSuite")
 
 
 ANY_ID = "%any"  # configured remote identity: accept whatever the authenticated peer claims
@@ -134,15 +205,20 @@ def credentials(
 
 @dataclass(frozen=True, kw_only=True)
 class InitiatorConfig:
-    """What the initiator proposes. Addresses are IPv4 dotted quads; secrets are never in repr.
+    """What the initiator proposes. Addresses are IPv4 or IPv6 (text); secrets are never in
+    repr.
 
     Authentication: ``psk`` (both directions) or ``local_auth`` / ``peer_auth`` objects of the
     :mod:`services.core.ike.authn` seam (e.g. certificates). ``local_id`` defaults to the local
     address (ID_IPV4_ADDR); ``remote_id`` to the remote address, and ``"%any"`` sends no IDr and
     accepts whichever identity the peer proves. Identities are :class:`Identity` or its text
-    form. ``ts_local`` and ``ts_remote`` are inclusive (start, end) IPv4 ranges: TSi and TSr, all
-    protocols and ports. ``local_port`` / ``remote_port`` are the IKE_SA_INIT ports the NAT-D
-    hashes cover.
+    form. ``ts_local`` and ``ts_remote`` are inclusive (start, end) address ranges (IPv4 or
+    IPv6): TSi and TSr, all protocols and ports. ``local_port`` / ``remote_port`` are the
+    IKE_SA_INIT ports the NAT-D hashes cover. ``ike_suites`` / ``esp_suites`` are what we
+    propose, in order of preference; ``mode`` TRANSPORT asks for USE_TRANSPORT_MODE.
+    ``fragment_size`` is the largest IP packet of an RFC 7383 fragment of our encrypted messages
+    when both sides announced IKEV2_FRAGMENTATION_SUPPORTED (0: we do not announce it and never
+    fragment).
     """
 
     local_addr: str
@@ -156,10 +232,21 @@ class InitiatorConfig:
     remote_id: str | Identity | None = None
     local_port: int = 500
     remote_port: int = 500
+    ike_suites: tuple[IkeSuite, ...] = (DEFAULT_IKE,)
+    esp_suites: tuple[EspSuite, ...] = (DEFAULT_ESP,)
+    mode: Mode = Mode.TUNNEL
+    fragment_size: int = FRAGMENT_SIZE
 
     def __post_init__(self) -> None:
-        for a in (self.local_addr, self.remote_addr, *self.ts_local, *self.ts_remote):
-            _ipv4(a)
+        if self.fragment_size and self.fragment_size < 576:
+            raise ValueError("fragment_size must be 0 or at least 576")  # RFC 7383 §2.5.1
+        if len(_ipv4(self.local_addr)) != len(_ipv4(self.remote_addr)):
+            raise ValueError("local_addr and remote_addr are of different address families")
+        _check_range(self.ts_local, "ts_local")
+        _check_range(self.ts_remote, "ts_remote")
+        check_suites(self.ike_suites, self.esp_suites)
+        if self.mode not in (Mode.TUNNEL, Mode.TRANSPORT):
+            raise ValueError("mode must be Mode.TUNNEL or Mode.TRANSPORT")
         identity_of(self.local_id, self.local_addr)
         identity_of(self.remote_id, self.remote_addr)
         credentials(self.psk, self.local_auth, self.peer_auth)
@@ -167,9 +254,12 @@ class InitiatorConfig:
 
 @dataclass(frozen=True)
 class ChildSaResult:
-    """The first Child SA (ESP, tunnel mode). ``spi_in`` is ours (the responder sends to it),
-    ``spi_out`` the responder's. ``keys.encr_i`` protects initiator→responder traffic, i.e. it
-    goes with ``spi_out``; each encryption key is 32 octets of AES key then 4 of salt."""
+    """A Child SA (ESP). ``spi_in`` is ours (the peer sends to it), ``spi_out`` the peer's.
+    ``keys.encr_i`` / ``keys.integ_i`` protect initiator→responder traffic, i.e. as initiator
+    they go with ``spi_out``; encryption keys carry the cipher's salt last (AES-GCM and
+    ChaCha20-Poly1305: 4 octets). ``encr_id`` / ``key_bits`` / ``integ_id`` (0 for combined
+    mode) / ``esn`` are the negotiated ESP transforms, ``dh`` the PFS group (0: none) and
+    ``mode`` tunnel or transport (USE_TRANSPORT_MODE, RFC 7296 §1.3.1)."""
 
     spi_in: bytes
     spi_out: bytes
@@ -179,6 +269,16 @@ class ChildSaResult:
     keys: ChildKeys = field(repr=False)
     ts_i: tuple[TrafficSelector, ...]
     ts_r: tuple[TrafficSelector, ...]
+    integ_id: int = 0
+    mode: Mode = Mode.TUNNEL
+    dh: int = 0
+
+    @property
+    def suite_name(self) -> str:
+        """The negotiated ESP suite in proposal-string form (for logs)."""
+        return EspSuite(
+            self.encr_id, self.key_bits, self.integ_id, self.esn, self.dh, allow_legacy=True
+        ).name
 
 
 @dataclass(frozen=True)
@@ -188,6 +288,7 @@ class IkeSaResult:
     keys: IkeKeys = field(repr=False)
     child: ChildSaResult
     nat_t: bool  # IKE moved to UDP 4500
+    suite: IkeSuite = DEFAULT_IKE  # the negotiated IKE suite
 
 
 def nat_detection_hash(spi_i: bytes, spi_r: bytes, addr: bytes, port: int) -> bytes:
@@ -212,20 +313,68 @@ def _notify_name(t: int) -> str:
 
 
 def ike_proposal(spi: bytes = b"") -> Proposal:
-    return Proposal(
-        1,
-        ProtocolId.IKE,
-        (
-            Transform(TransformType.ENCR, ENCR_ID, (TransformAttribute.key_length(ENCR_KEY_BITS),)),
-            Transform(TransformType.PRF, PRF_ID),
-            Transform(TransformType.DH, DH_ID),
-        ),
-        spi,
+    """The default IKE suite as proposal 1."""
+    p = DEFAULT_IKE.proposal(1)
+    return Proposal(p.number, p.protocol_id, p.transforms, spi)
+
+
+def sk_ciphers(suite: IkeSuite, keys: IkeKeys, *, initiator: bool) -> tuple[SkCipher, SkCipher]:
+    """(inbound, outbound) SK protection of an IKE SA for one role (RFC 7296 §2.14)."""
+    i = SkCipher(
+        suite.encr,
+        keys.sk_ei,
+        suite.integ,
+        keys.sk_ai,
+        key_bits=suite.key_bits,
+        allow_legacy=suite.allow_legacy,
+    )
+    r = SkCipher(
+        suite.encr,
+        keys.sk_er,
+        suite.integ,
+        keys.sk_ar,
+        key_bits=suite.key_bits,
+        allow_legacy=suite.allow_legacy,
+    )
+    return (r, i) if initiator else (i, r)
+
+
+def ike_keys(
+    suite: IkeSuite, ni: bytes, nr: bytes, g_ir: bytes, spi_i: bytes, spi_r: bytes
+) -> IkeKeys:
+    """SKEYSEED and the seven SK_* keys for ``suite`` (RFC 7296 §2.14)."""
+    seed = skeyseed(suite.prf, ni, nr, g_ir)
+    return derive_ike_keys(
+        suite.prf,
+        seed,
+        ni,
+        nr,
+        spi_i,
+        spi_r,
+        encr_key_len=suite.encr_key_len,
+        integ_key_len=suite.integ_key_len,
     )
 
 
-def _transform_set(p: Proposal) -> set[tuple[int, int, int | None]]:
-    return {(t.transform_type, t.transform_id, t.key_length) for t in p.transforms}
+def esp_child_keys(
+    suite: EspSuite, prf_id: int, sk_d: bytes, ni: bytes, nr: bytes, g_ir: bytes | None = None
+) -> ChildKeys:
+    """A Child SA's keys for ``suite`` (RFC 7296 §2.17): encryption (with salt), integrity."""
+    return child_keys(
+        prf_id,
+        sk_d,
+        ni,
+        nr,
+        encr_key_len=suite.encr_key_len,
+        integ_key_len=suite.integ_key_len,
+        g_ir_new=g_ir,
+    )
+
+
+def _transport_requested(payloads: tuple[Payload, ...]) -> bool:
+    return any(
+        isinstance(p, Notify) and p.notify_type == NotifyType.USE_TRANSPORT_MODE for p in payloads
+    )
 
 
 def _first(payloads: tuple[Payload, ...], cls: type[Payload]) -> Payload | None:
@@ -260,7 +409,14 @@ class Ikev2Initiator:
         self._spi_r = bytes(8)
         self._ni = rand(NONCE_LEN)
         self._nr = b""
-        self._dh: DhPrivate = group(DH_ID).generate(rand)
+        self._ike_suites = config.ike_suites
+        self._esp_suites = config.esp_suites
+        self._suite: IkeSuite | None = None
+        self._dh_group = config.ike_suites[0].dh
+        self._dh: DhPrivate = self._new_dh(self._dh_group)
+        self._cookie: bytes | None = None
+        self._ke_retries = 0
+        self._cookie_retries = 0
         self._child_spi = _nonzero(rand, 4, 256)  # SPIs 1..255 are reserved (RFC 4303 §2.1)
         self._msg1 = b""
         self._msg2 = b""
@@ -279,6 +435,8 @@ class Ikev2Initiator:
             config.psk, config.local_auth, config.peer_auth
         )
         self._peer_hashes: frozenset[int] = frozenset()
+        self._fragment = False  # both sides announced RFC 7383 fragmentation
+        self._reassembler = FragmentReassembler()
 
     def __repr__(self) -> str:
         return f"Ikev2Initiator(state={self._state.value}, spi_i={self._spi_i.hex()})"
@@ -290,6 +448,11 @@ class Ikev2Initiator:
     @property
     def spi_i(self) -> bytes:
         return self._spi_i
+
+    @property
+    def retries(self) -> tuple[int, int, int]:
+        """(INVALID_KE_PAYLOAD retries, COOKIE retries, the DH group of our current KE)."""
+        return self._ke_retries, self._cookie_retries, self._dh_group
 
     @property
     def next_timeout(self) -> float | None:
@@ -318,10 +481,23 @@ class Ikev2Initiator:
     def start(self, now: float) -> list[bytes]:
         if self._state is not State.INITIAL:
             raise RuntimeError("start() called twice")
+        self._state = State.SA_INIT_SENT
+        return self._send_sa_init(now)
+
+    def _new_dh(self, group_id: int) -> DhPrivate:
+        legacy = any(s.allow_legacy for s in self._ike_suites if s.dh == group_id)
+        return group(group_id, allow_legacy=legacy).generate(self._rand)
+
+    def _send_sa_init(self, now: float) -> list[bytes]:
+        """IKE_SA_INIT (message ID 0), with our COOKIE first when the responder sent one."""
         cfg = self.config
+        cookie: tuple[Payload, ...] = ()
+        if self._cookie is not None:
+            cookie = (Notify(NotifyType.COOKIE, self._cookie),)
         payloads: tuple[Payload, ...] = (
-            SA((ike_proposal(),)),
-            KE(DH_ID, self._dh.public_bytes()),
+            *cookie,
+            SA(ike_proposals(self._ike_suites)),
+            KE(self._dh_group, self._dh.public_bytes()),
             Nonce(self._ni),
             Notify(
                 NotifyType.NAT_DETECTION_SOURCE_IP,
@@ -332,10 +508,10 @@ class Ikev2Initiator:
                 nat_detection_hash(self._spi_i, bytes(8), _ipv4(cfg.remote_addr), cfg.remote_port),
             ),
             *hash_algorithms_notify(self._peer_auth.hash_algorithms()),
+            *fragmentation_notify(cfg.fragment_size),
         )
         msg = Message(self._spi_i, bytes(8), ExchangeType.IKE_SA_INIT, 0, payloads, initiator=True)
         self._msg1 = encode_message(msg)
-        self._state = State.SA_INIT_SENT
         return self._send([self._msg1], now)
 
     def on_timer(self, now: float) -> list[bytes]:
@@ -384,6 +560,9 @@ class Ikev2Initiator:
         except IkeFailure as e:
             self._fail(str(e))
             return []
+        except AlgorithmError as e:  # a suite the registry cannot run (never key material)
+            self._fail(f"algorithm error: {e}")
+            return []
 
     # -- internals --------------------------------------------------------------------------
 
@@ -400,15 +579,67 @@ class Ikev2Initiator:
         return list(datagrams)
 
     @staticmethod
-    def _check_errors(payloads: tuple[Payload, ...]) -> None:
+    def _check_errors(payloads: tuple[Payload, ...], offered: str = "") -> None:
+        """An error notify ends the exchange; NO_PROPOSAL_CHOSEN names what we ``offered``."""
         for p in payloads:
             if isinstance(p, Notify) and p.notify_type <= _ERROR_NOTIFY_MAX:
-                raise IkeFailure(_notify_name(p.notify_type))
+                reason = _notify_name(p.notify_type)
+                if p.notify_type == NotifyType.NO_PROPOSAL_CHOSEN and offered:
+                    reason += f": the responder accepted none of our {offered}"
+                raise IkeFailure(reason)
+
+    def _retry_sa_init(self, msg: Message, now: float) -> list[bytes] | None:
+        """COOKIE (§2.6) and INVALID_KE_PAYLOAD (§1.3) answers: the resent IKE_SA_INIT, [] for a
+        stale duplicate of an answer already acted on, None when neither applies."""
+        cookie = next(
+            (
+                p
+                for p in msg.payloads
+                if isinstance(p, Notify) and p.notify_type == NotifyType.COOKIE
+            ),
+            None,
+        )
+        if cookie is not None:
+            if cookie.data == self._cookie:
+                return []  # a retransmitted answer to the request we already replaced
+            if not 1 <= len(cookie.data) <= MAX_COOKIE_LEN:
+                raise IkeFailure(f"responder COOKIE of {len(cookie.data)} octets (RFC 7296 §2.6)")
+            if self._cookie_retries >= MAX_COOKIE_RETRIES:
+                raise IkeFailure(f"responder asked for a COOKIE {self._cookie_retries + 1} times")
+            self._cookie_retries += 1
+            self._cookie = cookie.data
+            return self._send_sa_init(now)
+        for p in msg.payloads:
+            if not isinstance(p, Notify) or p.notify_type != NotifyType.INVALID_KE_PAYLOAD:
+                continue
+            if len(p.data) != 2:
+                raise IkeFailure("INVALID_KE_PAYLOAD without a 2-octet group")
+            wanted = struct.unpack("!H", p.data)[0]
+            if wanted == self._dh_group:
+                return []  # stale: we already use that group
+            ours = [s.dh for s in self._ike_suites]
+            if wanted not in ours:
+                raise IkeFailure(
+                    f"INVALID_KE_PAYLOAD: responder wants DH group {wanted}, "
+                    f"not in our proposals {sorted(set(ours))}"
+                )
+            if self._ke_retries >= MAX_KE_RETRIES:
+                raise IkeFailure(
+                    f"INVALID_KE_PAYLOAD: responder wants DH group {wanted} after "
+                    f"{self._ke_retries} retries"
+                )
+            self._ke_retries += 1
+            self._dh_group = wanted
+            self._dh = self._new_dh(wanted)
+            return self._send_sa_init(now)
+        return None
 
     def _on_sa_init(self, msg: Message, raw: bytes, now: float) -> list[bytes]:
-        self._check_errors(msg.payloads)
-        if any(isinstance(p, Notify) and p.notify_type == NotifyType.COOKIE for p in msg.payloads):
-            raise IkeFailure("responder asked for a COOKIE (not supported)")
+        retry = self._retry_sa_init(msg, now)
+        if retry is not None:
+            return retry
+        names = ", ".join(x.name for x in self._ike_suites)
+        self._check_errors(msg.payloads, f"IKE proposals ({names})")
         sa = _first(msg.payloads, SA)
         ke = _first(msg.payloads, KE)
         nonce = _first(msg.payloads, Nonce)
@@ -418,13 +649,15 @@ class Ikev2Initiator:
             raise IkeFailure("IKE_SA_INIT response with a zero responder SPI")
         if len(sa.proposals) != 1:
             raise IkeFailure("responder chose more than one IKE proposal")
-        chosen = sa.proposals[0]
-        if chosen.protocol_id != ProtocolId.IKE or _transform_set(chosen) != _transform_set(
-            ike_proposal()
-        ):
+        suite = match_ike(sa.proposals[0], self._ike_suites)
+        if suite is None:
             raise IkeFailure("responder chose an IKE proposal we did not offer")
-        if ke.dh_group != DH_ID:
-            raise IkeFailure(f"responder KE in group {ke.dh_group}, not {int(DH_ID)}")
+        if suite.dh != self._dh_group:
+            raise IkeFailure(
+                f"responder chose DH group {suite.dh}, our KE is in group {self._dh_group}"
+            )
+        if ke.dh_group != self._dh_group:
+            raise IkeFailure(f"responder KE in group {ke.dh_group}, not {self._dh_group}")
         if not 16 <= len(nonce.data) <= 256:
             raise IkeFailure("responder nonce not 16..256 octets")
         try:
@@ -434,20 +667,11 @@ class Ikev2Initiator:
         self._spi_r = msg.spi_r
         self._nr = nonce.data
         self._peer_hashes = peer_hash_algorithms(msg.payloads)
+        self._fragment = self.config.fragment_size > 0 and peer_supports_fragmentation(msg.payloads)
         self._msg2 = raw
-        seed = skeyseed(PRF_ID, self._ni, self._nr, g_ir)
-        self._keys = derive_ike_keys(
-            PRF_ID,
-            seed,
-            self._ni,
-            self._nr,
-            self._spi_i,
-            self._spi_r,
-            encr_key_len=ENCR_KEY_BITS // 8 + GCM_SALT_LEN,
-            integ_key_len=0,
-        )
-        self._out = SkCipher(ENCR_ID, self._keys.sk_ei, key_bits=ENCR_KEY_BITS)
-        self._in = SkCipher(ENCR_ID, self._keys.sk_er, key_bits=ENCR_KEY_BITS)
+        self._suite = suite
+        self._keys = ike_keys(suite, self._ni, self._nr, g_ir, self._spi_i, self._spi_r)
+        self._in, self._out = sk_ciphers(suite, self._keys, initiator=True)
         self.port_float = any(
             isinstance(p, Notify)
             and p.notify_type
@@ -457,12 +681,16 @@ class Ikev2Initiator:
         return self._send_auth(now)
 
     def _send_auth(self, now: float) -> list[bytes]:
-        assert self._keys is not None and self._out is not None
+        assert self._keys is not None and self._out is not None and self._suite is not None
         cfg = self.config
+        prf_id = self._suite.prf
         assert self._local_id is not None  # identity_of with an address never gives None
         idi = IDi(self._local_id.id_type, self._local_id.data)
-        octets = signed_octets(PRF_ID, self._msg1, self._nr, self._keys.sk_pi, idi.encode_body())
-        auth = self._local_auth.auth_payload(octets, PRF_ID, self._peer_hashes)
+        octets = signed_octets(prf_id, self._msg1, self._nr, self._keys.sk_pi, idi.encode_body())
+        auth = self._local_auth.auth_payload(octets, prf_id, self._peer_hashes)
+        transport: tuple[Payload, ...] = ()
+        if cfg.mode is Mode.TRANSPORT:
+            transport = (Notify(NotifyType.USE_TRANSPORT_MODE),)
         idr: tuple[Payload, ...] = ()
         if self._remote_id is not None:
             idr = (IDr(self._remote_id.id_type, self._remote_id.data),)
@@ -472,41 +700,65 @@ class Ikev2Initiator:
             *self._peer_auth.cert_requests(),
             *idr,
             auth,
-            SA((esp_proposal(self._child_spi),)),
+            *transport,
+            SA(esp_proposals(self._esp_suites, self._child_spi, pfs=False)),
             TSi((_selector(cfg.ts_local),)),
             TSr((_selector(cfg.ts_remote),)),
         )
         msg = Message(self._spi_i, self._spi_r, ExchangeType.IKE_AUTH, 1, inner, initiator=True)
-        datagrams = encrypt_message(msg, self._out)
+        limit = None
+        if self._fragment:
+            limit = fragment_limit(cfg.fragment_size, cfg.remote_addr, self.port_float)
+        datagrams = encrypt_message(msg, self._out, fragment_size=limit)
         self._expect_mid = 1
         self._state = State.AUTH_SENT
         return self._send(datagrams, now)
 
+    def _reject(self, reason: str) -> list[bytes]:
+        """The responder did not authenticate: fail, and tell it so in an INFORMATIONAL request
+        carrying AUTHENTICATION_FAILED (RFC 7296 §2.21.2; sent once, no response awaited)."""
+        assert self._out is not None
+        note = (Notify(NotifyType.AUTHENTICATION_FAILED),)
+        msg = Message(self._spi_i, self._spi_r, ExchangeType.INFORMATIONAL, 2, note, initiator=True)
+        out = encrypt_message(msg, self._out)
+        self._fail(reason)
+        return out
+
     def _on_auth(self, raw: bytes, now: float) -> list[bytes]:
-        assert self._keys is not None and self._in is not None
+        assert self._keys is not None and self._in is not None and self._suite is not None
+        prf_id = self._suite.prf
         try:
-            msg = decrypt_message(raw, self._in)
+            # an SK message, or RFC 7383 fragments (SKF) reassembled once all are in
+            if self._fragment:
+                whole = self._reassembler.add(raw, self._in)
+            else:
+                whole = decrypt_message(raw, self._in)
         except SkError:
             return []  # RFC 7296 §2.21.2: a message that fails integrity is dropped
         except IkeDecodeError:
             return []
+        if whole is None:
+            return []  # more fragments to come
+        msg = whole
         self._pending = []
-        self._check_errors(msg.payloads)
+        names = ", ".join(x.without_dh().name for x in self._esp_suites)
+        mode = " in transport mode" if self.config.mode is Mode.TRANSPORT else ""
+        self._check_errors(msg.payloads, f"ESP proposals ({names}){mode}")
         idr = _first(msg.payloads, IDr)
         auth = _first(msg.payloads, Auth)
         if not isinstance(idr, IDr) or not isinstance(auth, Auth):
             raise IkeFailure("IKE_AUTH response lacks IDr or AUTH")
         peer = Identity(idr.id_type, idr.data)
         if self._remote_id is not None and not self._remote_id.matches(peer):
-            raise IkeFailure(
+            return self._reject(
                 f"responder identity {peer} differs from the configured {self._remote_id}"
             )
-        octets = signed_octets(PRF_ID, self._msg2, self._ni, self._keys.sk_pr, idr.encode_body())
+        octets = signed_octets(prf_id, self._msg2, self._ni, self._keys.sk_pr, idr.encode_body())
         certs = tuple(p for p in msg.payloads if isinstance(p, Cert))
         try:
-            self._peer_auth.verify(auth, octets, PRF_ID, peer, certs, now)
+            self._peer_auth.verify(auth, octets, prf_id, peer, certs, now)
         except AuthFailure as e:
-            raise IkeFailure(f"responder not authenticated: {e}") from None
+            return self._reject(f"responder not authenticated: {e}")
         sa = _first(msg.payloads, SA)
         tsi = _first(msg.payloads, TSi)
         tsr = _first(msg.payloads, TSr)
@@ -515,31 +767,32 @@ class Ikev2Initiator:
         if len(sa.proposals) != 1:
             raise IkeFailure("responder chose more than one ESP proposal")
         chosen = sa.proposals[0]
-        if (
-            chosen.protocol_id != ProtocolId.ESP
-            or len(chosen.spi) != 4
-            or _transform_set(chosen) != _transform_set(esp_proposal(self._child_spi))
-        ):
+        esp = match_esp(chosen, self._esp_suites)
+        if esp is None:
             raise IkeFailure("responder chose an ESP proposal we did not offer")
-        ck = child_keys(
-            PRF_ID,
-            self._keys.sk_d,
-            self._ni,
-            self._nr,
-            encr_key_len=ENCR_KEY_BITS // 8 + GCM_SALT_LEN,
-            integ_key_len=0,
-        )
+        transport = _transport_requested(msg.payloads)
+        if transport and self.config.mode is not Mode.TRANSPORT:
+            raise IkeFailure("responder answered USE_TRANSPORT_MODE, which we did not request")
+        if self.config.mode is Mode.TRANSPORT and not transport:
+            # RFC 7296 §1.3.1: the Child SA would be tunnel mode; unacceptable here, so it is
+            # not installed (the initiator "MUST delete the SA").
+            raise IkeFailure("responder declined USE_TRANSPORT_MODE (tunnel mode not accepted)")
+        ck = esp_child_keys(esp, prf_id, self._keys.sk_d, self._ni, self._nr)
         child = ChildSaResult(
             spi_in=self._child_spi,
             spi_out=chosen.spi,
-            encr_id=ENCR_ID,
-            key_bits=ENCR_KEY_BITS,
-            esn=False,
+            encr_id=esp.encr,
+            key_bits=esp.key_bits,
+            esn=esp.esn,
             keys=ck,
             ts_i=tuple(s for s in tsi.selectors if isinstance(s, TrafficSelector)),
             ts_r=tuple(s for s in tsr.selectors if isinstance(s, TrafficSelector)),
+            integ_id=esp.integ,
+            mode=self.config.mode,
         )
-        self.result = IkeSaResult(self._spi_i, self._spi_r, self._keys, child, self.port_float)
+        self.result = IkeSaResult(
+            self._spi_i, self._spi_r, self._keys, child, self.port_float, self._suite
+        )
         assert self._out is not None
         self._info = InfoSession(
             spi_i=self._spi_i,
@@ -554,6 +807,15 @@ class Ikev2Initiator:
             peer_ts=child.ts_r,
             our_ts=child.ts_i,
             rand=self._rand,
+            ike_suite=self._suite,
+            ike_suites=self._ike_suites,
+            esp_suites=self._esp_suites,
+            mode=child.mode,
+            fragment_size=fragment_limit(
+                self.config.fragment_size, self.config.remote_addr, self.port_float
+            )
+            if self._fragment
+            else None,
         )
         self._state = State.ESTABLISHED
         return []

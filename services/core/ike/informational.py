@@ -1,4 +1,4 @@
-"""After IKE_AUTH, sans-IO: RFC 7296 §1.3.2, §1.3.3, §1.4, §2.1, §2.4, §2.8, §2.18, §2.25.
+"""After IKE_AUTH, sans-IO: RFC 7296 §1.3.2-§1.3.3, §1.4, §2.1, §2.4, §2.8, §2.18, §2.25; RFC 7383.
 
 Shared by both roles (:mod:`services.core.ike.exchange`, :mod:`services.core.ike.responder`),
 which hand every datagram received after IKE_AUTH to :meth:`InfoSession.handle`.
@@ -11,14 +11,17 @@ dropped as :class:`InfoDrop`):
   outbound SPI of one of our Child SAs -> a Delete of our inbound SPI (none when we are deleting
   that Child SA ourselves, §1.4.1) and ``child_deleted``; Delete of the IKE SA -> ``closed`` and
   ``ike_deleted`` (on an IKE SA replaced by a rekey: only that SA goes away).
-* CREATE_CHILD_SA with N(REKEY_SA) (§1.3.3): answered with the ESP proposal of
-  :func:`~services.core.ike.child.choose_esp_proposal`, with PFS when the offer carries a KE;
+* CREATE_CHILD_SA with N(REKEY_SA) (§1.3.3): answered with the first of our ESP suites the
+  offer contains (:func:`~services.core.ike.suites.choose_esp`), with PFS when the offer carries
+  a KE (same group; a KE in a group we do not take gets INVALID_KE_PAYLOAD naming one we take),
+  in transport mode when the Child SA is and the request carries USE_TRANSPORT_MODE (§1.3.1);
   ``child_rekeyed``. Unknown SPI -> CHILD_SA_NOT_FOUND; a Child SA we are deleting, or any
   request while our own IKE SA rekey is outstanding -> TEMPORARY_FAILURE (§2.25).
-* CREATE_CHILD_SA with an IKE proposal (§1.3.2): IKE SA rekey. Answered with the suite of
-  :func:`~services.core.ike.responder.choose_ike_proposal`, our new SPI, Nr and KE; the new IKE
-  SA (SKEYSEED = prf(SK_d (old), g^ir (new) | Ni | Nr), §2.18) takes over the Child SAs, starts
-  its message IDs at 0, and the peer is expected to delete the old one; ``ike_rekeyed``.
+* CREATE_CHILD_SA with an IKE proposal (§1.3.2): IKE SA rekey. Answered with the first of our
+  IKE suites the offer contains (:func:`~services.core.ike.suites.choose_ike`), our new SPI, Nr
+  and KE; the new IKE SA (SKEYSEED = prf(SK_d (old), g^ir (new) | Ni | Nr), §2.18, then the
+  chosen suite's keys and ciphers) takes over the Child SAs, starts its message IDs at 0, and
+  the peer is expected to delete the old one; ``ike_rekeyed``.
 * Other CREATE_CHILD_SA requests (a new Child SA) -> NO_ADDITIONAL_SAS.
 
 Our requests (:meth:`InfoSession.rekey_child`, :meth:`~InfoSession.rekey_ike`,
@@ -26,7 +29,12 @@ Our requests (:meth:`InfoSession.rekey_child`, :meth:`~InfoSession.rekey_ike`,
 and sent one at a time (window size 1, §2.3), retransmitted with back-off from
 :meth:`~InfoSession.on_timer`; a request never answered after ``retransmit_tries`` sends ends the
 IKE SA with a ``dead`` event (§2.4). With ``dpd_delay`` > 0 an empty INFORMATIONAL is sent when
-nothing arrived from the peer for that long. A CHILD SA rekey of ours installs the new SA first
+nothing arrived from the peer for that long. Our rekeys offer our configured suites: a CHILD
+SA rekey our ESP suites (with the PFS group of the first one that names a group, else
+``pfs_group``; USE_TRANSPORT_MODE for a transport-mode Child SA), an IKE SA rekey our IKE suites
+(KE in the first one's group); the answer must be one of them, and the new SA's keys follow the
+chosen suite. An INVALID_KE_PAYLOAD answer naming a group one of our suites takes is retried
+once in that group. A CHILD SA rekey of ours installs the new SA first
 (``child_rekeyed`` with ``initiated``) and then deletes the old one (``child_deleted`` once the
 peer answered); an IKE SA rekey of ours moves everything to the new IKE SA and deletes the old
 one on the old SA. A TEMPORARY_FAILURE answer is retried after a random delay.
@@ -41,24 +49,17 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypeVar
 
-from services.core.algorithms import AlgorithmError, encr_algorithm, integ_algorithm
-from services.core.ike.child import (
-    ENCR_ID,
-    ENCR_KEY_BITS,
-    choose_esp_proposal,
-    esp_proposal,
-    narrow,
-)
+from services.core.algorithms import AlgorithmError
+from services.core.ike.child import narrow
 from services.core.ike.constants import (
     ExchangeType,
     NotifyType,
     ProtocolId,
-    TransformType,
 )
-from services.core.ike.dh import GROUPS, DhPrivate, group
+from services.core.ike.dh import DhPrivate, group
 from services.core.ike.keys import SPI_LEN, child_keys, derive_ike_keys, rekey_skeyseed
 from services.core.ike.message import (
     KE,
@@ -70,22 +71,37 @@ from services.core.ike.message import (
     Payload,
     Proposal,
     TrafficSelector,
-    Transform,
     TSi,
     TSr,
     decode_header,
 )
-from services.core.ike.sk import SkCipher, decrypt_message, encrypt_message
+from services.core.ike.sk import (
+    FragmentReassembler,
+    SkCipher,
+    answers_retransmission,
+    decrypt_message,
+    encrypt_message,
+)
+from services.core.ike.suites import (
+    DEFAULT_ESP,
+    DEFAULT_IKE,
+    EspSuite,
+    IkeSuite,
+    choose_esp,
+    choose_ike,
+    esp_ke_hint,
+    esp_proposals,
+    ike_proposals,
+    match_esp,
+    match_ike,
+)
+from services.core.sa import Mode
 
 if TYPE_CHECKING:
     from services.core.ike.exchange import ChildSaResult
 
 _P = TypeVar("_P")
 _NONCE_LEN = 32
-_ESP_KEY_LEN = ENCR_KEY_BITS // 8 + 4  # AES key + GCM salt (RFC 4106 §8.1)
-_PRF_ID = 5  # PRF_HMAC_SHA2_256, the IKE SA's PRF (exchange.PRF_ID)
-_PFS_GROUP = 31  # Curve25519, the group we ask for in INVALID_KE_PAYLOAD
-_PFS_GROUPS = frozenset(k for k, g in GROUPS.items() if not g.legacy)  # MODP 2048+, ECP, 25519/448
 _ERROR_NOTIFY_MAX = 16383  # RFC 7296 §3.10.1
 RETRANSMIT_TIMEOUT = 1.0  # seconds before the first retransmission; doubled each time
 RETRANSMIT_TRIES = 5  # sends of one request before the peer is declared dead
@@ -123,10 +139,12 @@ class InfoEvent:
 
 
 def _hull(sels: tuple[TrafficSelector, ...]) -> tuple[bytes, bytes] | None:
-    v4 = [s for s in sels if len(s.start_address) == 4]
-    if not v4:
+    """The address range spanning the selectors of the first one's family (IPv4 or IPv6)."""
+    if not sels:
         return None
-    return min(s.start_address for s in v4), max(s.end_address for s in v4)
+    n = len(sels[0].start_address)
+    same = [s for s in sels if len(s.start_address) == n]
+    return min(s.start_address for s in same), max(s.end_address for s in same)
 
 
 @dataclass(eq=False)
@@ -147,6 +165,7 @@ class _IkeSa:
     last_exchange: int = ExchangeType.INFORMATIONAL
     last_response: list[bytes] = field(default_factory=list, repr=False)
     nonces: tuple[bytes, bytes] = field(default=(b"", b""), repr=False)
+    suite: IkeSuite | None = None  # its negotiated algorithms (None: not told)
 
     @property
     def spis(self) -> tuple[bytes, bytes]:
@@ -174,7 +193,11 @@ class _Request:
     nonce: bytes = field(default=b"", repr=False)
     dh: DhPrivate | None = field(default=None, repr=False)
     new_spi: bytes = b""
-    pfs_group: int | None = None
+    pfs_group: int | None = None  # rekey_child: the KE group (None: no PFS)
+    ke_group: int | None = None  # rekey_ike, or a retry after INVALID_KE_PAYLOAD: KE group
+    ke_retried: bool = False
+    offered_esp: tuple[EspSuite, ...] = ()
+    mode: Mode = Mode.TUNNEL  # rekey_child: the Child SA's
 
 
 class InfoSession:
@@ -185,6 +208,14 @@ class InfoSession:
     response) of the last peer request answered, for retransmits. Time reaches the session
     through :meth:`on_timer` and the ``now`` arguments; datagrams that ``handle`` sends on its
     own (the next queued request) are timed from the last ``now`` seen.
+
+    ``ike_suite``: the IKE SA's negotiated suite (its PRF is ``prf_id`` when not given);
+    ``ike_suites`` / ``esp_suites``: what we offer in our rekeys and accept in the peer's, in
+    our order of preference; ``mode``: the first Child SA's mode (each Child SA keeps its own).
+    ``fragment_size``: when IKE fragmentation was agreed in IKE_SA_INIT (RFC 7383), the largest
+    IKE message we send whole (:func:`~services.core.ike.exchange.fragment_limit`); larger
+    CREATE_CHILD_SA and INFORMATIONAL messages go out as SKF fragments, and received fragments
+    are reassembled. None: no fragments sent, received ones dropped.
     """
 
     def __init__(
@@ -203,12 +234,21 @@ class InfoSession:
         peer_ts: tuple[TrafficSelector, ...] = (),
         our_ts: tuple[TrafficSelector, ...] = (),
         rand: Callable[[int], bytes] = secrets.token_bytes,
-        prf_id: int = _PRF_ID,
+        prf_id: int = DEFAULT_IKE.prf,
         dpd_delay: float = 0.0,
         retransmit_timeout: float = RETRANSMIT_TIMEOUT,
         retransmit_tries: int = RETRANSMIT_TRIES,
         pfs_group: int | None = None,
+        ike_suite: IkeSuite | None = None,
+        ike_suites: tuple[IkeSuite, ...] = (DEFAULT_IKE,),
+        esp_suites: tuple[EspSuite, ...] = (DEFAULT_ESP,),
+        mode: Mode = Mode.TUNNEL,
+        fragment_size: int | None = None,
     ) -> None:
+        if not ike_suites or not esp_suites:
+            raise ValueError("ike_suites and esp_suites must not be empty")
+        if ike_suite is not None:
+            prf_id = ike_suite.prf
         self._sa = _IkeSa(
             spi_i,
             spi_r,
@@ -222,6 +262,7 @@ class InfoSession:
             last[0] if last else None,
             last[1] if last else ExchangeType.INFORMATIONAL,
             list(last[2]) if last else [],
+            suite=ike_suite,
         )
         self._others: list[_IkeSa] = []  # replaced / redundant IKE SAs still being deleted
         # (spi_in, spi_out) of our live Child SAs, newest last (a rekey adds one; Delete drops)
@@ -234,7 +275,14 @@ class InfoSession:
         self.dpd_delay = dpd_delay
         self.retransmit_timeout = retransmit_timeout
         self.retransmit_tries = retransmit_tries
-        self.pfs_group = pfs_group  # DH group of our CHILD SA rekeys (None: no PFS)
+        self.pfs_group = pfs_group  # DH group of our CHILD SA rekeys when no ESP suite names one
+        self._ike_suites = ike_suites
+        self._esp_suites = esp_suites
+        self._modes: dict[bytes, Mode] = {child[0]: mode}  # spi_in -> mode (§1.3.1)
+        # RFC 7383: the largest IKE message we send whole (None: fragmentation not agreed)
+        self.fragment_size = fragment_size
+        self._requests = FragmentReassembler()  # the peer's fragmented requests
+        self._responses = FragmentReassembler()  # fragmented responses to ours
         self._queue: list[_Request] = []
         self._out: _Request | None = None  # the outstanding request (window size 1)
         self._now: float | None = None
@@ -267,6 +315,15 @@ class InfoSession:
         redundant ones still being deleted, then the peer's new one during a rekey collision."""
         pending = (self._peer_ike_rekey.spis,) if self._peer_ike_rekey is not None else ()
         return (self._sa.spis, *(o.spis for o in self._others), *pending)
+
+    @property
+    def ike_suite(self) -> IkeSuite | None:
+        """The current IKE SA's negotiated suite (changes with an IKE SA rekey)."""
+        return self._sa.suite
+
+    def mode_of(self, spi_in: bytes) -> Mode:
+        """The mode of our Child SA with inbound SPI ``spi_in`` (tunnel if unknown)."""
+        return self._modes.get(spi_in, Mode.TUNNEL)
 
     @property
     def we_initiated(self) -> bool:
@@ -389,22 +446,30 @@ class InfoSession:
                 raise InfoDrop("not a response to our request")
             if hdr.exchange_type != out.exchange:
                 raise InfoDrop("response with another exchange type")
-            msg = decrypt_message(data, sa.cin)
+            whole = self._open(data, sa, self._responses)
+            if whole is None:
+                return []  # more fragments to come (RFC 7383 §2.6)
             self._rx += 1
             self._out = None
-            follow = self._response(out, msg.payloads)
+            follow = self._response(out, whole.payloads)
             return follow + self._pump(None)
         if sa.last_mid is not None and hdr.message_id == sa.last_mid:
             if hdr.exchange_type != sa.last_exchange:
                 raise InfoDrop("retransmit with another exchange type")
-            decrypt_message(data, sa.cin)  # forged "retransmissions" are dropped
+            # forged "retransmissions" are dropped; fragments: answered on the first (RFC 7383)
+            if self.fragment_size is None:
+                decrypt_message(data, sa.cin)
+            elif not answers_retransmission(data, sa.cin):
+                raise InfoDrop("a later fragment of a retransmitted request")
             self._rx += 1
             return list(sa.last_response)
         if hdr.message_id != sa.peer_mid:
             raise InfoDrop("message ID outside the window")
         if hdr.exchange_type not in (ExchangeType.INFORMATIONAL, ExchangeType.CREATE_CHILD_SA):
             raise InfoDrop("only INFORMATIONAL and CREATE_CHILD_SA are handled after IKE_AUTH")
-        msg = decrypt_message(data, sa.cin)
+        msg = self._open(data, sa, self._requests)
+        if msg is None:
+            return []  # more fragments to come (RFC 7383 §2.6)
         self._rx += 1
         close = False
         after: Callable[[], None] | None = None
@@ -421,7 +486,7 @@ class InfoSession:
             initiator=sa.initiator,
             response=True,
         )
-        answer = encrypt_message(resp, sa.cout)
+        answer = encrypt_message(resp, sa.cout, fragment_size=self.fragment_size)
         sa.peer_mid = hdr.message_id + 1
         sa.last_mid = hdr.message_id
         sa.last_exchange = hdr.exchange_type
@@ -437,6 +502,13 @@ class InfoSession:
                 self._drop_other(sa)
         self.events.extend(events)
         return list(answer) + self._pump(None)
+
+    def _open(self, data: bytes, sa: _IkeSa, reassembler: FragmentReassembler) -> Message | None:
+        """Verify and decrypt one message; with fragmentation agreed, SKF fragments are
+        collected (None until the last one is in, RFC 7383 §2.6). SkError / IkeDecodeError."""
+        if self.fragment_size is None:
+            return decrypt_message(data, sa.cin)
+        return reassembler.add(data, sa.cin)
 
     # -- internals: our requests --------------------------------------------------------------
 
@@ -472,7 +544,7 @@ class InfoSession:
                 on.spi_i, on.spi_r, exchange, mid, tuple(payloads), initiator=on.initiator
             )
             req.on, req.mid, req.exchange = on, mid, exchange
-            req.datagrams = encrypt_message(msg, on.cout)
+            req.datagrams = encrypt_message(msg, on.cout, fragment_size=self.fragment_size)
             req.sent_at, req.interval, req.tries = t, self.retransmit_timeout, 1
             self._out = req
             return list(req.datagrams)
@@ -517,42 +589,67 @@ class InfoSession:
                 raise ValueError("rand returned the wrong number of octets")
         return spi
 
+    def _rekey_pfs_group(self) -> int | None:
+        """The KE group of our CHILD SA rekeys: the first ESP suite's that names one, else
+        ``pfs_group`` (None: no PFS)."""
+        named = next((s.dh for s in self._esp_suites if s.dh), 0)
+        return named or self.pfs_group
+
     def _child_rekey_request(self, req: _Request) -> list[Payload]:
-        """CREATE_CHILD_SA { N(REKEY_SA), SA, Ni, [KEi], TSi, TSr } (§1.3.3)."""
+        """CREATE_CHILD_SA { [N(USE_TRANSPORT_MODE)], N(REKEY_SA), SA, Ni, [KEi], TSi, TSr }
+        (§1.3.3): one proposal per ESP suite of ours."""
         req.new_spi = self._new_child_spi()
         req.nonce = self._rand(_NONCE_LEN)
-        req.pfs_group = self.pfs_group
-        prop = esp_proposal(req.new_spi)
+        pfs = req.ke_group if req.ke_group is not None else self._rekey_pfs_group()
+        req.pfs_group = pfs
+        # a suite naming a group offers that group, one without a group the KE's (none when
+        # no suite names a group and ``pfs_group`` is None); the KE is in ``pfs``
+        req.offered_esp = tuple(replace(s, dh=s.dh or (pfs or 0)) for s in self._esp_suites)
+        req.mode = self.mode_of(req.pair[0])
+        payloads: list[Payload] = []
+        if req.mode is Mode.TRANSPORT:
+            payloads.append(Notify(NotifyType.USE_TRANSPORT_MODE))  # §1.3.1: keep the mode
         # §1.3.3: REKEY_SA names the SPI we expect inbound on the old Child SA
-        payloads: list[Payload] = [Notify(NotifyType.REKEY_SA, b"", ProtocolId.ESP, req.pair[0])]
-        if req.pfs_group is not None:
-            t = prop.transforms
-            prop = Proposal(
-                prop.number,
-                prop.protocol_id,
-                (t[0], Transform(TransformType.DH, req.pfs_group), *t[1:]),
-                prop.spi,
-            )
-        payloads += [SA((prop,)), Nonce(req.nonce)]
-        if req.pfs_group is not None:
-            req.dh = group(req.pfs_group).generate(self._rand)
-            payloads.append(KE(req.pfs_group, req.dh.public_bytes()))
+        payloads.append(Notify(NotifyType.REKEY_SA, b"", ProtocolId.ESP, req.pair[0]))
+        props = esp_proposals(req.offered_esp, req.new_spi, pfs=pfs is not None)
+        payloads += [SA(props), Nonce(req.nonce)]
+        if pfs is not None:
+            req.dh = group(pfs).generate(self._rand)
+            payloads.append(KE(pfs, req.dh.public_bytes()))
         payloads += [TSi(self._our_ts_sel), TSr(self._peer_ts_sel)]
         return payloads
 
     def _ike_rekey_request(self, req: _Request) -> list[Payload]:
-        """CREATE_CHILD_SA { SA, Ni, KEi } for the IKE SA (§1.3.2)."""
-        from services.core.ike.exchange import DH_ID, ike_proposal  # import cycle
-
+        """CREATE_CHILD_SA { SA, Ni, KEi } for the IKE SA (§1.3.2): one proposal per IKE suite
+        of ours, KE in the first one's group (or the group the peer asked for)."""
         req.new_spi = self._new_ike_spi()
         req.nonce = self._rand(_NONCE_LEN)
-        prop = ike_proposal(req.new_spi)
-        dh_id = next(
-            (t.transform_id for t in prop.transforms if t.transform_type == TransformType.DH),
-            int(DH_ID),
+        props = tuple(
+            Proposal(p.number, p.protocol_id, p.transforms, req.new_spi)
+            for p in ike_proposals(self._ike_suites)
         )
+        dh_id = req.ke_group if req.ke_group is not None else self._ike_suites[0].dh
+        req.ke_group = dh_id
         req.dh = group(dh_id).generate(self._rand)
-        return [SA((prop,)), Nonce(req.nonce), KE(dh_id, req.dh.public_bytes())]
+        return [SA(props), Nonce(req.nonce), KE(dh_id, req.dh.public_bytes())]
+
+    def _ke_retry(self, req: _Request, notify: Notify) -> bool:
+        """INVALID_KE_PAYLOAD (§1.3, §2.7) naming a group one of our suites takes: queue the
+        same rekey once more with a KE in that group."""
+        if req.ke_retried or len(notify.data) != 2:
+            return False
+        want = int.from_bytes(notify.data, "big")
+        if want == (req.ke_group if req.kind == "rekey_ike" else req.pfs_group):
+            return False
+        if req.kind == "rekey_ike":
+            ok = any(s.dh == want for s in self._ike_suites)
+        else:
+            ok = any(s.dh == want for s in req.offered_esp)
+        if not ok:
+            return False
+        again = _Request(req.kind, sa=req.sa, pair=req.pair, ke_group=want, ke_retried=True)
+        self._queue.insert(0, again)
+        return True
 
     def _retry_later(self, req: _Request) -> None:
         """TEMPORARY_FAILURE (§2.25): try again after RETRY_DELAY plus up to as much jitter."""
@@ -614,6 +711,12 @@ class InfoSession:
             if first == NotifyType.TEMPORARY_FAILURE:
                 self._retry_later(req)
                 return []
+            if (
+                first == NotifyType.INVALID_KE_PAYLOAD
+                and not (req.kind == "rekey_ike" and self._peer_ike_rekey is not None)
+                and self._ke_retry(req, errors[0])
+            ):
+                return []
             try:
                 name = NotifyType(first).name
             except ValueError:
@@ -645,9 +748,19 @@ class InfoSession:
         tsr = _one(payloads, TSr)
         if sa is None or nonce is None or tsi is None or tsr is None or len(sa.proposals) != 1:
             raise ValueError("response lacks SA, Nr, TSi or TSr")
-        if choose_esp_proposal(sa.proposals, req.new_spi, req.pfs_group) is None:
-            raise ValueError("the peer chose a proposal we did not offer")
         chosen = sa.proposals[0]
+        suite = next((s for s in req.offered_esp if match_esp(chosen, (s,), pfs_group=s.dh)), None)
+        if suite is None:
+            raise ValueError("the peer chose a proposal we did not offer")
+        if suite.dh != (req.pfs_group or 0):
+            raise ValueError("the peer chose a proposal in another group than our KE")
+        transport = any(
+            isinstance(p, Notify) and p.notify_type == NotifyType.USE_TRANSPORT_MODE
+            for p in payloads
+        )
+        if transport != (req.mode is Mode.TRANSPORT):
+            # §1.3.1: the rekeyed Child SA keeps its mode
+            raise ValueError("the peer's answer changes the Child SA's mode")
         g_ir: bytes | None = None
         if req.pfs_group is not None:
             if ke is None or ke.dh_group != req.pfs_group or req.dh is None:
@@ -662,8 +775,8 @@ class InfoSession:
             self._sa.sk_d,
             req.nonce,
             nonce.data,
-            encr_key_len=_ESP_KEY_LEN,
-            integ_key_len=0,
+            encr_key_len=suite.encr_key_len,
+            integ_key_len=suite.integ_key_len,
             g_ir_new=g_ir,
         )
         from services.core.ike.exchange import ChildSaResult  # import cycle: exchange -> here
@@ -671,13 +784,17 @@ class InfoSession:
         new = ChildSaResult(
             spi_in=req.new_spi,
             spi_out=chosen.spi,
-            encr_id=ENCR_ID,
-            key_bits=ENCR_KEY_BITS,
-            esn=False,
+            encr_id=suite.encr,
+            key_bits=suite.key_bits,
+            esn=suite.esn,
             keys=keys,
             ts_i=ts_i,
             ts_r=ts_r,
+            integ_id=suite.integ,
+            mode=req.mode,
+            dh=req.pfs_group or 0,
         )
+        self._set_mode(new.spi_in, req.mode)
         new_pair = (new.spi_in, new.spi_out)
         self.children.append(new_pair)
         self.events.append(InfoEvent("child_rekeyed", req.pair[0], req.pair[1], new, True))
@@ -706,30 +823,24 @@ class InfoSession:
 
     def _ike_rekeyed(self, req: _Request, payloads: tuple[Payload, ...]) -> None:
         """The answer to our IKE SA rekey (§1.3.2, §2.18)."""
-        from services.core.ike.exchange import ike_proposal  # import cycle
-
         sa = _one(payloads, SA)
         nonce = _one(payloads, Nonce)
         ke = _one(payloads, KE)
         if sa is None or nonce is None or ke is None or len(sa.proposals) != 1:
             raise ValueError("response lacks SA, Nr or KEr")
         chosen = sa.proposals[0]
-        offered = ike_proposal(req.new_spi)
-        types = [t.transform_type for t in chosen.transforms]
-        if (
-            chosen.protocol_id != ProtocolId.IKE
-            or not _tset(chosen) <= _tset(offered)
-            or len(types) != len(set(types))
-            or not {TransformType.ENCR, TransformType.PRF, TransformType.DH} <= set(types)
-        ):
+        suite = match_ike(
+            Proposal(chosen.number, chosen.protocol_id, chosen.transforms), self._ike_suites
+        )
+        if suite is None:
             raise ValueError("the peer chose an IKE proposal we did not offer")
         if len(chosen.spi) != SPI_LEN or chosen.spi == bytes(SPI_LEN) or req.dh is None:
             raise ValueError("the peer's new IKE SPI is not 8 non-zero octets")
-        if ke.dh_group != int(req.dh.group.transform_id):
+        if suite.dh != int(req.dh.group.transform_id) or ke.dh_group != suite.dh:
             raise ValueError("KEr in another group")
         g_ir = req.dh.shared(ke.data)
         new = self._new_ike_sa(
-            chosen, g_ir, req.nonce, nonce.data, req.new_spi, chosen.spi, initiator=True
+            suite, g_ir, req.nonce, nonce.data, req.new_spi, chosen.spi, initiator=True
         )
         theirs = self._peer_ike_rekey
         self._peer_ike_rekey = None
@@ -761,7 +872,7 @@ class InfoSession:
 
     def _new_ike_sa(
         self,
-        chosen: Proposal,
+        suite: IkeSuite,
         g_ir: bytes,
         ni: bytes,
         nr: bytes,
@@ -772,25 +883,39 @@ class InfoSession:
     ) -> _IkeSa:
         """Keys of a rekeyed IKE SA: SKEYSEED from the old SA's SK_d and PRF (§2.18), the rest
         with the new SA's suite (§2.14)."""
-        encr_id, key_bits, integ_id, prf_id = _suite(chosen)
-        alg = encr_algorithm(encr_id)
-        bits = key_bits or alg.key_bits[0]
-        integ_len = integ_algorithm(integ_id).key_len if integ_id else 0
+        from services.core.ike.exchange import sk_ciphers  # import cycle: exchange -> here
+
         seed = rekey_skeyseed(self._sa.prf_id, self._sa.sk_d, g_ir, ni, nr)
         keys = derive_ike_keys(
-            prf_id,
+            suite.prf,
             seed,
             ni,
             nr,
             spi_i,
             spi_r,
-            encr_key_len=bits // 8 + alg.salt_len,
-            integ_key_len=integ_len,
+            encr_key_len=suite.encr_key_len,
+            integ_key_len=suite.integ_key_len,
         )
-        ei = SkCipher(encr_id, keys.sk_ei, integ_id, keys.sk_ai, key_bits=bits)
-        er = SkCipher(encr_id, keys.sk_er, integ_id, keys.sk_ar, key_bits=bits)
-        cin, cout = (er, ei) if initiator else (ei, er)
-        return _IkeSa(spi_i, spi_r, initiator, cin, cout, keys.sk_d, prf_id, 0, 0, nonces=(ni, nr))
+        cin, cout = sk_ciphers(suite, keys, initiator=initiator)
+        return _IkeSa(
+            spi_i,
+            spi_r,
+            initiator,
+            cin,
+            cout,
+            keys.sk_d,
+            suite.prf,
+            0,
+            0,
+            nonces=(ni, nr),
+            suite=suite,
+        )
+
+    def _set_mode(self, spi_in: bytes, mode: Mode) -> None:
+        """Remember a new Child SA's mode; forget those of Child SAs that are gone."""
+        live = {c[0] for c in self.children}
+        self._modes = {k: v for k, v in self._modes.items() if k in live}
+        self._modes[spi_in] = mode
 
     # -- internals: peer requests -------------------------------------------------------------
 
@@ -831,9 +956,12 @@ class InfoSession:
     ) -> tuple[list[Payload], list[InfoEvent], Callable[[], None] | None]:
         """The peer's CREATE_CHILD_SA request (RFC 7296 §1.3): Child SA and IKE SA rekeys."""
         rekey: Notify | None = None
+        transport = False
         sa_p = ke = nonce = tsi = tsr = None
         for p in payloads:
-            if isinstance(p, Notify) and p.notify_type == NotifyType.REKEY_SA:
+            if isinstance(p, Notify) and p.notify_type == NotifyType.USE_TRANSPORT_MODE:
+                transport = True
+            elif isinstance(p, Notify) and p.notify_type == NotifyType.REKEY_SA:
                 rekey = p
             elif isinstance(p, SA):
                 sa_p = p
@@ -869,23 +997,32 @@ class InfoSession:
         if old[0] in self._deleting or self._outstanding("rekey_ike") is not None:
             return [Notify(NotifyType.TEMPORARY_FAILURE)], [], None  # §2.25
         our_spi = self._new_child_spi()
-        picked = None
-        if ke is None or ke.dh_group in _PFS_GROUPS:
-            picked = choose_esp_proposal(
-                sa_p.proposals, our_spi, ke.dh_group if ke is not None else None
-            )
+        picked = choose_esp(
+            sa_p.proposals,
+            self._esp_suites,
+            our_spi,
+            ke.dh_group if ke is not None else None,
+            create_child=True,
+        )
         if picked is None:
-            if ke is not None and choose_esp_proposal(sa_p.proposals, our_spi, _PFS_GROUP):
-                # §1.3: the KE is in a group we do not take, but X25519 is offered
-                data = _PFS_GROUP.to_bytes(2, "big")
+            hint = esp_ke_hint(sa_p.proposals, self._esp_suites) if ke is not None else None
+            if hint is not None and ke is not None and hint != ke.dh_group:
+                # §1.3: the KE is in a group we do not take, but one we take is offered
+                data = hint.to_bytes(2, "big")
                 return [Notify(NotifyType.INVALID_KE_PAYLOAD, data)], [], None
             return [Notify(NotifyType.NO_PROPOSAL_CHOSEN)], [], None
+        # §1.3.1: a rekey of a transport-mode Child SA asks for transport again; we keep the
+        # mode of the Child SA (tunnel when the request does not ask for transport).
+        transport_ok = transport and self.mode_of(old[0]) is Mode.TRANSPORT
+        mode = Mode.TRANSPORT if transport_ok else Mode.TUNNEL
         ts_i = narrow(tsi.selectors, self._peer_ts)
         ts_r = narrow(tsr.selectors, self._our_ts)
         if not ts_i or not ts_r:
             return [Notify(NotifyType.TS_UNACCEPTABLE)], [], None
         g_ir: bytes | None = None
-        inner: list[Payload] = [SA((picked[1],))]
+        inner: list[Payload] = [SA((picked.answer,))]
+        if mode is Mode.TRANSPORT:
+            inner.insert(0, Notify(NotifyType.USE_TRANSPORT_MODE))
         nr = self._rand(_NONCE_LEN)
         inner.append(Nonce(nr))
         if ke is not None:
@@ -898,22 +1035,26 @@ class InfoSession:
             sa.sk_d,
             nonce.data,
             nr,
-            encr_key_len=_ESP_KEY_LEN,
-            integ_key_len=0,
+            encr_key_len=picked.suite.encr_key_len,
+            integ_key_len=picked.suite.integ_key_len,
             g_ir_new=g_ir,
         )
         from services.core.ike.exchange import ChildSaResult  # import cycle: exchange -> here
 
         new = ChildSaResult(
             spi_in=our_spi,
-            spi_out=picked[0].spi,
-            encr_id=ENCR_ID,
-            key_bits=ENCR_KEY_BITS,
-            esn=False,
+            spi_out=picked.offered.spi,
+            encr_id=picked.suite.encr,
+            key_bits=picked.suite.key_bits,
+            esn=picked.suite.esn,
             keys=keys,
             ts_i=ts_i,
             ts_r=ts_r,
+            integ_id=picked.suite.integ,
+            mode=mode,
+            dh=picked.dh,
         )
+        self._set_mode(new.spi_in, mode)
         self.children.append((new.spi_in, new.spi_out))
         ours = self._outstanding("rekey_child")
         if ours is not None and ours.pair == old:
@@ -929,9 +1070,8 @@ class InfoSession:
     def _peer_ike_rekey_request(
         self, offer: SA, nonce: Nonce | None, ke: KE | None
     ) -> tuple[list[Payload], list[InfoEvent], Callable[[], None] | None]:
-        """The peer rekeys the IKE SA (§1.3.2): SA (with the new SPIi), Ni, KEi."""
-        from services.core.ike.responder import choose_ike_proposal  # import cycle
-
+        """The peer rekeys the IKE SA (§1.3.2): SA (with the new SPIi), Ni, KEi. Answered with
+        the first of our IKE suites the offer contains."""
         if nonce is None or ke is None:
             return [Notify(NotifyType.INVALID_SYNTAX)], [], None
         if self._outstanding("rekey_child") is not None or self._outstanding("delete_child"):
@@ -941,19 +1081,17 @@ class InfoSession:
             for p in offer.proposals
             if p.protocol_id == ProtocolId.IKE and len(p.spi) == SPI_LEN and any(p.spi)
         ]
-        # the chooser takes IKE_SA_INIT offers (no SPI): offer each proposal alone without it
-        chosen = None
-        their_spi = b""
-        for p in usable:
-            chosen = choose_ike_proposal((Proposal(p.number, p.protocol_id, p.transforms),))
-            if chosen is not None:
-                their_spi = p.spi
-                break
-        if chosen is None:
-            return [Notify(NotifyType.NO_PROPOSAL_CHOSEN)], [], None
-        dh_id = next(
-            t.transform_id for t in chosen.transforms if t.transform_type == TransformType.DH
+        # the chooser takes IKE_SA_INIT offers (no SPI): offer the proposals without it
+        picked = choose_ike(
+            [Proposal(p.number, p.protocol_id, p.transforms) for p in usable],
+            self._ike_suites,
+            ke.dh_group,
         )
+        if picked is None:
+            return [Notify(NotifyType.NO_PROPOSAL_CHOSEN)], [], None
+        chosen, suite = picked
+        their_spi = next(p.spi for p in usable if p.number == chosen.number)
+        dh_id = suite.dh
         if ke.dh_group != dh_id:
             return [Notify(NotifyType.INVALID_KE_PAYLOAD, dh_id.to_bytes(2, "big"))], [], None
         dh = group(dh_id).generate(self._rand)
@@ -961,7 +1099,7 @@ class InfoSession:
         our_spi = self._new_ike_spi()
         nr = self._rand(_NONCE_LEN)
         answer = Proposal(chosen.number, ProtocolId.IKE, chosen.transforms, our_spi)
-        new = self._new_ike_sa(answer, g_ir, nonce.data, nr, their_spi, our_spi, initiator=False)
+        new = self._new_ike_sa(suite, g_ir, nonce.data, nr, their_spi, our_spi, initiator=False)
         inner: list[Payload] = [SA((answer,)), Nonce(nr), KE(dh_id, dh.public_bytes())]
         if self._outstanding("rekey_ike") is not None:
             self._peer_ike_rekey = new  # a collision (§2.8.2): settled by our answer
@@ -971,17 +1109,3 @@ class InfoSession:
 
 def _one(payloads: tuple[Payload, ...], cls: type[_P]) -> _P | None:
     return next((p for p in payloads if isinstance(p, cls)), None)
-
-
-def _tset(p: Proposal) -> set[tuple[int, int, int | None]]:
-    return {(t.transform_type, t.transform_id, t.key_length) for t in p.transforms}
-
-
-def _suite(p: Proposal) -> tuple[int, int | None, int, int]:
-    """(ENCR id, key bits, INTEG id or 0, PRF id) of a single-choice IKE proposal."""
-    by = {t.transform_type: t for t in p.transforms}
-    encr, prf = by.get(TransformType.ENCR), by.get(TransformType.PRF)
-    if encr is None or prf is None:
-        raise AlgorithmError("IKE proposal lacks ENCR or PRF")
-    integ = by.get(TransformType.INTEG)
-    return encr.transform_id, encr.key_length, integ.transform_id if integ else 0, prf.transform_id

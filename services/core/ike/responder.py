@@ -3,15 +3,17 @@
 The counterpart of :mod:`services.core.ike.exchange` (the initiator), with the same scope: one
 IKE SA and its first Child SA (ESP, tunnel mode), authentication through the
 :mod:`services.core.ike.authn` seam (PSK or certificates; identities of any §3.5 type), IPv4
-traffic selectors. Accepted are exactly the initiator module's algorithms:
-IKE ENCR_AES_GCM_16-256 / PRF_HMAC_SHA2_256 / Curve25519 (group 31) and ESP AES-GCM-16-256
-without ESN, picked from whatever the initiator offers (§2.7).
+or IPv6 addresses and traffic selectors. The IKE and ESP suites are configured
+(:mod:`services.core.ike.suites`; default IKE ENCR_AES_GCM_16-256 / PRF_HMAC_SHA2_256 /
+Curve25519 and ESP AES-GCM-16-256 without ESN): we take the first of *our* suites that the
+initiator offers (§2.7, strongSwan's default).
 
 Behaviour:
 
 * IKE_SA_INIT: no acceptable IKE proposal -> unencrypted NO_PROPOSAL_CHOSEN (state FAILED);
-  group 31 offered but the KE payload is in another group -> INVALID_KE_PAYLOAD carrying
-  group 31 (§1.3; no state is kept, the initiator may retry). NAT_DETECTION_SOURCE_IP /
+  the chosen suite's group differs from the KE payload's (and no other acceptable suite of
+  ours is in the KE's group) -> INVALID_KE_PAYLOAD naming the chosen suite's group (§1.3; no
+  state is kept, the initiator may retry). NAT_DETECTION_SOURCE_IP /
   NAT_DETECTION_DESTINATION_IP (§2.23) are answered with ours when the initiator sent them and
   the addresses are known (``remote`` / ``local`` of :meth:`Ikev2Responder.receive`, or the
   config); the initiator then moves to UDP 4500, where the I/O shell strips the non-ESP marker
@@ -21,21 +23,32 @@ Behaviour:
   with an encrypted AUTHENTICATION_FAILED (§2.21.2) and ends in FAILED with the reason.
   Otherwise IDr and our AUTH are sent; the Child SA needs an acceptable ESP
   proposal (else NO_PROPOSAL_CHOSEN) and TSi/TSr that overlap the configured ranges, which are
-  narrowed to the intersection (§2.9; else TS_UNACCEPTABLE). A Child SA error still
+  narrowed to the intersection (§2.9; else TS_UNACCEPTABLE). USE_TRANSPORT_MODE (§1.3.1): a
+  request for transport is accepted (the notify is echoed) when ``mode`` is TRANSPORT and
+  declined (tunnel, no notify) when it is TUNNEL; a responder configured for TRANSPORT refuses
+  an initiator that does not ask for it with NO_PROPOSAL_CHOSEN (the RFC gives the responder
+  no way to impose transport, and tunnel is not what it is configured for). A Child SA error still
   authenticates the IKE SA to the peer, but here it ends in FAILED (no Child SA, no result).
 * A retransmitted request (the message ID of the last request answered) gets the cached
   response again, unchanged (§2.1). Malformed, unauthenticated or unrelated datagrams are
   dropped: ``receive`` never raises for what arrives on the wire.
 
-Out of scope: COOKIEs, IKE fragmentation (we do not announce it), CREATE_CHILD_SA started by
-us, EAP, certificates, more than one IKE SA per instance. INFORMATIONAL and CREATE_CHILD_SA
-exchanges after ESTABLISHED are handled by :mod:`services.core.ike.informational` (liveness,
-Delete of the Child SA or of the IKE SA -> CLOSED, ``delete_ike``, the peer's Child SA rekey).
-Time comes in as ``now``; randomness from ``rand``. No key appears in any repr.
+* IKE fragmentation (RFC 7383): when the initiator announced IKEV2_FRAGMENTATION_SUPPORTED
+  (and ``fragment_size`` is not 0) we announce it too, reassemble a fragmented IKE_AUTH request
+  and send our IKE_AUTH response as SKF fragments when it does not fit ``fragment_size``
+  octets of IP packet. A retransmitted request is answered (all fragments again) on its first
+  fragment only.
+
+Out of scope: COOKIEs, CREATE_CHILD_SA started by us, EAP, more than one IKE SA per instance.
+INFORMATIONAL and CREATE_CHILD_SA exchanges after ESTABLISHED are handled by
+:mod:`services.core.ike.informational` (liveness, Delete of the Child SA or of the IKE SA ->
+CLOSED, ``delete_ike``, the peer's Child SA rekey). Time comes in as ``now``; randomness from
+``rand``. No key appears in any repr.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 import struct
 from dataclasses import dataclass, field
@@ -51,39 +64,35 @@ from services.core.ike.authn import (
     peer_hash_algorithms,
     signed_octets,
 )
-from services.core.ike.child import (
-    ENCR_ID,
-    ENCR_KEY_BITS,
-    choose_esp_proposal,
-    narrow,
-    transforms_by_type,
-)
-from services.core.ike.constants import (
-    ExchangeType,
-    NotifyType,
-    ProtocolId,
-    TransformType,
-)
+from services.core.ike.child import choose_esp_proposal, narrow
+from services.core.ike.constants import ExchangeType, NotifyType
 from services.core.ike.dh import DhPrivate, InvalidKeyExchange, group
 from services.core.ike.exchange import (
-    DH_ID,
-    GCM_SALT_LEN,
+    FRAGMENT_SIZE,
     NAT_T_PORT,
-    PRF_ID,
     ChildSaResult,
     IkeSaResult,
     Rand,
+    _check_range,
     _ipv4,
+    _transport_requested,
+    check_suites,
     credentials,
+    esp_child_keys,
+    fragment_limit,
+    fragmentation_notify,
     identity_of,
-    ike_proposal,
+    ike_keys,
     nat_detection_hash,
+    peer_supports_fragmentation,
+    sk_ciphers,
 )
 from services.core.ike.informational import InfoEvent, InfoSession
-from services.core.ike.keys import IkeKeys, child_keys, derive_ike_keys, skeyseed
+from services.core.ike.keys import IkeKeys
 from services.core.ike.message import (
     KE,
     SA,
+    SKF,
     Auth,
     Cert,
     IDi,
@@ -100,7 +109,23 @@ from services.core.ike.message import (
     decode_message,
     encode_message,
 )
-from services.core.ike.sk import SkCipher, SkError, decrypt_message, encrypt_message
+from services.core.ike.sk import (
+    FragmentReassembler,
+    SkCipher,
+    SkError,
+    answers_retransmission,
+    decrypt_message,
+    encrypt_message,
+)
+from services.core.ike.suites import (
+    DEFAULT_ESP,
+    DEFAULT_IKE,
+    EspSuite,
+    IkeSuite,
+    choose_esp,
+    choose_ike,
+)
+from services.core.sa import Mode
 
 __all__ = [
     "NAT_T_PORT",
@@ -113,11 +138,9 @@ __all__ = [
     "narrow",
 ]
 
-Address = tuple[bytes, int]  # (4-octet IPv4 address, UDP port)
+Address = tuple[bytes, int]  # (4- or 16-octet IP address, UDP port)
 _NONCE_LEN = 32
-_ENCR_KEY_LEN = ENCR_KEY_BITS // 8 + GCM_SALT_LEN
 _ZERO_SPI = bytes(8)
-_IPV4_ALL = (b"\x00\x00\x00\x00", b"\xff\xff\xff\xff")
 
 
 class ResponderState(Enum):
@@ -130,16 +153,19 @@ class ResponderState(Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class ResponderConfig:
-    """What the responder accepts. Addresses are IPv4 dotted quads; secrets are never in repr.
+    """What the responder accepts. Addresses are IPv4 or IPv6 text; secrets are never in repr.
 
     Authentication: ``psk`` (both directions) or ``local_auth`` / ``peer_auth`` objects of the
     :mod:`services.core.ike.authn` seam. ``local_id`` defaults to ``local_addr`` (sent as IDr,
     ID_IPV4_ADDR). ``remote_id``, when set (an :class:`Identity` or its text form), is the only
     IDi accepted; None or ``"%any"`` accepts whichever identity the initiator proves.
-    ``ts_local`` / ``ts_remote`` are inclusive (start, end) IPv4
+    ``ts_local`` / ``ts_remote`` are inclusive (start, end) address
     ranges the Child SA may cover on our side (TSr) and the initiator's side (TSi).
+    ``ike_suites`` / ``esp_suites``: what we accept, in our order of preference; ``mode``:
+    TUNNEL, or TRANSPORT (only with an initiator that asks for it, see the module docstring).
     ``remote_addr`` / ports are only the defaults for NAT detection when ``receive`` is not
-    told the datagram's addresses.
+    told the datagram's addresses. ``fragment_size``: the largest IP packet of an RFC 7383
+    fragment we send (0: fragmentation not announced).
     """
 
     local_addr: str
@@ -153,52 +179,38 @@ class ResponderConfig:
     remote_addr: str | None = None
     local_port: int = 500
     remote_port: int = 500
+    ike_suites: tuple[IkeSuite, ...] = (DEFAULT_IKE,)
+    esp_suites: tuple[EspSuite, ...] = (DEFAULT_ESP,)
+    mode: Mode = Mode.TUNNEL
+    fragment_size: int = FRAGMENT_SIZE
 
     def __post_init__(self) -> None:
-        for a in (self.local_addr, *self.ts_local, *self.ts_remote):
-            _ipv4(a)
+        if self.fragment_size and self.fragment_size < 576:
+            raise ValueError("fragment_size must be 0 or at least 576")  # RFC 7383 §2.5.1
+        _ipv4(self.local_addr)
         if self.remote_addr is not None:
             _ipv4(self.remote_addr)
         identity_of(self.local_id, self.local_addr)
         identity_of(self.remote_id, None)
-        for lo, hi in (self.ts_local, self.ts_remote):
-            if _ipv4(lo) > _ipv4(hi):
-                raise ValueError("traffic selector range start after end")
+        _check_range(self.ts_local, "ts_local")
+        _check_range(self.ts_remote, "ts_remote")
+        check_suites(self.ike_suites, self.esp_suites)
+        if self.mode not in (Mode.TUNNEL, Mode.TRANSPORT):
+            raise ValueError("mode must be Mode.TUNNEL or Mode.TRANSPORT")
         credentials(self.psk, self.local_auth, self.peer_auth)
 
 
 # -- negotiation helpers (pure) ---------------------------------------------------------------
 
 
-_IKE_TYPES = frozenset(
-    {TransformType.ENCR, TransformType.PRF, TransformType.INTEG, TransformType.DH}
-)
-
-
-def choose_ike_proposal(proposals: tuple[Proposal, ...]) -> Proposal | None:
-    """Pick our IKE suite from the offer (RFC 7296 §2.7, §3.3.6); None if nothing fits.
-
-    A proposal is acceptable when each of its transform types offers our transform: ENCR
-    AES-GCM-16 with a 256-bit key, PRF HMAC-SHA2-256, DH 31, and INTEG (if present at all)
-    NONE. A proposal with any other transform type, or with an SPI, is not acceptable. The
-    returned proposal keeps the offer's number.
-    """
-    for p in proposals:
-        if p.protocol_id != ProtocolId.IKE or p.spi:
-            continue
-        by_type = transforms_by_type(p, _IKE_TYPES)
-        if by_type is None:
-            continue
-        if (ENCR_ID, ENCR_KEY_BITS) not in by_type.get(TransformType.ENCR, []):
-            continue
-        if not any(i == PRF_ID for i, _ in by_type.get(TransformType.PRF, [])):
-            continue
-        integ = by_type.get(TransformType.INTEG)
-        if integ is not None and not any(i == 0 for i, _ in integ):
-            continue
-        if any(i == DH_ID for i, _ in by_type.get(TransformType.DH, [])):
-            return Proposal(p.number, ProtocolId.IKE, ike_proposal().transforms)
-    return None
+def choose_ike_proposal(
+    proposals: tuple[Proposal, ...], suites: tuple[IkeSuite, ...] = (DEFAULT_IKE,)
+) -> Proposal | None:
+    """Our answer to an IKE offer (RFC 7296 §2.7, §3.3.6): the first of ``suites`` that some
+    offered proposal contains, with the offer's number; None if nothing fits (see
+    :func:`services.core.ike.suites.choose_ike`)."""
+    c = choose_ike(proposals, suites)
+    return None if c is None else c[0]
 
 
 def _first(payloads: tuple[Payload, ...], cls: type[Payload]) -> Payload | None:
@@ -252,6 +264,7 @@ class Ikev2Responder:
         self.last_activity = now
         self.nat_t = False  # NAT-D exchanged: IKE_AUTH is expected on UDP 4500
         self.dropped = 0
+        self.invalid_ke_sent = 0  # INVALID_KE_PAYLOAD answers (stateless, §1.3)
         self._spi_i = _ZERO_SPI
         self._spi_r = _ZERO_SPI
         self._ni = b""
@@ -259,6 +272,7 @@ class Ikev2Responder:
         self._msg1 = b""
         self._msg2 = b""
         self._keys: IkeKeys | None = None
+        self._suite: IkeSuite | None = None
         self._in: SkCipher | None = None
         self._out: SkCipher | None = None
         self._child_spi = b""
@@ -275,6 +289,9 @@ class Ikev2Responder:
             config.psk, config.local_auth, config.peer_auth
         )
         self._peer_hashes: frozenset[int] = frozenset()
+        self._fragment = False  # both sides announced RFC 7383 fragmentation
+        self._reassembler = FragmentReassembler()
+        self._peer_addr = config.remote_addr or config.local_addr  # for the IP header size
 
     def __repr__(self) -> str:
         return (
@@ -334,6 +351,15 @@ class Ikev2Responder:
         self, data: bytes, now: float, remote: Address | None, local: Address | None
     ) -> list[bytes]:
         if self._state is ResponderState.ESTABLISHED and self._info is not None:
+            hdr = decode_header(data)
+            if (
+                hdr.message_id == self._last_mid
+                and hdr.exchange_type == ExchangeType.IKE_AUTH
+                and hdr.next_payload == SKF.payload_type
+                and not hdr.response
+            ):  # a retransmitted fragmented IKE_AUTH request (RFC 7383 §2.6.1)
+                self._check_retransmit(data)
+                return list(self._last_response)
             out = self._info.handle(data)  # InfoDrop is a ValueError -> dropped
             if self._info.closed:
                 self._state = ResponderState.CLOSED
@@ -354,7 +380,7 @@ class Ikev2Responder:
         if hdr.message_id == self._last_mid and self._last_response:
             want_spi_r = _ZERO_SPI if hdr.message_id == 0 else self._spi_r
             if hdr.spi_r == want_spi_r and hdr.exchange_type == self._last_exchange:
-                decode_message(data)  # malformed "retransmissions" are dropped
+                self._check_retransmit(data)
                 return list(self._last_response)
             raise _Drop
         if self._state is ResponderState.WAIT_AUTH:
@@ -366,6 +392,14 @@ class Ikev2Responder:
                 raise _Drop
             return self._on_auth(data, now)
         raise _Drop
+
+    def _check_retransmit(self, data: bytes) -> None:
+        """Drop a malformed "retransmission", and every fragment of one but the first."""
+        msg = decode_message(data)
+        last = msg.payloads[-1] if msg.payloads else None
+        if isinstance(last, SKF):  # SkError -> drop
+            if self._in is None or not answers_retransmission(data, self._in):
+                raise _Drop
 
     def _fail(self, reason: str) -> None:
         self._state = ResponderState.FAILED
@@ -391,27 +425,36 @@ class Ikev2Responder:
             raise _Drop
         if not 16 <= len(nonce.data) <= 256:
             raise _Drop
-        chosen = choose_ike_proposal(sa.proposals)
-        if chosen is None:
+        choice = choose_ike(sa.proposals, self.config.ike_suites, ke.dh_group)
+        if choice is None:
             self._spi_i = msg.spi_i
-            self._fail("NO_PROPOSAL_CHOSEN")
+            self._fail(
+                "NO_PROPOSAL_CHOSEN: no IKE proposal of the initiator matches ours ("
+                + ", ".join(s.name for s in self.config.ike_suites)
+                + ")"
+            )
             err = self._error_sa_init(msg.spi_i, Notify(NotifyType.NO_PROPOSAL_CHOSEN))
             return self._answer(ExchangeType.IKE_SA_INIT, 0, [err])
-        if ke.dh_group != DH_ID:
+        chosen, suite = choice
+        if ke.dh_group != suite.dh:
             # §1.3: tell the initiator which group we want; keep no state (it retries with
             # the same SPIi and message ID 0).
+            self.invalid_ke_sent += 1
             return [
                 self._error_sa_init(
-                    msg.spi_i, Notify(NotifyType.INVALID_KE_PAYLOAD, struct.pack("!H", DH_ID))
+                    msg.spi_i, Notify(NotifyType.INVALID_KE_PAYLOAD, struct.pack("!H", suite.dh))
                 )
             ]
-        dh: DhPrivate = group(DH_ID).generate(self._rand)
+        dh: DhPrivate = group(suite.dh, allow_legacy=suite.allow_legacy).generate(self._rand)
         g_ir = dh.shared(ke.data)  # InvalidKeyExchange -> dropped
         spi_r = _nonzero(self._rand, 8, 1)
         nr = self._rand(_NONCE_LEN)
-        payloads: list[Payload] = [SA((chosen,)), KE(DH_ID, dh.public_bytes()), Nonce(nr)]
+        payloads: list[Payload] = [SA((chosen,)), KE(suite.dh, dh.public_bytes()), Nonce(nr)]
         payloads.extend(self._peer_auth.cert_requests())
         payloads.extend(hash_algorithms_notify(self._peer_auth.hash_algorithms()))
+        if peer_supports_fragmentation(msg.payloads):
+            payloads.extend(fragmentation_notify(self.config.fragment_size))
+            self._fragment = self.config.fragment_size > 0
         nat_src = _has_notify(msg.payloads, NotifyType.NAT_DETECTION_SOURCE_IP)
         nat_dst = _has_notify(msg.payloads, NotifyType.NAT_DETECTION_DESTINATION_IP)
         cfg = self.config
@@ -436,35 +479,31 @@ class Ikev2Responder:
         resp = encode_message(
             Message(msg.spi_i, spi_r, ExchangeType.IKE_SA_INIT, 0, tuple(payloads), response=True)
         )
-        seed = skeyseed(PRF_ID, nonce.data, nr, g_ir)
-        keys = derive_ike_keys(
-            PRF_ID,
-            seed,
-            nonce.data,
-            nr,
-            msg.spi_i,
-            spi_r,
-            encr_key_len=_ENCR_KEY_LEN,
-            integ_key_len=0,
-        )
+        keys = ike_keys(suite, nonce.data, nr, g_ir, msg.spi_i, spi_r)
         self._keys = keys
-        self._in = SkCipher(ENCR_ID, keys.sk_ei, key_bits=ENCR_KEY_BITS)
-        self._out = SkCipher(ENCR_ID, keys.sk_er, key_bits=ENCR_KEY_BITS)
+        self._suite = suite
+        self._in, self._out = sk_ciphers(suite, keys, initiator=False)
         self._spi_i, self._spi_r = msg.spi_i, spi_r
         self._ni, self._nr = nonce.data, nr
         self._peer_hashes = peer_hash_algorithms(msg.payloads)
         self._msg1, self._msg2 = raw, resp
+        if there is not None:
+            self._peer_addr = str(ipaddress.ip_address(there[0]))
         self._state = ResponderState.WAIT_AUTH
         return self._answer(ExchangeType.IKE_SA_INIT, 0, [resp])
 
     def _encrypted(self, exchange: int, mid: int, inner: tuple[Payload, ...]) -> list[bytes]:
         assert self._out is not None
         msg = Message(self._spi_i, self._spi_r, exchange, mid, inner, response=True)
-        return encrypt_message(msg, self._out)
+        limit = None
+        if self._fragment:
+            limit = fragment_limit(self.config.fragment_size, self._peer_addr, self.nat_t)
+        return encrypt_message(msg, self._out, fragment_size=limit)
 
     def _check_initiator(self, msg: Message, idi: IDi, auth: Auth, now: float) -> str | None:
         """Why the initiator is not authenticated (a reason for the log), or None."""
-        assert self._keys is not None
+        assert self._keys is not None and self._suite is not None
+        prf_id = self._suite.prf
         peer = Identity(idi.id_type, idi.data)
         if self._remote_id is not None and not self._remote_id.matches(peer):
             return f"initiator identity {peer} is not the configured {self._remote_id}"
@@ -474,17 +513,25 @@ class Ikev2Responder:
         ):
             wanted = Identity(idr_req.id_type, idr_req.data)
             return f"initiator asked for responder identity {wanted}, we are {self._local_id}"
-        octets = signed_octets(PRF_ID, self._msg1, self._nr, self._keys.sk_pi, idi.encode_body())
+        octets = signed_octets(prf_id, self._msg1, self._nr, self._keys.sk_pi, idi.encode_body())
         certs = tuple(p for p in msg.payloads if isinstance(p, Cert))
         try:
-            self._peer_auth.verify(auth, octets, PRF_ID, peer, certs, now)
+            self._peer_auth.verify(auth, octets, prf_id, peer, certs, now)
         except AuthFailure as e:
             return str(e)
         return None
 
     def _on_auth(self, raw: bytes, now: float) -> list[bytes]:
-        assert self._keys is not None and self._in is not None
-        msg = decrypt_message(raw, self._in)  # SkError / IkeDecodeError -> dropped (§2.21.2)
+        assert self._keys is not None and self._in is not None and self._suite is not None
+        prf_id = self._suite.prf
+        # SkError / IkeDecodeError -> dropped (§2.21.2); SKF fragments only if negotiated
+        if self._fragment:
+            whole = self._reassembler.add(raw, self._in)
+            if whole is None:
+                return []  # more fragments to come
+            msg = whole
+        else:
+            msg = decrypt_message(raw, self._in)
         cfg = self.config
         idi = _first(msg.payloads, IDi)
         auth = _first(msg.payloads, Auth)
@@ -499,8 +546,8 @@ class Ikev2Responder:
                 ExchangeType.IKE_AUTH, 1, (Notify(NotifyType.AUTHENTICATION_FAILED),)
             )
             return self._answer(ExchangeType.IKE_AUTH, 1, out)
-        octets = signed_octets(PRF_ID, self._msg2, self._ni, self._keys.sk_pr, my_id.encode_body())
-        my_auth = self._local_auth.auth_payload(octets, PRF_ID, self._peer_hashes)
+        octets = signed_octets(prf_id, self._msg2, self._ni, self._keys.sk_pr, my_id.encode_body())
+        my_auth = self._local_auth.auth_payload(octets, prf_id, self._peer_hashes)
         my_certs = self._local_auth.cert_payloads()
         sa = _first(msg.payloads, SA)
         tsi = _first(msg.payloads, TSi)
@@ -510,46 +557,66 @@ class Ikev2Responder:
             out = self._encrypted(ExchangeType.IKE_AUTH, 1, (my_id, *my_certs, my_auth))
             return self._answer(ExchangeType.IKE_AUTH, 1, out)
         self._child_spi = _nonzero(self._rand, 4, 256)  # RFC 4303 §2.1: 1..255 reserved
-        picked = choose_esp_proposal(sa.proposals, self._child_spi)
+        picked = choose_esp(sa.proposals, cfg.esp_suites, self._child_spi)
         error: int | None = None
+        why = ""
         ts_i = narrow(tsi.selectors, (_ipv4(cfg.ts_remote[0]), _ipv4(cfg.ts_remote[1])))
         ts_r = narrow(tsr.selectors, (_ipv4(cfg.ts_local[0]), _ipv4(cfg.ts_local[1])))
+        transport = _transport_requested(msg.payloads)
         if picked is None:
             error = NotifyType.NO_PROPOSAL_CHOSEN
+            why = (
+                ": no ESP proposal of the initiator matches ours ("
+                + ", ".join(s.name for s in cfg.esp_suites)
+                + ")"
+            )
+        elif cfg.mode is Mode.TRANSPORT and not transport:
+            error = NotifyType.NO_PROPOSAL_CHOSEN
+            why = ": we are configured for transport mode, the initiator did not ask for it"
         elif not ts_i or not ts_r:
             error = NotifyType.TS_UNACCEPTABLE
         if error is not None or picked is None:
             error = error or NotifyType.NO_PROPOSAL_CHOSEN
-            self._fail(NotifyType(error).name)
+            self._fail(NotifyType(error).name + why)
             out = self._encrypted(
                 ExchangeType.IKE_AUTH, 1, (my_id, *my_certs, my_auth, Notify(error))
             )
             return self._answer(ExchangeType.IKE_AUTH, 1, out)
-        ck = child_keys(
-            PRF_ID,
-            self._keys.sk_d,
-            self._ni,
-            self._nr,
-            encr_key_len=_ENCR_KEY_LEN,
-            integ_key_len=0,
-        )
-        offered, chosen = picked
+        esp = picked.suite
+        ck = esp_child_keys(esp, prf_id, self._keys.sk_d, self._ni, self._nr)
+        # §1.3.1: transport only when asked for and configured; otherwise tunnel, no notify.
+        mode = Mode.TRANSPORT if transport and cfg.mode is Mode.TRANSPORT else Mode.TUNNEL
         child = ChildSaResult(
             spi_in=self._child_spi,
-            spi_out=offered.spi,
-            encr_id=ENCR_ID,
-            key_bits=ENCR_KEY_BITS,
-            esn=False,
+            spi_out=picked.offered.spi,
+            encr_id=esp.encr,
+            key_bits=esp.key_bits,
+            esn=esp.esn,
             keys=ck,
             ts_i=ts_i,
             ts_r=ts_r,
+            integ_id=esp.integ,
+            mode=mode,
         )
+        use_transport: tuple[Payload, ...] = ()
+        if mode is Mode.TRANSPORT:
+            use_transport = (Notify(NotifyType.USE_TRANSPORT_MODE),)
         out = self._encrypted(
             ExchangeType.IKE_AUTH,
             1,
-            (my_id, *my_certs, my_auth, SA((chosen,)), TSi(ts_i), TSr(ts_r)),
+            (
+                my_id,
+                *my_certs,
+                my_auth,
+                *use_transport,
+                SA((picked.answer,)),
+                TSi(ts_i),
+                TSr(ts_r),
+            ),
         )
-        self.result = IkeSaResult(self._spi_i, self._spi_r, self._keys, child, self.nat_t)
+        self.result = IkeSaResult(
+            self._spi_i, self._spi_r, self._keys, child, self.nat_t, self._suite
+        )
         assert self._out is not None
         self._info = InfoSession(
             spi_i=self._spi_i,
@@ -565,6 +632,13 @@ class Ikev2Responder:
             peer_ts=child.ts_i,
             our_ts=child.ts_r,
             rand=self._rand,
+            ike_suite=self._suite,
+            ike_suites=cfg.ike_suites,
+            esp_suites=cfg.esp_suites,
+            mode=mode,
+            fragment_size=fragment_limit(cfg.fragment_size, self._peer_addr, self.nat_t)
+            if self._fragment
+            else None,
         )
         self._state = ResponderState.ESTABLISHED
         return self._answer(ExchangeType.IKE_AUTH, 1, out)

@@ -320,6 +320,23 @@ def decrypt_message(data: bytes, cipher: SkCipher) -> Message:
     return _as_message(outer, (*outer.payloads[:-1], *inner))
 
 
+def answers_retransmission(data: bytes, cipher: SkCipher) -> bool:
+    """Whether a retransmitted encrypted request is answered again with the cached response
+    (RFC 7296 §2.1, RFC 7383 §2.6.1): a whole SK message, or fragment 1 of an SKF set, that
+    verifies with ``cipher`` (SkError / IkeDecodeError otherwise); False for the other
+    fragments, so the response goes out once per retransmission."""
+    data = bytes(data)
+    outer = decode_message(data)
+    last = outer.payloads[-1] if outer.payloads else None
+    if isinstance(last, SKF):
+        if last.fragment_number != 1:
+            return False
+        cipher.open(_sealed_prefix(data, len(last.data)), last.data)
+        return True
+    decrypt_message(data, cipher)
+    return True
+
+
 @dataclass
 class _FragmentSet:
     total: int
