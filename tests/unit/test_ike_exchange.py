@@ -212,6 +212,12 @@ class Responder:
 def _run(ini: Ikev2Initiator, resp: Responder) -> None:
     (m1,) = ini.start(0.0)
     out = ini.receive(resp.sa_init(m1), 0.1)
+    if ini.state is State.SA_INIT_SENT and out == []:
+        # an unusable IKE_SA_INIT response is not acted on at once (RFC 7296 §2.21.1): the
+        # attempt fails when the retransmission timer fires without a valid one
+        deadline = ini.next_timeout
+        assert deadline is not None
+        assert ini.on_timer(deadline) == []
     if ini.state is State.FAILED:
         assert out == []
         return

@@ -12,8 +12,9 @@ documented drops); ``Ikev2Responder.receive`` and ``Ikev2Initiator.receive`` nev
 stays bounded, and the legitimate continuation of the exchange still works afterwards.
 
 Where the exact answer is known (unknown payload with / without the critical bit, truncation,
-major version) it is checked exactly. Tests marked xfail(strict) document where the exchange
-layer differs from the RFC (see the reasons); they pass once that is fixed.
+major version) it is checked exactly, and so are the error answers of RFC 7296 §2.5 / §2.21
+(UNSUPPORTED_CRITICAL_PAYLOAD, INVALID_MAJOR_VERSION, INVALID_SYNTAX) and the bounds on Child
+SA rekeys (§2.25).
 
 ``IKE_FUZZ_EXAMPLES=20000`` runs every property as a longer campaign.
 """
@@ -39,7 +40,7 @@ from services.core.ike.constants import (
 )
 from services.core.ike.dh import GROUPS, InvalidKeyExchange
 from services.core.ike.exchange import IkeSaResult, Ikev2Initiator, State, ike_proposal
-from services.core.ike.informational import InfoDrop, InfoSession
+from services.core.ike.informational import InfoDrop, InfoEvent, InfoSession
 from services.core.ike.message import (
     CP,
     EAP,
@@ -766,8 +767,8 @@ def test_initiator_survives_garbage_at_every_state(state: State, garbage: list[b
     for g in garbage:
         out = ini.receive(g, 1.0)
         assert isinstance(out, list) and all(isinstance(d, bytes) for d in out)
-    # Unauthenticated IKE_SA_INIT garbage may end the attempt (see the xfail below); otherwise
-    # the real responses still complete the exchange.
+    # Unauthenticated IKE_SA_INIT garbage never ends the attempt at once (§2.21.1); the real
+    # responses still complete the exchange.
     # A garbage IKE_SA_INIT response that happens to be well formed is taken (nothing
     # authenticates it): the genuine IKE_AUTH response then fails integrity and the attempt
     # ends by retransmission timeout, which stays armed.
@@ -786,7 +787,7 @@ def test_initiator_survives_garbage_at_every_state(state: State, garbage: list[b
         assert ini.failure_reason and ini.next_timeout is None
 
 
-# -- where the exchange layer differs from the RFC (colleagues' modules; fix recommended) --------
+# -- error answers: RFC 7296 §2.5, §2.21, §3.10.1; Child SA rekey bounds (§2.25) -----------------
 
 
 def _with_unknown_critical(raw: bytes) -> bytes:
@@ -795,11 +796,6 @@ def _with_unknown_critical(raw: bytes) -> bytes:
     return encode_message(dataclasses.replace(msg, payloads=p))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="responder.py drops an IKE_SA_INIT with an unknown critical payload; RFC 7296 §2.5 "
-    "wants a response with N(UNSUPPORTED_CRITICAL_PAYLOAD) carrying the payload type",
-)
 def test_sa_init_with_unknown_critical_payload_gets_unsupported_critical_payload() -> None:
     resp = _responder(ResponderState.WAIT_SA_INIT)
     (ans,) = resp.receive(_with_unknown_critical(REQ1), 0.0, remote=I_EP, local=R_EP)
@@ -808,12 +804,6 @@ def test_sa_init_with_unknown_critical_payload_gets_unsupported_critical_payload
     assert n.data == bytes((200,))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="informational.py drops an authenticated INFORMATIONAL request with an unknown "
-    "critical payload; RFC 7296 §2.5 and §2.21.3 want an encrypted response with "
-    "N(UNSUPPORTED_CRITICAL_PAYLOAD)",
-)
 def test_informational_with_unknown_critical_payload_is_answered() -> None:
     resp = _responder(ResponderState.ESTABLISHED)
     (d,) = encrypt_message(
@@ -832,12 +822,6 @@ def test_informational_with_unknown_critical_payload_is_answered() -> None:
     assert isinstance(n, Notify) and n.notify_type == NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="informational.py drops an authenticated request whose inner payloads are malformed "
-    "(message ID not consumed, so the peer retransmits until it gives up on the IKE SA); "
-    "RFC 7296 §2.21.3 / §3.10.1 want an encrypted response with N(INVALID_SYNTAX)",
-)
 def test_authenticated_malformed_request_gets_invalid_syntax() -> None:
     resp = _responder(ResponderState.ESTABLISHED)
     # a Delete payload whose length disagrees with SPI size x Num of SPIs
@@ -848,12 +832,6 @@ def test_authenticated_malformed_request_gets_invalid_syntax() -> None:
     assert isinstance(n, Notify) and n.notify_type == NotifyType.INVALID_SYNTAX
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="informational.py lets InvalidKeyExchange escape from a CREATE_CHILD_SA rekey with "
-    "an invalid KE (the request is dropped); RFC 7296 §2.21.3 wants an error response "
-    "(INVALID_SYNTAX)",
-)
 def test_rekey_with_invalid_ke_point_gets_an_error_response() -> None:
     from services.core.ike.child import esp_proposal
 
@@ -876,13 +854,6 @@ def test_rekey_with_invalid_ke_point_gets_an_error_response() -> None:
     assert isinstance(n, Notify) and n.notify_type == NotifyType.INVALID_SYNTAX
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="exchange.py fails the whole attempt on one unauthenticated IKE_SA_INIT response "
-    "with a bad KE (or any error Notify); RFC 7296 §2.21 says errors before the IKE SA is "
-    "protected must be handled very carefully so as not to be the dupe of forged messages: "
-    "ignore it and keep waiting for the genuine response until the retransmission timeout",
-)
 def test_initiator_is_not_killed_by_one_forged_sa_init_response() -> None:
     ini = _initiator(State.SA_INIT_SENT)
     msg = decode_message(RESP1)
@@ -922,13 +893,6 @@ def test_peer_ke_data_raises_only_invalid_key_exchange(gid: int, draw: st.DataOb
 _DH_PRIV = {gid: g.generate() for gid, g in GROUPS.items()}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="informational.py accepts any number of CREATE_CHILD_SA rekeys of the same Child SA: "
-    "each adds a live Child SA (and keymgr installs another ESP pair) until the peer deletes "
-    "them; a rekey of an SA that was already rekeyed should be refused (e.g. "
-    "TEMPORARY_FAILURE / CHILD_SA_NOT_FOUND, RFC 7296 §2.8, §2.25) and Child SAs per IKE SA capped",
-)
 def test_repeated_rekeys_of_one_child_sa_stay_bounded() -> None:
     from services.core.ike.child import esp_proposal
 
@@ -949,11 +913,6 @@ def test_repeated_rekeys_of_one_child_sa_stay_bounded() -> None:
     assert len(resp._info.children) <= 8, len(resp._info.children)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="responder.py drops a request with a higher major version silently; RFC 7296 §2.5: "
-    "MUST drop it and SHOULD send an unauthenticated N(INVALID_MAJOR_VERSION)",
-)
 def test_higher_major_version_gets_invalid_major_version() -> None:
     resp = _responder(ResponderState.WAIT_SA_INIT)
     d = bytearray(REQ1)
@@ -962,3 +921,253 @@ def test_higher_major_version_gets_invalid_major_version() -> None:
     (n,) = decode_message(ans).payloads
     assert isinstance(n, Notify) and n.notify_type == NotifyType.INVALID_MAJOR_VERSION
     assert resp.state is ResponderState.WAIT_SA_INIT
+
+
+# -- error answers: the edges ------------------------------------------------------------------
+
+
+def _critical(ptype: int, body: bytes = b"x") -> bytes:
+    """A lone payload of type ``ptype`` with the critical bit, as an inner chain."""
+    return _GENERIC.pack(0, 0x80, 4 + len(body)) + body
+
+
+@pytest.mark.parametrize("ptype", [200, 5, 13], ids=["unassigned", "ikev1_sa", "ikev1_vid"])
+def test_sa_init_critical_unknown_answer_is_stateless(ptype: int) -> None:
+    """§2.5: the answer names the type, goes out unencrypted with SPIr zero; no state is kept,
+    so the genuine IKE_SA_INIT that follows is answered normally."""
+    resp = _responder(ResponderState.WAIT_SA_INIT)
+    msg = decode_message(REQ1)
+    bad = encode_message(
+        dataclasses.replace(msg, payloads=(*msg.payloads, UnknownPayload(ptype, True, b"!")))
+    )
+    (ans,) = resp.receive(bad, 0.0, remote=I_EP, local=R_EP)
+    a = decode_message(ans)
+    assert a.response and not a.initiator and a.exchange_type == ExchangeType.IKE_SA_INIT
+    assert (a.spi_i, a.spi_r, a.message_id) == (msg.spi_i, bytes(8), 0)
+    assert a.payloads == (Notify(NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD, bytes((ptype,))),)
+    assert resp.state is ResponderState.WAIT_SA_INIT and resp.error_answers == 1
+    assert resp.receive(REQ1, 0.0, remote=I_EP, local=R_EP) == [RESP1]
+    assert resp.state is ResponderState.WAIT_AUTH
+    # the same type without the critical bit is skipped (§2.5) and the request answered
+    fresh = _responder(ResponderState.WAIT_SA_INIT)
+    skip = dataclasses.replace(msg, payloads=(*msg.payloads, UnknownPayload(ptype, False, b"!")))
+    (ok,) = fresh.receive(encode_message(skip), 0.0, remote=I_EP, local=R_EP)
+    assert any(isinstance(x, KE) for x in decode_message(ok).payloads)
+
+
+def test_sa_init_other_malformations_stay_unanswered() -> None:
+    """Only the §2.5 answers go out unauthenticated: a length error in IKE_SA_INIT is dropped."""
+    resp = _responder(ResponderState.WAIT_SA_INIT)
+    d = bytearray(REQ1)
+    struct.pack_into("!H", d, IKE_HEADER_LEN + 2, 3)  # first payload length below 4
+    assert resp.receive(bytes(d), 0.0, remote=I_EP, local=R_EP) == []
+    assert resp.dropped == 1 and resp.error_answers == 0
+
+
+def test_ike_auth_with_unknown_critical_payload_is_answered_encrypted() -> None:
+    """§2.5 / §2.21.2: an IKE_AUTH request that verifies but carries a critical payload we do
+    not know gets an encrypted UNSUPPORTED_CRITICAL_PAYLOAD; the IKE SA fails; a retransmit gets
+    the same answer; a forged one (bad ICV) gets nothing."""
+    resp = _responder(ResponderState.WAIT_AUTH)
+    forged = _seal_raw(_r2i(), _critical(200), 200, mid=1, exchange=ExchangeType.IKE_AUTH)
+    assert resp.receive(forged, 0.0) == [] and resp.state is ResponderState.WAIT_AUTH
+    d = _seal_raw(_i2r(), _critical(200), 200, mid=1, exchange=ExchangeType.IKE_AUTH)
+    (ans,) = resp.receive(d, 0.0)
+    m = decrypt_message(ans, _r2i())
+    assert m.response and m.exchange_type == ExchangeType.IKE_AUTH and m.message_id == 1
+    assert m.payloads == (Notify(NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD, bytes((200,))),)
+    assert resp.state is ResponderState.FAILED
+    assert (resp.failure_reason or "").startswith("UNSUPPORTED_CRITICAL_PAYLOAD")
+    assert resp.receive(d, 0.0) == [ans]
+
+
+def test_ike_auth_with_malformed_inner_payloads_gets_invalid_syntax() -> None:
+    resp = _responder(ResponderState.WAIT_AUTH)
+    body = struct.pack("!BBH", 3, 4, 2) + bytes(4)  # Delete: length disagrees with the count
+    raw = _GENERIC.pack(0, 0, 4 + len(body)) + body
+    d = _seal_raw(_i2r(), raw, PayloadType.DELETE, mid=1, exchange=ExchangeType.IKE_AUTH)
+    (ans,) = resp.receive(d, 0.0)
+    assert decrypt_message(ans, _r2i()).payloads == (Notify(NotifyType.INVALID_SYNTAX),)
+    assert resp.state is ResponderState.FAILED
+
+
+@pytest.mark.parametrize("exchange", [ExchangeType.INFORMATIONAL, ExchangeType.CREATE_CHILD_SA])
+def test_authenticated_error_answers_consume_the_message_id(exchange: int) -> None:
+    """§2.21.3 / §3.10.1: the answer is encrypted, the message ID is consumed (the next request
+    is mid + 1), a retransmit gets the cached answer, a forged copy (bad ICV) nothing."""
+    resp = _responder(ResponderState.ESTABLISHED)
+    assert resp._info is not None
+    d = _seal_raw(_i2r(), _critical(77), 77, mid=2, exchange=exchange)
+    forged = _seal_raw(_r2i(), _critical(77), 77, mid=2, exchange=exchange)
+    assert resp.receive(forged, 0.0) == []
+    (ans,) = resp.receive(d, 0.0)
+    m = decrypt_message(ans, _r2i())
+    assert m.response and m.message_id == 2 and m.exchange_type == exchange
+    assert m.payloads == (Notify(NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD, bytes((77,))),)
+    assert resp.receive(d, 1.0) == [ans]  # a retransmit: the cached answer, unchanged
+    (live,) = resp.receive(_liveness(3), 2.0)
+    assert decrypt_message(live, _r2i()).payloads == ()
+    assert resp.state is ResponderState.ESTABLISHED and len(resp._info.children) == 1
+    assert resp.take_events() == [InfoEvent("liveness")]
+
+
+def test_malformed_request_outside_the_window_stays_dropped() -> None:
+    """Only the expected message ID is answered; one of a later ID is dropped unanswered."""
+    resp = _responder(ResponderState.ESTABLISHED)
+    d = _seal_raw(_i2r(), _critical(77), 77, mid=5)
+    assert resp.receive(d, 0.0) == []
+    (live,) = resp.receive(_liveness(2), 0.0)  # message ID 2 is still the next one
+    assert decrypt_message(live, _r2i()).message_id == 2
+
+
+def test_ike_rekey_with_invalid_ke_gets_invalid_syntax() -> None:
+    """The peer's IKE SA rekey (§1.3.2) with a KE that fails the RFC 6989 / RFC 8031 checks:
+    INVALID_SYNTAX, and the IKE SA stays as it was."""
+    resp = _responder(ResponderState.ESTABLISHED)
+    assert resp._info is not None
+    offer = ike_proposal(b"\x11" * 8)
+    payloads = (SA((offer,)), Nonce(bytes(32)), KE(31, bytes(32)))
+    (d,) = encrypt_message(
+        Message(_RESULT.spi_i, _RESULT.spi_r, 36, 2, payloads, initiator=True), _i2r()
+    )
+    (ans,) = resp.receive(d, 0.0)
+    assert decrypt_message(ans, _r2i()).payloads == (Notify(NotifyType.INVALID_SYNTAX),)
+    assert resp._info.spis == (_RESULT.spi_i, _RESULT.spi_r) and not resp.take_events()
+
+
+def _child_rekey(spi_out: bytes, mid: int, new_spi: bytes) -> bytes:
+    from services.core.ike.child import esp_proposal
+
+    payloads = (
+        Notify(NotifyType.REKEY_SA, b"", ProtocolId.ESP, spi_out),
+        SA((esp_proposal(new_spi),)),
+        Nonce(bytes(32)),
+        TSi(_RESULT.child.ts_i),
+        TSr(_RESULT.child.ts_r),
+    )
+    (d,) = encrypt_message(
+        Message(_RESULT.spi_i, _RESULT.spi_r, 36, mid, payloads, initiator=True), _i2r()
+    )
+    return d
+
+
+def test_rekey_of_an_already_rekeyed_child_sa_gets_temporary_failure() -> None:
+    """§2.25: the Child SA a rekey replaced waits for its Delete; another rekey of it gets
+    TEMPORARY_FAILURE (nothing added); once the peer deletes it, CHILD_SA_NOT_FOUND."""
+    resp = _responder(ResponderState.ESTABLISHED)
+    assert resp._info is not None
+    old = _RESULT.child.spi_out
+    (ans,) = resp.receive(_child_rekey(old, 2, b"\x00\x00\x10\x01"), 0.0)
+    assert any(isinstance(p, SA) for p in decrypt_message(ans, _r2i()).payloads)
+    (ans,) = resp.receive(_child_rekey(old, 3, b"\x00\x00\x10\x02"), 0.0)
+    assert decrypt_message(ans, _r2i()).payloads == (Notify(NotifyType.TEMPORARY_FAILURE),)
+    assert len(resp._info.children) == 2
+    (d,) = encrypt_message(
+        Message(_RESULT.spi_i, _RESULT.spi_r, 37, 4, (Delete(3, 4, (old,)),), initiator=True),
+        _i2r(),
+    )
+    resp.receive(d, 0.0)
+    assert len(resp._info.children) == 1
+    (ans,) = resp.receive(_child_rekey(old, 5, b"\x00\x00\x10\x03"), 0.0)
+    (n,) = decrypt_message(ans, _r2i()).payloads
+    assert isinstance(n, Notify) and n.notify_type == NotifyType.CHILD_SA_NOT_FOUND
+
+
+def test_child_sas_per_ike_sa_are_capped() -> None:
+    """Rekeys of the newest Child SA each time, the old ones never deleted: at MAX_CHILD_SAS
+    live Child SAs further rekeys get TEMPORARY_FAILURE until the peer deletes some."""
+    from services.core.ike.informational import MAX_CHILD_SAS
+
+    resp = _responder(ResponderState.ESTABLISHED)
+    info = resp._info
+    assert info is not None
+    mid = 2
+    for i in range(MAX_CHILD_SAS + 3):
+        newest = info.children[-1]
+        (ans,) = resp.receive(_child_rekey(newest[1], mid, (0x2000 + i).to_bytes(4, "big")), 0.0)
+        mid += 1
+        payloads = decrypt_message(ans, _r2i()).payloads
+        if i < MAX_CHILD_SAS - 1:
+            assert any(isinstance(p, SA) for p in payloads), (i, payloads)
+        else:
+            assert payloads == (Notify(NotifyType.TEMPORARY_FAILURE),), (i, payloads)
+    assert len(info.children) == MAX_CHILD_SAS
+    first = info.children[0]
+    (d,) = encrypt_message(
+        Message(
+            _RESULT.spi_i, _RESULT.spi_r, 37, mid, (Delete(3, 4, (first[1],)),), initiator=True
+        ),
+        _i2r(),
+    )
+    resp.receive(d, 0.0)
+    (ans,) = resp.receive(_child_rekey(info.children[-1][1], mid + 1, b"\x00\x00\x30\x00"), 0.0)
+    assert any(isinstance(p, SA) for p in decrypt_message(ans, _r2i()).payloads)
+    assert len(info.children) == MAX_CHILD_SAS
+
+
+@pytest.mark.parametrize(
+    "notify",
+    [NotifyType.NO_PROPOSAL_CHOSEN, NotifyType.INVALID_SYNTAX, NotifyType.AUTHENTICATION_FAILED],
+)
+def test_initiator_waits_out_a_forged_error_then_fails_with_its_name(notify: int) -> None:
+    """§2.21.1: an unauthenticated error Notify is not acted on at once; the genuine response
+    still wins, and without one the attempt fails when the retransmission timer fires, with
+    the Notify's name as the reason (not "no response")."""
+    msg = decode_message(RESP1)
+    err = encode_message(Message(msg.spi_i, bytes(8), 34, 0, (Notify(notify),), response=True))
+    ini = _initiator(State.SA_INIT_SENT)
+    assert ini.receive(err, 0.1) == [] and ini.state is State.SA_INIT_SENT
+    assert ini.next_timeout is not None
+    ini.receive(RESP1, 0.2)
+    assert ini.state is State.AUTH_SENT
+    ini = _initiator(State.SA_INIT_SENT)
+    ini.receive(err, 0.1)
+    deadline = ini.next_timeout
+    assert deadline is not None
+    assert ini.on_timer(deadline - 0.01) == [] and ini.state is State.SA_INIT_SENT
+    assert ini.on_timer(deadline) == []
+    assert ini.state is State.FAILED and (ini.failure_reason or "").startswith(
+        NotifyType(notify).name
+    )
+    assert ini.next_timeout is None
+
+
+def test_initiator_bad_ke_response_then_timeout_names_the_ke() -> None:
+    ini = _initiator(State.SA_INIT_SENT)
+    msg = decode_message(RESP1)
+    p = tuple(KE(31, bytes(32)) if isinstance(x, KE) else x for x in msg.payloads)
+    ini.receive(encode_message(dataclasses.replace(msg, payloads=p)), 0.0)
+    assert ini.state is State.SA_INIT_SENT
+    deadline = ini.next_timeout
+    assert deadline is not None
+    ini.on_timer(deadline)
+    assert ini.state is State.FAILED and "invalid KE" in (ini.failure_reason or "")
+
+
+@pytest.mark.parametrize("state", [ResponderState.WAIT_SA_INIT, ResponderState.ESTABLISHED])
+def test_invalid_major_version_answer_header(state: ResponderState) -> None:
+    """§2.5 / §1.5: dropped, answered unauthenticated with SPIs, exchange type and Message ID of
+    the request, Response flag set, and version 2.0 (what we support, §3.10.1) in the header."""
+    resp = _responder(state)
+    for major in (3, 15):
+        d = bytearray(_liveness(7) if state is ResponderState.ESTABLISHED else REQ1)
+        d[17] = major << 4 | 1
+        (ans,) = resp.receive(bytes(d), 0.0, remote=I_EP, local=R_EP)
+        assert ans[17] == 0x20 and ans[19] & 0x20 and not ans[19] & 0x08  # R set, I clear
+        a = decode_message(ans)
+        assert a.payloads == (Notify(NotifyType.INVALID_MAJOR_VERSION),)
+        assert (a.spi_i, a.spi_r, a.exchange_type, a.message_id) == (
+            bytes(d[:8]),
+            bytes(d[8:16]),
+            d[18],
+            struct.unpack_from("!I", d, 20)[0],
+        )
+    assert resp.state is state and resp.error_answers == 2
+    # a response with a higher version, IKEv1, and a short datagram: no answer
+    d = bytearray(REQ1)
+    d[17], d[19] = 0x30, 0x20
+    assert resp.receive(bytes(d), 0.0) == []
+    d = bytearray(REQ1)
+    d[17] = 0x10
+    assert resp.receive(bytes(d), 0.0) == []
+    assert resp.receive(b"\x30" * 20, 0.0) == []

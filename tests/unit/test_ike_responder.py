@@ -254,6 +254,9 @@ def test_initiator_sees_no_proposal_chosen() -> None:
     )
     out = resp.receive(tampered, 0.0)
     assert ini.receive(out[0], 0.0) == []
+    # unauthenticated (RFC 7296 §2.21.1): acted on when the retransmission timer fires
+    assert ini.state is State.SA_INIT_SENT and ini.next_timeout is not None
+    assert ini.on_timer(ini.next_timeout) == []
     assert ini.state is State.FAILED
     assert (ini.failure_reason or "").startswith("NO_PROPOSAL_CHOSEN")
 

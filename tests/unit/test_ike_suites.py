@@ -457,6 +457,17 @@ def _shuttle(
             if log is not None:
                 log.append(("r", d))
             to_resp += ini.receive(d, 0.0)
+        if not to_resp and ini.state is State.SA_INIT_SENT:
+            _expire(ini)
+
+
+def _expire(ini: Ikev2Initiator) -> None:
+    """RFC 7296 §2.21.1: an unusable (unauthenticated) IKE_SA_INIT answer is not acted on at
+    once; the attempt fails when the retransmission timer fires without a valid one."""
+    assert ini.state is State.SA_INIT_SENT
+    deadline = ini.next_timeout
+    assert deadline is not None
+    assert ini.on_timer(deadline) == []
 
 
 def _cases() -> list[tuple[str, str, tuple[str, str, str, str], Mode]]:
@@ -573,6 +584,7 @@ def test_invalid_ke_naming_a_group_we_do_not_offer_fails_readably() -> None:
         ini.receive(_sa_init_answer(req, Notify(NotifyType.INVALID_KE_PAYLOAD, b"\x00\x0e")), 0.0)
         == []
     )
+    _expire(ini)
     assert ini.state is State.FAILED
     assert ini.failure_reason is not None and "group 14" in ini.failure_reason
 
@@ -598,6 +610,7 @@ def test_invalid_ke_retries_are_bounded() -> None:
             stale = Notify(NotifyType.INVALID_KE_PAYLOAD, g)
             assert ini.receive(_sa_init_answer(req, stale), 0.0) == []
             assert ini.state is State.SA_INIT_SENT
+    _expire(ini)
     assert ini.state is State.FAILED and "retries" in (ini.failure_reason or "")
 
 
@@ -640,10 +653,12 @@ def test_cookie_limit_and_bad_cookie() -> None:
             _sa_init_answer(req, Notify(NotifyType.COOKIE, bytes([i + 1]) * 8)), 0.0
         )
     assert ini.receive(_sa_init_answer(req, Notify(NotifyType.COOKIE, b"z" * 8)), 0.0) == []
+    _expire(ini)
     assert ini.state is State.FAILED and "COOKIE" in (ini.failure_reason or "")
     ini2, _ = _configs(V4, [IKE_MATRIX[0]], [IKE_MATRIX[0]], ["aes256gcm16"], ["aes256gcm16"])
     (req,) = ini2.start(0.0)
     assert ini2.receive(_sa_init_answer(req, Notify(NotifyType.COOKIE, b"x" * 65)), 0.0) == []
+    _expire(ini2)
     assert ini2.state is State.FAILED and "65 octets" in (ini2.failure_reason or "")
 
 

@@ -27,8 +27,13 @@ fragmented requests and responses are reassembled there too.
 
 Out of scope: EAP, new Child SAs beyond the first. An
 error Notify from the responder (NO_PROPOSAL_CHOSEN, AUTHENTICATION_FAILED, ...) ends in
-:attr:`State.FAILED` with the Notify's name as ``failure_reason``. Time comes in as ``now``
-(seconds, any monotonic origin); randomness from ``rand`` (``secrets.token_bytes`` by
+:attr:`State.FAILED` with the Notify's name as ``failure_reason``. An IKE_SA_INIT response is
+unauthenticated and may be forged (§2.21.1: the recipient should not act on an error at once
+unless the RFC defines a corrective action, as for COOKIE and INVALID_KE_PAYLOAD): one that
+carries an error Notify or is otherwise unusable (bad KE, a proposal we did not offer, ...) is
+remembered, and we keep waiting for a valid response until the retransmission timer of the
+IKE_SA_INIT request fires; then the attempt fails with the remembered reason. Time comes in
+as ``now`` (seconds, any monotonic origin); randomness from ``rand`` (``secrets.token_bytes`` by
 default). No key appears in any repr.
 
 After ESTABLISHED, INFORMATIONAL exchanges (liveness, Delete of the Child SA or of the IKE SA ->
@@ -428,6 +433,7 @@ class Ikev2Initiator:
         self._sent_at = now
         self._interval = RETRANSMIT_INITIAL
         self._tries = 0
+        self._rejected: str | None = None  # why the last unusable IKE_SA_INIT response was
         self._info: InfoSession | None = None
         self._local_id = identity_of(config.local_id, config.local_addr)
         self._remote_id = identity_of(config.remote_id, config.remote_addr)
@@ -518,6 +524,9 @@ class Ikev2Initiator:
         deadline = self.next_timeout
         if deadline is None or now < deadline:
             return []
+        if self._rejected is not None:  # no valid response came after the rejected one
+            self._fail(self._rejected)
+            return []
         if self._tries >= RETRANSMIT_TRIES:
             self._fail(f"no response after {self._tries} transmissions")
             return []
@@ -558,6 +567,9 @@ class Ikev2Initiator:
                 return []
             return self._on_auth(bytes(data), now)
         except IkeFailure as e:
+            if self._state is State.SA_INIT_SENT:
+                self._rejected = str(e)  # unauthenticated: maybe forged (§2.21.1), wait
+                return []
             self._fail(str(e))
             return []
         except AlgorithmError as e:  # a suite the registry cannot run (never key material)
@@ -572,6 +584,7 @@ class Ikev2Initiator:
         self._pending = []
 
     def _send(self, datagrams: list[bytes], now: float) -> list[bytes]:
+        self._rejected = None
         self._pending = list(datagrams)
         self._sent_at = now
         self._interval = RETRANSMIT_INITIAL

@@ -23,6 +23,15 @@ dropped as :class:`InfoDrop`):
   chosen suite's keys and ciphers) takes over the Child SAs, starts its message IDs at 0, and
   the peer is expected to delete the old one; ``ike_rekeyed``.
 * Other CREATE_CHILD_SA requests (a new Child SA) -> NO_ADDITIONAL_SAS.
+* A Child SA already replaced by a rekey (awaiting its Delete) is not rekeyed again:
+  TEMPORARY_FAILURE (§2.25, as for a Child SA being closed); a rekey that would take the IKE SA
+  above MAX_CHILD_SAS live Child SAs -> TEMPORARY_FAILURE too (the replaced ones are expected
+  to be deleted first).
+* Errors (§2.5, §2.21.3, §3.10.1): a request whose integrity check passes but whose inner
+  payloads are malformed is answered (encrypted) with N(UNSUPPORTED_CRITICAL_PAYLOAD) naming
+  the payload type or N(INVALID_SYNTAX); its message ID is consumed and the answer cached for
+  retransmits like any other. A KE payload that fails the RFC 6989 checks (dh.py) in a
+  CREATE_CHILD_SA request -> INVALID_SYNTAX. Integrity failures (SkError) stay silent drops.
 
 Our requests (:meth:`InfoSession.rekey_child`, :meth:`~InfoSession.rekey_ike`,
 :meth:`~InfoSession.delete_child`, :meth:`~InfoSession.delete_ike`, liveness checks) are queued
@@ -59,12 +68,13 @@ from services.core.ike.constants import (
     NotifyType,
     ProtocolId,
 )
-from services.core.ike.dh import DhPrivate, group
+from services.core.ike.dh import DhPrivate, InvalidKeyExchange, group
 from services.core.ike.keys import SPI_LEN, child_keys, derive_ike_keys, rekey_skeyseed
 from services.core.ike.message import (
     KE,
     SA,
     Delete,
+    IkeDecodeError,
     Message,
     Nonce,
     Notify,
@@ -74,6 +84,7 @@ from services.core.ike.message import (
     TSi,
     TSr,
     decode_header,
+    error_notify,
 )
 from services.core.ike.sk import (
     FragmentReassembler,
@@ -106,6 +117,7 @@ _ERROR_NOTIFY_MAX = 16383  # RFC 7296 §3.10.1
 RETRANSMIT_TIMEOUT = 1.0  # seconds before the first retransmission; doubled each time
 RETRANSMIT_TRIES = 5  # sends of one request before the peer is declared dead
 RETRY_DELAY = 2.0  # base delay before retrying a request answered with TEMPORARY_FAILURE
+MAX_CHILD_SAS = 8  # live Child SAs per IKE SA (a rekey adds one until the old one is deleted)
 
 
 class InfoDrop(ValueError):
@@ -290,6 +302,7 @@ class InfoSession:
         self._rx_seen = -1
         self._last_rx = 0.0
         self._deleting: set[bytes] = set()  # spi_in of Child SAs we are deleting
+        self._replaced: set[bytes] = set()  # spi_in of Child SAs a rekey replaced (§2.8)
         # Child SA rekeys of the peer answered while our rekey of the same SA was outstanding:
         # old spi_in -> (the peer's exchange nonces, new pair)
         self._peer_child_rekeys: dict[bytes, tuple[tuple[bytes, bytes], tuple[bytes, bytes]]] = {}
@@ -433,7 +446,7 @@ class InfoSession:
 
     def handle(self, data: bytes) -> list[bytes]:
         """One received message of this IKE SA; raises InfoDrop / SkError / IkeDecodeError
-        (and ValueError for a bad KE)."""
+        for what is dropped (an authentic request with malformed inner payloads is answered)."""
         if self.closed:
             raise InfoDrop("IKE SA closed")
         hdr = decode_header(data)
@@ -456,27 +469,41 @@ class InfoSession:
         if sa.last_mid is not None and hdr.message_id == sa.last_mid:
             if hdr.exchange_type != sa.last_exchange:
                 raise InfoDrop("retransmit with another exchange type")
-            # forged "retransmissions" are dropped; fragments: answered on the first (RFC 7383)
-            if self.fragment_size is None:
-                decrypt_message(data, sa.cin)
-            elif not answers_retransmission(data, sa.cin):
-                raise InfoDrop("a later fragment of a retransmitted request")
+            # forged "retransmissions" are dropped; fragments: answered on the first (RFC 7383);
+            # an authentic request answered with an error is malformed again: same answer
+            try:
+                if self.fragment_size is None:
+                    decrypt_message(data, sa.cin)
+                elif not answers_retransmission(data, sa.cin):
+                    raise InfoDrop("a later fragment of a retransmitted request")
+            except IkeDecodeError as e:
+                if not e.authenticated:
+                    raise
             self._rx += 1
             return list(sa.last_response)
         if hdr.message_id != sa.peer_mid:
             raise InfoDrop("message ID outside the window")
         if hdr.exchange_type not in (ExchangeType.INFORMATIONAL, ExchangeType.CREATE_CHILD_SA):
             raise InfoDrop("only INFORMATIONAL and CREATE_CHILD_SA are handled after IKE_AUTH")
-        msg = self._open(data, sa, self._requests)
-        if msg is None:
-            return []  # more fragments to come (RFC 7383 §2.6)
-        self._rx += 1
         close = False
         after: Callable[[], None] | None = None
-        if hdr.exchange_type == ExchangeType.CREATE_CHILD_SA:
-            inner, events, after = self._create_child_sa(sa, msg.payloads)
+        inner: list[Payload]
+        events: list[InfoEvent] = []
+        try:
+            msg = self._open(data, sa, self._requests)
+        except IkeDecodeError as e:
+            if not e.authenticated:
+                raise  # unauthenticated: dropped (§2.21)
+            self._rx += 1
+            inner = [error_notify(e)]  # authentic but malformed: answered (§2.21.3, §3.10.1)
         else:
-            inner, events, close = self._informational(sa, msg.payloads)
+            if msg is None:
+                return []  # more fragments to come (RFC 7383 §2.6)
+            self._rx += 1
+            if hdr.exchange_type == ExchangeType.CREATE_CHILD_SA:
+                inner, events, after = self._create_child_sa(sa, msg.payloads)
+            else:
+                inner, events, close = self._informational(sa, msg.payloads)
         resp = Message(
             sa.spi_i,
             sa.spi_r,
@@ -797,6 +824,7 @@ class InfoSession:
         self._set_mode(new.spi_in, req.mode)
         new_pair = (new.spi_in, new.spi_out)
         self.children.append(new_pair)
+        self._replaced.add(req.pair[0])
         self.events.append(InfoEvent("child_rekeyed", req.pair[0], req.pair[1], new, True))
         theirs = self._peer_child_rekeys.pop(req.pair[0], None)
         if theirs is None:
@@ -915,6 +943,7 @@ class InfoSession:
         """Remember a new Child SA's mode; forget those of Child SAs that are gone."""
         live = {c[0] for c in self.children}
         self._modes = {k: v for k, v in self._modes.items() if k in live}
+        self._replaced &= live
         self._modes[spi_in] = mode
 
     # -- internals: peer requests -------------------------------------------------------------
@@ -996,6 +1025,9 @@ class InfoSession:
             return [notify], [], None
         if old[0] in self._deleting or self._outstanding("rekey_ike") is not None:
             return [Notify(NotifyType.TEMPORARY_FAILURE)], [], None  # §2.25
+        if old[0] in self._replaced or len(self.children) >= MAX_CHILD_SAS:
+            # already rekeyed (its Delete is due) / too many live Child SAs: not now (§2.25)
+            return [Notify(NotifyType.TEMPORARY_FAILURE)], [], None
         our_spi = self._new_child_spi()
         picked = choose_esp(
             sa_p.proposals,
@@ -1027,7 +1059,10 @@ class InfoSession:
         inner.append(Nonce(nr))
         if ke is not None:
             dh = group(ke.dh_group).generate(self._rand)
-            g_ir = dh.shared(ke.data)  # InvalidKeyExchange (ValueError) -> dropped
+            try:
+                g_ir = dh.shared(ke.data)
+            except InvalidKeyExchange:  # RFC 6989 checks failed: a malformed request
+                return [Notify(NotifyType.INVALID_SYNTAX)], [], None
             inner.append(KE(ke.dh_group, dh.public_bytes()))
         inner += [TSi(ts_i), TSr(ts_r)]
         keys = child_keys(
@@ -1056,6 +1091,7 @@ class InfoSession:
         )
         self._set_mode(new.spi_in, mode)
         self.children.append((new.spi_in, new.spi_out))
+        self._replaced.add(old[0])
         ours = self._outstanding("rekey_child")
         if ours is not None and ours.pair == old:
             # a collision (§2.8.1): settled when the answer to our request arrives
@@ -1095,7 +1131,10 @@ class InfoSession:
         if ke.dh_group != dh_id:
             return [Notify(NotifyType.INVALID_KE_PAYLOAD, dh_id.to_bytes(2, "big"))], [], None
         dh = group(dh_id).generate(self._rand)
-        g_ir = dh.shared(ke.data)  # InvalidKeyExchange (ValueError) -> dropped
+        try:
+            g_ir = dh.shared(ke.data)
+        except InvalidKeyExchange:  # RFC 6989 checks failed: a malformed request
+            return [Notify(NotifyType.INVALID_SYNTAX)], [], None
         our_spi = self._new_ike_spi()
         nr = self._rand(_NONCE_LEN)
         answer = Proposal(chosen.number, ProtocolId.IKE, chosen.transforms, our_spi)

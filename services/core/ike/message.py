@@ -101,6 +101,8 @@ __all__ = [
     "decode_payloads",
     "encode_message",
     "encode_payloads",
+    "error_notify",
+    "version_answer",
 ]
 
 _HDR = struct.Struct("!8s8sBBBBII")
@@ -302,3 +304,36 @@ def encode_message(msg: Message) -> bytes:
         msg.minor_version,
     )
     return hdr.encode() + body
+
+
+def error_notify(e: IkeDecodeError) -> Notify:
+    """The Notify that answers a request the codec rejected (RFC 7296 §2.5, §3.10.1):
+    UNSUPPORTED_CRITICAL_PAYLOAD with the one-octet payload type, else INVALID_SYNTAX.
+    (INVALID_MAJOR_VERSION has its own answer, :func:`version_answer`.)"""
+    if e.notify_type == NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD:
+        return Notify(NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD, e.data)
+    return Notify(NotifyType.INVALID_SYNTAX)
+
+
+def version_answer(data: bytes | bytearray | memoryview) -> bytes | None:
+    """RFC 7296 §2.5: a request with a higher major version is dropped and SHOULD be answered
+    with an unauthenticated N(INVALID_MAJOR_VERSION); the version we support (2.0) is in the
+    answer's header (§3.10.1). Like the other one-way answers of §1.5 it goes back with the
+    request's SPIs, exchange type and Message ID, the Response flag set and the Initiator flag
+    the opposite of the request's. None for anything else (a response, major version 2 or
+    lower (IKEv1 is not answered), fewer than 28 octets)."""
+    if len(data) < IKE_HEADER_LEN:
+        return None
+    spi_i, spi_r, _nxt, version, xchg, flags, mid, _length = _HDR.unpack_from(data)
+    if version >> 4 <= IKE_MAJOR_VERSION or flags & HeaderFlag.RESPONSE:
+        return None
+    answer = Message(
+        spi_i,
+        spi_r,
+        xchg,
+        mid,
+        (Notify(NotifyType.INVALID_MAJOR_VERSION),),
+        initiator=not flags & HeaderFlag.INITIATOR,
+        response=True,
+    )
+    return encode_message(answer)

@@ -45,6 +45,8 @@ class IkeDecodeError(ValueError):
     INVALID_SYNTAX, UNSUPPORTED_CRITICAL_PAYLOAD or INVALID_MAJOR_VERSION) and ``data`` its
     Notification Data (the one-octet payload type for UNSUPPORTED_CRITICAL_PAYLOAD). ``header``
     is the message's IKE header when it was itself well formed (so a reply can be addressed).
+    ``authenticated``: the error is in payloads that were inside an Encrypted payload whose
+    integrity check passed (RFC 7296 §3.10.1: only then may INVALID_SYNTAX be answered).
     """
 
     def __init__(self, notify_type: int, message: str, data: bytes = b"") -> None:
@@ -52,6 +54,7 @@ class IkeDecodeError(ValueError):
         self.notify_type = notify_type
         self.data = data
         self.header: IkeHeader | None = None
+        self.authenticated = False
 
 
 def syntax_error(message: str) -> IkeDecodeError:

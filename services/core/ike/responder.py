@@ -32,6 +32,14 @@ Behaviour:
 * A retransmitted request (the message ID of the last request answered) gets the cached
   response again, unchanged (§2.1). Malformed, unauthenticated or unrelated datagrams are
   dropped: ``receive`` never raises for what arrives on the wire.
+* Error answers of §2.5 / §2.21: an IKE_SA_INIT request with a payload type we do not know and
+  the critical bit set gets an unencrypted N(UNSUPPORTED_CRITICAL_PAYLOAD) naming the type (no
+  state is kept); a request with a higher major version is dropped and answered with an
+  unauthenticated N(INVALID_MAJOR_VERSION) (:func:`~services.core.ike.message.version_answer`);
+  an IKE_AUTH request whose integrity check passes but whose inner payloads are malformed gets
+  an encrypted UNSUPPORTED_CRITICAL_PAYLOAD or INVALID_SYNTAX and ends in FAILED. Other
+  malformed IKE_SA_INIT requests are dropped (they are unauthenticated). ``error_answers``
+  counts these answers, ``dropped`` the datagrams dropped.
 
 * IKE fragmentation (RFC 7383): when the initiator announced IKEV2_FRAGMENTATION_SUPPORTED
   (and ``fragment_size`` is not 0) we announce it too, reassemble a fragmented IKE_AUTH request
@@ -108,6 +116,8 @@ from services.core.ike.message import (
     decode_header,
     decode_message,
     encode_message,
+    error_notify,
+    version_answer,
 )
 from services.core.ike.sk import (
     FragmentReassembler,
@@ -265,6 +275,7 @@ class Ikev2Responder:
         self.nat_t = False  # NAT-D exchanged: IKE_AUTH is expected on UDP 4500
         self.dropped = 0
         self.invalid_ke_sent = 0  # INVALID_KE_PAYLOAD answers (stateless, §1.3)
+        self.error_answers = 0  # UNSUPPORTED_CRITICAL_PAYLOAD / INVALID_MAJOR_VERSION / ... sent
         self._spi_i = _ZERO_SPI
         self._spi_r = _ZERO_SPI
         self._ni = b""
@@ -339,7 +350,14 @@ class Ikev2Responder:
         """Process one received IKE message; return the response datagram(s), maybe none."""
         try:
             out = self._receive(bytes(data), now, remote, local)
-        except (_Drop, IkeDecodeError, SkError, AlgorithmError, InvalidKeyExchange, ValueError):
+        except IkeDecodeError as e:
+            answer = version_answer(data) if e.header is None else None
+            if answer is None:
+                self.dropped += 1
+                return []
+            self.error_answers += 1  # §2.5: dropped, and answered without any state
+            return [answer]
+        except (_Drop, SkError, AlgorithmError, InvalidKeyExchange, ValueError):
             self.dropped += 1
             return []
         self.last_activity = now
@@ -372,7 +390,15 @@ class Ikev2Responder:
                 raise _Drop
             if hdr.spi_r != _ZERO_SPI or hdr.spi_i == _ZERO_SPI:
                 raise _Drop
-            return self._on_sa_init(decode_message(data), data, remote, local)
+            try:
+                msg = decode_message(data)
+            except IkeDecodeError as e:
+                if e.notify_type != NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD:
+                    raise
+                # §2.5: reject it with the payload type; keep no state (as INVALID_KE_PAYLOAD)
+                self.error_answers += 1
+                return [self._error_sa_init(hdr.spi_i, error_notify(e))]
+            return self._on_sa_init(msg, data, remote, local)
         if hdr.spi_i != self._spi_i:
             raise _Drop
         # A retransmission of the last request: resend the cached response (§2.1). For
@@ -524,14 +550,24 @@ class Ikev2Responder:
     def _on_auth(self, raw: bytes, now: float) -> list[bytes]:
         assert self._keys is not None and self._in is not None and self._suite is not None
         prf_id = self._suite.prf
-        # SkError / IkeDecodeError -> dropped (§2.21.2); SKF fragments only if negotiated
-        if self._fragment:
-            whole = self._reassembler.add(raw, self._in)
-            if whole is None:
-                return []  # more fragments to come
-            msg = whole
-        else:
-            msg = decrypt_message(raw, self._in)
+        # SkError / IkeDecodeError -> dropped (§2.21.2); SKF fragments only if negotiated.
+        # Malformed inner payloads behind a good ICV are answered (§2.5, §2.21.2, §3.10.1).
+        try:
+            if self._fragment:
+                whole = self._reassembler.add(raw, self._in)
+                if whole is None:
+                    return []  # more fragments to come
+                msg = whole
+            else:
+                msg = decrypt_message(raw, self._in)
+        except IkeDecodeError as e:
+            if not e.authenticated:
+                raise
+            notify = error_notify(e)
+            self._fail(f"{NotifyType(notify.notify_type).name}: malformed IKE_AUTH request ({e})")
+            self.error_answers += 1
+            out = self._encrypted(ExchangeType.IKE_AUTH, 1, (notify,))
+            return self._answer(ExchangeType.IKE_AUTH, 1, out)
         cfg = self.config
         idi = _first(msg.payloads, IDi)
         auth = _first(msg.payloads, Auth)

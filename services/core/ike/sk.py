@@ -295,9 +295,11 @@ def _as_message(outer: Message, payloads: tuple[Payload, ...]) -> Message:
 
 
 def _inner(first: int, plaintext: bytes, data: bytes) -> list[Payload]:
+    """Decode verified plaintext; its IkeDecodeError is marked ``authenticated``."""
     try:
         return decode_payloads(first, plaintext)
     except IkeDecodeError as e:
+        e.authenticated = True
         raise _with_header(e, data) from None
 
 
@@ -307,7 +309,7 @@ def decrypt_message(data: bytes, cipher: SkCipher) -> Message:
     Unencrypted payloads before SK (covered by the ICV as well) are kept in front of the inner
     ones. SkError: integrity / padding / sealed-length failure. IkeDecodeError: malformed
     message, no SK payload (an SKF fragment goes to FragmentReassembler), or malformed inner
-    payloads (with ``header`` set).
+    payloads (with ``header`` set and ``authenticated`` true: the ICV was good).
     """
     data = bytes(data)
     outer = decode_message(data)
