@@ -90,7 +90,7 @@ from services.core.ike.exchange import (
     State,
 )
 from services.core.ike.informational import InfoEvent, InfoSession
-from services.core.ike.message import IkeDecodeError, decode_header
+from services.core.ike.message import IkeDecodeError, IkeHeader, decode_header, version_answer
 from services.core.ike.prf import Prf
 from services.core.ike.responder import Ikev2Responder, ResponderConfig, ResponderState
 from services.core.ike.suites import DEFAULT_IKE, IkeSuite
@@ -247,6 +247,11 @@ class Keymgr:
         # keyed by the initiator's IKE SPI (from the IKE header)
         self.responders: dict[bytes, ResponderSession] = {}
         self.half_open_dropped = 0  # IKE_SA_INIT requests refused by the MAX_HALF_OPEN bound
+        # per connection: datagrams a responder dropped after the IKE header was read, and
+        # requests it refused with an error Notify (RFC 7296 §2.5, §2.21)
+        self.responder_drops: dict[str, int] = {}
+        self.responder_error_answers: dict[str, int] = {}
+        self._drops_logged: tuple[float, tuple[int, int]] = (float("-inf"), (0, 0))
         self._spd: dict[str, SpdEntry] = {}  # installed PROTECT entry per connection name
         self._rx: queue.Queue[IkeDatagram | _Call] = queue.Queue()
         self._stop = threading.Event()
@@ -491,11 +496,51 @@ class Keymgr:
             },
         )
 
+    def _responder_drop(
+        self, c: Connection, hdr: IkeHeader, rs: ResponderSession, *, dropped: bool, now: float
+    ) -> None:
+        """Count and log (debug) a datagram the responder dropped or refused with an error
+        Notify; the totals go to an info line at most once per COOKIE_LOG_INTERVAL."""
+        counter = self.responder_drops if dropped else self.responder_error_answers
+        counter[c.name] = counter.get(c.name, 0) + 1
+        log.debug(
+            "IKE datagram dropped by the responder"
+            if dropped
+            else "IKE request refused with an error notify",
+            extra={
+                "conn": c.name,
+                "spi_i": hdr.spi_i.hex(),
+                "exchange": hdr.exchange_type,
+                "message_id": hdr.message_id,
+                "state": rs.responder.state.value,
+                "total": counter[c.name],
+            },
+        )
+        totals = (sum(self.responder_drops.values()), sum(self.responder_error_answers.values()))
+        last_at, last = self._drops_logged
+        if totals != last and now - last_at >= COOKIE_LOG_INTERVAL:
+            self._drops_logged = (now, totals)
+            log.info(
+                "ike responder drops",
+                extra={
+                    "dropped": dict(self.responder_drops),
+                    "error_answers": dict(self.responder_error_answers),
+                },
+            )
+
     def _respond(self, c: Connection, reqid: int, d: IkeDatagram, now: float) -> None:
         try:
             hdr = decode_header(d.data)
         except IkeDecodeError:
-            log.debug("malformed IKE datagram dropped", extra={"conn": c.name})
+            answer = version_answer(d.data)  # a higher major version: INVALID_MAJOR_VERSION
+            log.debug(
+                "malformed IKE datagram dropped",
+                extra={"conn": c.name, "answered": answer is not None},
+            )
+            if answer is not None and self._stream is not None:
+                self._stream.send(
+                    IkeDatagram(d.local_addr, d.local_port, d.remote_addr, d.remote_port, answer)
+                )
             return
         rs = self.responders.get(hdr.spi_i)
         if rs is not None and rs.conn is not c:
@@ -547,7 +592,10 @@ class Keymgr:
         remote = (ipaddress.ip_address(d.remote_addr).packed, d.remote_port)
         before = rs.responder.state
         ke_before = rs.responder.invalid_ke_sent
+        counts = (rs.responder.dropped, rs.responder.error_answers)
         out = rs.responder.receive(d.data, now, remote=remote, local=local)
+        if (rs.responder.dropped, rs.responder.error_answers) != counts:
+            self._responder_drop(c, hdr, rs, dropped=rs.responder.dropped != counts[0], now=now)
         if rs.responder.invalid_ke_sent != ke_before:
             log.info(
                 "INVALID_KE_PAYLOAD sent",

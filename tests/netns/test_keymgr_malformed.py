@@ -71,17 +71,24 @@ _MAX_UDP = 65507  # largest UDP payload over IPv4
 
 # What keymgr must answer (label -> notify type of the answer, or "sa_init" for a real
 # IKE_SA_INIT response); every other label must get nothing back.
-ANSWERED = {
+ANSWERED: dict[str, NotifyType | str] = {
     "ke_unsupported_group": NotifyType.INVALID_KE_PAYLOAD,
     "ke_ecp_group_invalid_point": NotifyType.INVALID_KE_PAYLOAD,
     "ikev1_types_not_critical": "sa_init",
-}
-# Answers RFC 7296 §2.5 asks for but keymgr does not send yet (strict xfails in
-# tests/unit/test_ike_fuzz.py): allowed here, so this test keeps passing once they are sent.
-MAY_ANSWER = {
+    # RFC 7296 §2.5: the critical bit on a type we do not know -> UNSUPPORTED_CRITICAL_PAYLOAD
+    # naming the type; a higher major version -> INVALID_MAJOR_VERSION (version 2.0 in the
+    # answer's header)
     "unknown_critical_payload": NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD,
     "ikev1_types_critical": NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD,
     "ikev3_header": NotifyType.INVALID_MAJOR_VERSION,
+}
+# Notification Data of those answers (hex): the payload type, or nothing
+ANSWER_DATA = {
+    "ke_unsupported_group": ["001f"],
+    "ke_ecp_group_invalid_point": ["001f"],
+    "unknown_critical_payload": ["c8"],
+    "ikev1_types_critical": ["04"],
+    "ikev3_header": [""],
 }
 # Labels whose IKE header itself is malformed (keymgr logs "malformed IKE datagram dropped").
 BAD_HEADER = {"short", "truncated_1", "truncated_27", "ikev1_main_mode", "ikev3_header"}
@@ -330,6 +337,8 @@ def peer_main(cfg: dict[str, Any]) -> dict[str, Any]:
                     p.notify_type if isinstance(p, Notify) else type(p).__name__ for p in m.payloads
                 ]
                 entry["data"] = [p.data.hex() for p in m.payloads if isinstance(p, Notify)]
+                entry["version"] = d[17]
+                entry["response"] = m.response
             except IkeDecodeError as e:
                 entry["error"] = str(e)
             answers.append(entry)
@@ -397,17 +406,16 @@ def test_keymgr_survives_malformed_ike_and_still_serves_strongswan(mlab: Respond
         assert "error" not in a, a
         got.setdefault((a["label"], a["port"]), []).append(a)
     want_keys = {(label, port) for label in ANSWERED for port in (500, NAT_T_PORT)}
-    may_keys = {(label, port) for label in MAY_ANSWER for port in (500, NAT_T_PORT)}
-    assert want_keys <= set(got) <= want_keys | may_keys, sorted(got)
+    assert set(got) == want_keys, sorted(got)
     for (label, _port), answers in got.items():
         assert len(answers) == 1, answers
         (a,) = answers
-        if label in MAY_ANSWER:
-            assert a["types"] == [int(MAY_ANSWER[label])], a
-        elif ANSWERED[label] == "sa_init":
+        assert a["response"] is True and a["version"] == 0x20, a
+        want = ANSWERED[label]
+        if want == "sa_init":
             assert a["types"][:3] == ["SA", "KE", "Nonce"], a
         else:
-            assert a["types"] == [int(ANSWERED[label])] and a["data"] == ["001f"], a
+            assert a["types"] == [int(want)] and a["data"] == ANSWER_DATA[label], a
 
     # 2. garbage IKE_AUTH was dropped, the genuine one still established the IKE SA
     assert res["garbage_auth_answers"] == 0, res
@@ -469,13 +477,6 @@ def test_keymgr_survives_malformed_ike_and_still_serves_strongswan(mlab: Respond
 # -- keymgr's own accounting of drops (no namespaces needed) ------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services/keymgr/daemon.py neither logs nor counts the datagrams its responders drop "
-    "(a malformed IKE_SA_INIT for a new SPI, a forged message on an established IKE SA): "
-    "Ikev2Responder.dropped is never read, and a responder that dropped the first IKE_SA_INIT "
-    "is thrown away with its counter",
-)
 def test_keymgr_logs_every_datagram_its_responders_drop(
     tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -500,8 +501,16 @@ def test_keymgr_logs_every_datagram_its_responders_drop(
         caplog.clear()
         km._dispatch(IkeDatagram(A, NAT_T_PORT, B, NAT_T_PORT, d), 0.0)
         forged_info = list(caplog.records)
-    assert malformed_init, "nothing logged for a dropped malformed IKE_SA_INIT"
+    assert malformed_init, "nothing logged for a refused malformed IKE_SA_INIT"
     assert forged_info, "nothing logged for a forged message on an established IKE SA"
+    # RFC 7296 §2.5: the IKE_SA_INIT is refused with UNSUPPORTED_CRITICAL_PAYLOAD (counted as
+    # an error answer); the forged message fails integrity and is a counted drop, both at debug
+    refused = [r for r in malformed_init if r.getMessage().startswith("IKE request refused")]
+    drops = [r for r in forged_info if r.getMessage() == "IKE datagram dropped by the responder"]
+    assert len(refused) == 1 and refused[0].levelname == "DEBUG", malformed_init
+    assert len(drops) == 1 and drops[0].levelname == "DEBUG", forged_info
+    assert list(km.responder_error_answers.values()) == [1], km.responder_error_answers
+    assert list(km.responder_drops.values()) == [1], km.responder_drops
 
 
 if __name__ == "__main__":
