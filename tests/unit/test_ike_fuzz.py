@@ -1171,3 +1171,20 @@ def test_invalid_major_version_answer_header(state: ResponderState) -> None:
     d[17] = 0x10
     assert resp.receive(bytes(d), 0.0) == []
     assert resp.receive(b"\x30" * 20, 0.0) == []
+    # not an IKE header: Length other than the datagram's, or a zero SPIi
+    d = bytearray(REQ1)
+    d[17] = 0x30
+    assert resp.receive(bytes(d) + b"x", 0.0) == []
+    d[:8] = bytes(8)
+    assert resp.receive(bytes(d), 0.0) == []
+    assert resp.error_answers == 2
+
+
+@_fuzz(200)
+@given(st.binary(min_size=IKE_HEADER_LEN, max_size=120))
+def test_random_datagrams_get_no_version_answer(data: bytes) -> None:
+    """Random bytes are not answered with INVALID_MAJOR_VERSION (nor anything else)."""
+    resp = _responder(ResponderState.WAIT_SA_INIT)
+    d = bytearray(data)
+    struct.pack_into("!I", d, 24, len(d) + 1)
+    assert resp.receive(bytes(d), 0.0) == []

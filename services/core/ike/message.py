@@ -320,12 +320,16 @@ def version_answer(data: bytes | bytearray | memoryview) -> bytes | None:
     with an unauthenticated N(INVALID_MAJOR_VERSION); the version we support (2.0) is in the
     answer's header (§3.10.1). Like the other one-way answers of §1.5 it goes back with the
     request's SPIs, exchange type and Message ID, the Response flag set and the Initiator flag
-    the opposite of the request's. None for anything else (a response, major version 2 or
-    lower (IKEv1 is not answered), fewer than 28 octets)."""
+    the opposite of the request's. None for anything else: a response, major version 2 or
+    lower (IKEv1 is not answered), and what does not look like an IKE header at all (fewer
+    than 28 octets, a Length field other than the datagram's, a zero SPIi), so that random
+    datagrams are not answered."""
     if len(data) < IKE_HEADER_LEN:
         return None
-    spi_i, spi_r, _nxt, version, xchg, flags, mid, _length = _HDR.unpack_from(data)
+    spi_i, spi_r, _nxt, version, xchg, flags, mid, length = _HDR.unpack_from(data)
     if version >> 4 <= IKE_MAJOR_VERSION or flags & HeaderFlag.RESPONSE:
+        return None
+    if length != len(data) or spi_i == bytes(8):
         return None
     answer = Message(
         spi_i,
