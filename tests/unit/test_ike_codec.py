@@ -932,7 +932,9 @@ _MAC_A, _MAC_B = "02:00:00:00:00:01", "02:00:00:00:00:02"  # explicit: no ARP lo
 _WS_WARN = 0x00600000  # PI_WARN; malformed packets are PI_ERROR (0x00800000)
 
 
-def _tshark(messages: list[bytes], tmp_path: Path) -> list[dict[str, list[str]]]:
+def _tshark(
+    messages: list[bytes], tmp_path: Path, fields: list[str] = _FIELDS
+) -> list[dict[str, list[str]]]:
     from scapy.all import IP, UDP, Ether, Raw, wrpcap
 
     pcap = tmp_path / "ike.pcap"
@@ -958,13 +960,13 @@ def _tshark(messages: list[bytes], tmp_path: Path) -> list[dict[str, list[str]]]
         "-E",
         "aggregator=;",
     ]
-    for f in _FIELDS:
+    for f in fields:
         cmd += ["-e", f]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60).stdout
     rows = []
     for line in out.splitlines():
         cols = line.split("|")
-        rows.append({f: [v for v in c.split(";") if v] for f, c in zip(_FIELDS, cols, strict=True)})
+        rows.append({f: [v for v in c.split(";") if v] for f, c in zip(fields, cols, strict=True)})
     assert len(rows) == len(messages)
     return rows
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 import struct
 
 import pytest
@@ -1188,3 +1189,37 @@ def test_random_datagrams_get_no_version_answer(data: bytes) -> None:
     d = bytearray(data)
     struct.pack_into("!I", d, 24, len(d) + 1)
     assert resp.receive(bytes(d), 0.0) == []
+
+
+def test_tshark_dissects_our_unauthenticated_error_answers(tmp_path: pathlib.Path) -> None:
+    """An independent parser (tshark's ISAKMP dissector) reads our §2.5 answers: a response,
+    version 2.0, the Notify type and its data, nothing malformed."""
+    from tests.unit.test_ike_codec import _TSHARK, _tshark
+
+    if _TSHARK is None:
+        pytest.skip("tshark is not installed")
+    resp = _responder(ResponderState.WAIT_SA_INIT)
+    (ucp,) = resp.receive(_with_unknown_critical(REQ1), 0.0, remote=I_EP, local=R_EP)
+    d = bytearray(REQ1)
+    d[17] = 0x31
+    (imv,) = resp.receive(bytes(d), 0.0, remote=I_EP, local=R_EP)
+    fields = [
+        "_ws.malformed",
+        "isakmp.mjver",
+        "isakmp.mnver",
+        "isakmp.flag_r",
+        "isakmp.flag_i",
+        "isakmp.ispi",
+        "isakmp.exchangetype",
+        "isakmp.notify.msgtype",
+        "isakmp.notify.data",
+    ]
+    rows = _tshark([ucp, imv], tmp_path, fields)
+    # tshark shows empty Notification Data as "<MISSING>" (so it does for NO_PROPOSAL_CHOSEN)
+    for row, notify, data in zip(rows, ("1", "5"), (["c8"], ["<MISSING>"]), strict=True):
+        assert not row["_ws.malformed"], row
+        assert row["isakmp.mjver"] == ["0x02"] and row["isakmp.mnver"] == ["0x00"], row
+        assert row["isakmp.flag_r"] == ["1"] and row["isakmp.flag_i"] == ["0"], row
+        assert row["isakmp.ispi"] == [REQ1[:8].hex()] and row["isakmp.exchangetype"] == ["34"]
+        assert row["isakmp.notify.msgtype"] == [notify], row
+        assert row["isakmp.notify.data"] == data, row
