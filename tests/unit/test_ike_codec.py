@@ -933,7 +933,10 @@ _WS_WARN = 0x00600000  # PI_WARN; malformed packets are PI_ERROR (0x00800000)
 
 
 def _tshark(
-    messages: list[bytes], tmp_path: Path, fields: list[str] = _FIELDS
+    messages: list[bytes],
+    tmp_path: Path,
+    fields: list[str] = _FIELDS,
+    prefs: tuple[str, ...] = (),
 ) -> list[dict[str, list[str]]]:
     from scapy.all import IP, UDP, Ether, Raw, wrpcap
 
@@ -960,6 +963,8 @@ def _tshark(
         "-E",
         "aggregator=;",
     ]
+    for pref in prefs:
+        cmd += ["-o", pref]
     for f in fields:
         cmd += ["-e", f]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60).stdout

@@ -1223,3 +1223,33 @@ def test_tshark_dissects_our_unauthenticated_error_answers(tmp_path: pathlib.Pat
         assert row["isakmp.ispi"] == [REQ1[:8].hex()] and row["isakmp.exchangetype"] == ["34"]
         assert row["isakmp.notify.msgtype"] == [notify], row
         assert row["isakmp.notify.data"] == data, row
+
+
+def test_tshark_decrypts_and_reads_our_encrypted_error_answers(tmp_path: pathlib.Path) -> None:
+    """tshark, given the IKE SA keys, decrypts our encrypted answers and finds the Notify:
+    UNSUPPORTED_CRITICAL_PAYLOAD (type 77 as data) and INVALID_SYNTAX (§2.21.3), and
+    TEMPORARY_FAILURE for the second rekey of one Child SA (§2.25)."""
+    from tests.netns.tshark import ike_uat
+    from tests.unit.test_ike_codec import _TSHARK, _tshark
+
+    if _TSHARK is None:
+        pytest.skip("tshark is not installed")
+    resp = _responder(ResponderState.ESTABLISHED)
+    (ucp,) = resp.receive(_seal_raw(_i2r(), _critical(77), 77, mid=2), 0.0)
+    body = struct.pack("!BBH", 3, 4, 2) + bytes(4)
+    bad_delete = _GENERIC.pack(0, 0, 4 + len(body)) + body
+    (syntax,) = resp.receive(_seal_raw(_i2r(), bad_delete, PayloadType.DELETE, mid=3), 0.0)
+    old = _RESULT.child.spi_out
+    resp.receive(_child_rekey(old, 4, b"\x00\x00\x10\x01"), 0.0)
+    (temp,) = resp.receive(_child_rekey(old, 5, b"\x00\x00\x10\x02"), 0.0)
+    k = _RESULT.keys
+    uat = ike_uat(
+        _RESULT.spi_i, _RESULT.spi_r, k.sk_ei, k.sk_er, "AES-GCM-256 with 16 octet ICV [RFC5282]"
+    )
+    fields = ["_ws.malformed", "isakmp.enc.pad_length", "isakmp.notify.msgtype"]
+    fields.append("isakmp.notify.data")
+    rows = _tshark([ucp, syntax, temp], tmp_path, fields, prefs=(uat,))
+    want = [("1", ["4d"]), ("7", ["<MISSING>"]), ("43", ["<MISSING>"])]
+    for row, (notify, data) in zip(rows, want, strict=True):
+        assert not row["_ws.malformed"] and row["isakmp.enc.pad_length"], row  # decrypted
+        assert row["isakmp.notify.msgtype"] == [notify] and row["isakmp.notify.data"] == data, row
