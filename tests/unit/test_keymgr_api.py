@@ -82,6 +82,14 @@ class Counter:
     bytes: int
 
 
+class _NoEvents:
+    def __iter__(self) -> Any:
+        return iter(())
+
+    def cancel(self) -> None:
+        pass
+
+
 @dataclass
 class FakeClient:
     target: str = "fake"
@@ -110,8 +118,8 @@ class FakeClient:
         return revision
 
     def events(self) -> Any:
-        """No worker events in these tests (an empty stream)."""
-        return iter(())
+        """No worker events in these tests (an empty stream that can be cancelled)."""
+        return _NoEvents()
 
     def list_sas(self) -> list[Counter]:
         with self.lock:
