@@ -161,6 +161,7 @@ def test_strongswan_initiates_to_keymgr_responder_and_traffic_flows(rlab: Respon
 
 def test_strongswan_wrong_psk_keymgr_responder_installs_nothing(rlab: ResponderLab) -> None:
     rlab.psk_for_strongswan = secrets.token_hex(32)
+    rlab.expect_undecryptable("of IKE SAs that never established (no keys to export)")
     rlab.start_worker()
     keymgr = rlab.start_responder_keymgr()
     rlab.wait_punt_connected(keymgr)
