@@ -24,26 +24,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.core.iana import Encr, Integ, IpProto
+from services.core.iana import IpProto
 from services.core.sa import SaConfig
 from services.dataplane.lab import TCP_PORTS
+from services.keymgr.events import WS_ESP_ENCR, WS_ESP_INTEG
 
-TSHARK_ENCR: dict[int, str] = {
-    Encr.AES_GCM_16: "AES-GCM with 16 octet ICV [RFC4106]",
-    Encr.AES_GCM_12: "AES-GCM with 12 octet ICV [RFC4106]",
-    Encr.AES_GCM_8: "AES-GCM with 8 octet ICV [RFC4106]",
-    Encr.AES_CBC: "AES-CBC [RFC3602]",
-    Encr.AES_CTR: "AES-CTR [RFC3686]",
-    Encr.TRIPLE_DES: "TripleDES-CBC [RFC2451]",
-    Encr.NULL: "NULL",
-}
-TSHARK_INTEG: dict[int, str] = {
-    Integ.NONE: "NULL",
-    Integ.HMAC_SHA1_96: "HMAC-SHA-1-96 [RFC2404]",
-    Integ.HMAC_SHA2_256_128: "HMAC-SHA-256-128 [RFC4868]",
-    Integ.HMAC_SHA2_384_192: "HMAC-SHA-384-192 [RFC4868]",
-    Integ.HMAC_SHA2_512_256: "HMAC-SHA-512-256 [RFC4868]",
-}
+# the esp_sa names keymgr's key export writes (one table for both)
+TSHARK_ENCR: dict[int, str] = WS_ESP_ENCR
+TSHARK_INTEG: dict[int, str] = WS_ESP_INTEG
 SEVERITY_ERROR = 0x00800000  # PI_ERROR in epan/proto.h
 INNER_L4 = frozenset({"tcp", "icmp", "icmpv6", "udp"})
 # ICMPv6 that belongs to the link itself (ND, MLD), not to traffic the tunnel carries
