@@ -356,8 +356,11 @@ def ike_frames(pcap: Path, *, prefs: Sequence[str] = ()) -> list[IkeFrame]:
 # --- IKEv2 capture check of the keymgr interop labs --------------------------------------------
 
 # IKE on UDP 500, and on UDP 4500 only what carries the non-ESP marker (RFC 3948 §2.2): ESP in
-# UDP and NAT keepalives stay out of the capture, so it is small even under traffic
-IKE_CAPTURE_FILTER = "udp port 500 or (udp port 4500 and udp[8:4] = 0)"
+# UDP and NAT keepalives stay out of the capture, so it is small even under traffic. BPF's
+# udp[] works on IPv4 only: for IPv6 the marker follows the 40-octet header and UDP's 8.
+IKE_CAPTURE_FILTER = (
+    "udp port 500 or (udp port 4500 and ((ip and udp[8:4] = 0) or (ip6 and ip6[48:4] = 0)))"
+)
 TSHARK_CANNOT = "not decryptable by tshark 4.0"
 
 
