@@ -399,8 +399,10 @@ class IkeCheck:
             tail = f"{self.decrypted} decrypted, {len(self.problems)} problem(s)"
         elif self.undecryptable:
             tail = f"{self.decrypted} decrypted, {self.undecryptable} {self.reason}"
-        else:
+        elif self.encrypted:
             tail = "all decrypted"
+        else:
+            tail = "none to decrypt"
         if self.exempt:
             tail += f"; {self.exempt} frames of deliberate garbage not checked"
         return head + tail
