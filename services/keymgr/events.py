@@ -186,30 +186,36 @@ def sa_integrity(sa: SaConfig) -> str:
 
 # --- key export ---------------------------------------------------------------------------------
 
-# Wireshark 4.0 display strings (packet-isakmp.c, packet-esp.c); see tests/netns/tshark.py.
-_WS_IKE_ENCR: dict[tuple[int, int], str] = {
+# Wireshark 4.0 names (the enum strings of the ikev2_decryption_table and esp_sa UATs in
+# packet-isakmp.c / packet-esp.c), byte for byte: tshark refuses a record with any other name.
+# Wireshark 4.0 knows no ChaCha20-Poly1305 (RFC 7634) in either table, so IKE and ESP SAs of
+# that cipher are not exported (counted in KeyExporter.failures, one warning each).
+WS_IKE_ENCR: dict[tuple[int, int], str] = {
     (Encr.AES_GCM_16, 128): "AES-GCM-128 with 16 octet ICV [RFC5282]",
     (Encr.AES_GCM_16, 192): "AES-GCM-192 with 16 octet ICV [RFC5282]",
     (Encr.AES_GCM_16, 256): "AES-GCM-256 with 16 octet ICV [RFC5282]",
     (Encr.AES_CBC, 128): "AES-CBC-128 [RFC3602]",
     (Encr.AES_CBC, 192): "AES-CBC-192 [RFC3602]",
     (Encr.AES_CBC, 256): "AES-CBC-256 [RFC3602]",
+    (Encr.TRIPLE_DES, 192): "3DES [RFC2451]",
 }
-_WS_IKE_INTEG: dict[int, str] = {
+WS_IKE_INTEG: dict[int, str] = {
     Integ.NONE: "NONE [RFC4306]",
+    Integ.HMAC_SHA1_96: "HMAC_SHA1_96 [RFC2404]",
     Integ.HMAC_SHA2_256_128: "HMAC_SHA2_256_128 [RFC4868]",
     Integ.HMAC_SHA2_384_192: "HMAC_SHA2_384_192 [RFC4868]",
     Integ.HMAC_SHA2_512_256: "HMAC_SHA2_512_256 [RFC4868]",
 }
-_WS_ESP_ENCR: dict[int, str] = {
+WS_ESP_ENCR: dict[int, str] = {
     Encr.AES_GCM_16: "AES-GCM with 16 octet ICV [RFC4106]",
     Encr.AES_GCM_12: "AES-GCM with 12 octet ICV [RFC4106]",
     Encr.AES_GCM_8: "AES-GCM with 8 octet ICV [RFC4106]",
     Encr.AES_CBC: "AES-CBC [RFC3602]",
     Encr.AES_CTR: "AES-CTR [RFC3686]",
+    Encr.TRIPLE_DES: "TripleDES-CBC [RFC2451]",
     Encr.NULL: "NULL",
 }
-_WS_ESP_INTEG: dict[int, str] = {
+WS_ESP_INTEG: dict[int, str] = {
     Integ.NONE: "NULL",
     Integ.HMAC_SHA1_96: "HMAC-SHA-1-96 [RFC2404]",
     Integ.HMAC_SHA2_256_128: "HMAC-SHA-256-128 [RFC4868]",
@@ -230,11 +236,11 @@ def ike_uat(
 ) -> str:
     """One ``ikev2_decryption_table`` record as a tshark option value: SPIi, SPIr, SK_ei,
     SK_er, encryption, SK_ai, SK_ar, integrity (bytes as bare hex, algorithms quoted)."""
-    encr = _WS_IKE_ENCR.get((encr_id, key_bits))
-    integ = _WS_IKE_INTEG.get(integ_id)
+    encr = WS_IKE_ENCR.get((encr_id, key_bits))
+    integ = WS_IKE_INTEG.get(integ_id)
     if encr is None or integ is None:
         raise KeyExportError(
-            f"Wireshark cannot decrypt IKE encr {encr_id}/{key_bits} integ {integ_id}"
+            f"Wireshark 4.0 cannot decrypt IKE {algorithm_name(encr_id, key_bits)} integ {integ_id}"
         )
     return (
         f"uat:ikev2_decryption_table:{spi_i.hex()},{spi_r.hex()},{keys.sk_ei.hex()},"
@@ -247,10 +253,12 @@ def esp_uat(sa: SaConfig) -> str:
     SPI, encryption, key, authentication, key), as tests/netns/tshark.py's EspSaRecord."""
     if sa.protocol != IpProto.ESP:
         raise KeyExportError("only ESP SAs carry keys")
-    encr = _WS_ESP_ENCR.get(sa.encr_id)
-    auth = _WS_ESP_INTEG.get(sa.integ_id)
+    encr = WS_ESP_ENCR.get(sa.encr_id)
+    auth = WS_ESP_INTEG.get(sa.integ_id)
     if encr is None or auth is None:
-        raise KeyExportError(f"Wireshark cannot decrypt ESP encr {sa.encr_id} integ {sa.integ_id}")
+        raise KeyExportError(
+            f"Wireshark 4.0 cannot decrypt ESP {algorithm_name(sa.encr_id, 0)} integ {sa.integ_id}"
+        )
     src = ipaddress.ip_address(sa.src)
     fam = "IPv6" if src.version == 6 else "IPv4"
     ek = f"0x{sa.encr_key.hex()}" if sa.encr_key else ""

@@ -30,7 +30,14 @@ import pytest
 from scripts import bench_strongswan as bsw
 from services.core.engine import SaStatus
 from services.core.sa import Direction
-from tests.netns.test_keymgr_strongswan import CLIENT, WORKER_ID, Case, KeymgrLab, _skip_reason
+from tests.netns.test_keymgr_strongswan import (
+    CLIENT,
+    NOT_ESTABLISHED,
+    WORKER_ID,
+    Case,
+    KeymgrLab,
+    _skip_reason,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -161,6 +168,7 @@ def test_strongswan_initiates_to_keymgr_responder_and_traffic_flows(rlab: Respon
 
 def test_strongswan_wrong_psk_keymgr_responder_installs_nothing(rlab: ResponderLab) -> None:
     rlab.psk_for_strongswan = secrets.token_hex(32)
+    rlab.expect_undecryptable(NOT_ESTABLISHED)
     rlab.start_worker()
     keymgr = rlab.start_responder_keymgr()
     rlab.wait_punt_connected(keymgr)

@@ -39,6 +39,7 @@ from scripts import bench_strongswan as bsw
 from services.core.engine import SaStatus
 from services.core.sa import Direction
 from services.dataplane.client import DataplaneClient
+from tests.netns import tshark
 
 pytestmark = pytest.mark.netns
 
@@ -48,6 +49,9 @@ CLIENT = "keymgr"
 # IPv6 twins of the bench addresses (RFC 3849 documentation prefix)
 OUTER6_A, OUTER6_B = "2001:db8::1", "2001:db8::2"
 INNER6_A, INNER6_B = "2001:db8:a::1", "2001:db8:b::1"
+# reasons for KeymgrLab.expect_undecryptable (the capture check counts such messages apart)
+NOT_ESTABLISHED = "of IKE SAs that never established (keys are exported once established)"
+REKEYED_IKE = "of rekeyed IKE SAs (keymgr does not export a rekeyed IKE SA's keys yet)"
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,7 @@ class Case:
 def _skip_reason() -> str | None:
     if not os.access(bsw.CHARON, os.X_OK):
         return f"strongSwan not installed ({bsw.CHARON} missing)"
-    for tool in ("swanctl", "ping", "ip"):
+    for tool in ("swanctl", "ping", "ip", "tcpdump", "tshark"):
         if shutil.which(tool) is None:
             return f"{tool} not installed"
     if os.geteuid() != 0:
@@ -125,9 +129,121 @@ def _env() -> dict[str, str]:
 
 
 class KeymgrLab:
-    """Namespaces A and B (veth), charon responder in B, our worker in A, keymgr on the host."""
+    """Namespaces A and B (veth), charon responder in B, our worker in A, keymgr on the host.
+
+    IKE capture check: the first keymgr a lab starts is preceded by tcpdump on A's veth (IKE on
+    UDP 500 and 4500, see :data:`tshark.IKE_CAPTURE_FILTER`) and runs with ``--export-keys``
+    (unless the test gives its own file). :meth:`cleanup` stops keymgr (its Deletes are
+    captured), then the capture, and — unless the test failed or opted out with
+    :meth:`skip_ike_check` — asserts with :func:`tshark.check_ike_capture` that every captured
+    IKEv2 message parses and every encrypted one is decrypted with the exported keys, and
+    prints the one-line summary."""
 
     case = Case()  # the fixed suite, also for subclasses that set up their own namespaces
+    # class-level defaults: subclasses that build their own namespaces skip __init__
+    _ike_capture: subprocess.Popen[bytes] | None = None
+    _ike_skip: str = ""
+    _ike_undecryptable: str = ""
+    _ike_garbage: tuple[tuple[float, float], ...] = ()
+    _keymgrs: tuple[subprocess.Popen[bytes], ...] = ()
+    _keys_file: pathlib.Path | None = None
+    ike_summary: str = ""  # the check's summary line once cleanup() ran it
+
+    @property
+    def ike_pcap(self) -> pathlib.Path:
+        return self.workdir / "ike-check.pcap"
+
+    @property
+    def keys_file(self) -> pathlib.Path:
+        """The key file keymgr exports to (``--export-keys``)."""
+        return self._keys_file or self.workdir / "ike-keys.txt"
+
+    @property
+    def tshark_undecryptable(self) -> str:
+        """Why tshark cannot decrypt this case's IKE SAs ("" when it can)."""
+        if self._ike_undecryptable:
+            return self._ike_undecryptable
+        ike = ",".join((self.case.charon_ike, *self.case.keymgr_ike))
+        return f"ChaCha20-Poly1305, {tshark.TSHARK_CANNOT}" if "chacha20poly1305" in ike else ""
+
+    def expect_undecryptable(self, reason: str) -> None:
+        """Encrypted messages of IKE SAs keymgr exported no keys for are expected (``reason``
+        says why, e.g. an IKE SA that never established): they are counted, not failed; every
+        message must still parse and those of exported IKE SAs must still decrypt."""
+        self._ike_undecryptable = reason
+
+    def skip_ike_check(self, reason: str) -> None:
+        """Opt this test out of the capture check (the reason is printed at cleanup)."""
+        self._ike_skip = reason
+
+    @contextlib.contextmanager
+    def ike_garbage(self) -> Iterator[None]:
+        """Frames captured inside this block are deliberate garbage: counted, not checked."""
+        start = time.time()
+        try:
+            yield
+        finally:
+            self._ike_garbage = (*self._ike_garbage, (start - 0.05, time.time() + 0.05))
+
+    def _start_ike_capture(self) -> None:
+        log_name = "tcpdump-ike.log"
+        argv = ["ip", "netns", "exec", self.bench.ns_a, "tcpdump", "-i", "veth0", "-U", "-n"]
+        argv += ["--immediate-mode", "-w", str(self.ike_pcap), tshark.IKE_CAPTURE_FILTER]
+        proc = self._popen(argv, log_name)
+        self._ike_capture = proc
+        deadline = time.monotonic() + 10
+        while "listening on" not in self.log(log_name):
+            assert proc.poll() is None, f"tcpdump exited\n{self.log(log_name)}"
+            assert time.monotonic() < deadline, f"tcpdump did not start\n{self.log(log_name)}"
+            time.sleep(0.05)
+
+    def _keymgr_argv(self, argv: list[str]) -> list[str]:
+        """Start the capture before the first keymgr and add ``--export-keys``."""
+        if self._ike_capture is None:
+            self._start_ike_capture()
+        if "--export-keys" in argv:
+            self._keys_file = pathlib.Path(argv[argv.index("--export-keys") + 1])
+            return argv
+        return [*argv, "--export-keys", str(self.keys_file)]
+
+    def _finish_ike_check(self) -> str | None:
+        """Stop keymgr and the capture; run the check. Returns the failure text, if any."""
+        cap = self._ike_capture
+        if cap is None:
+            return None
+        for proc in self._keymgrs:  # SIGTERM: keymgr deletes its IKE SAs first
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self._keymgrs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(0.3)  # the peer's answer to our last Delete
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(cap.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            cap.wait(timeout=10)
+        # pytest keeps the exception of a failed test in sys.last_value until the next test
+        if getattr(sys, "last_value", None) is not None:
+            print("tshark: IKE capture not checked: the test failed")
+            return None
+        if self._ike_skip:
+            print(f"tshark: IKE capture not checked: {self._ike_skip}")
+            return None
+        res = tshark.check_ike_capture(
+            self.ike_pcap,
+            self.keys_file,
+            undecryptable=self.tshark_undecryptable,
+            garbage=self._ike_garbage,
+        )
+        self.ike_summary = res.summary()
+        print(self.ike_summary)
+        if res.ok:
+            return None
+        return "\n".join((res.summary(), *res.problems[:40], self.logs()))
 
     def __init__(self, case: Case | None = None, prefix: str = "kmg") -> None:
         self.case = case or Case()
@@ -159,6 +275,9 @@ class KeymgrLab:
         raise bsw.BenchError("IPv6 between the namespaces does not pass traffic")
 
     def _popen(self, argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        keymgr = "services.keymgr" in argv and argv[argv.index("services.keymgr") - 1] == "-m"
+        if keymgr:
+            argv = self._keymgr_argv(argv)
         with (self.workdir / log_name).open("wb") as out:
             proc = subprocess.Popen(
                 argv,
@@ -170,6 +289,8 @@ class KeymgrLab:
                 start_new_session=True,
             )
         self.bench.procs.append(proc)  # bench.cleanup() kills the process group
+        if keymgr:
+            self._keymgrs = (*self._keymgrs, proc)
         return proc
 
     def log(self, name: str, lines: int = 40) -> str:
@@ -387,14 +508,21 @@ class KeymgrLab:
         )
 
     def cleanup(self) -> None:
-        if self.client is not None:
-            self.client.close()
-        # keymgr first, then the worker and charon (reverse start order), namespaces, workdir
-        for proc in reversed(self.bench.procs):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        self.bench.cleanup()
+        """Check the IKE capture (see the class), then remove everything, also on failure."""
+        problem = None
+        try:
+            if self.client is not None:
+                self.client.close()
+            problem = self._finish_ike_check()
+        finally:
+            # keymgr first, then the worker and charon (reverse start order), namespaces, workdir
+            for proc in reversed(self.bench.procs):
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGTERM)
+            self.bench.cleanup()
+        if problem:
+            pytest.fail(f"IKE capture check failed\n{problem}", pytrace=False)
 
 
 @pytest.fixture
@@ -472,6 +600,7 @@ def test_keymgr_wrong_psk_installs_nothing(kmlab: KeymgrLab) -> None:
     kmlab.start_responder()
     kmlab.start_worker()
     kmlab.psk_for_keymgr = secrets.token_hex(32)
+    kmlab.expect_undecryptable(NOT_ESTABLISHED)
     keymgr = kmlab.start_keymgr()
     deadline = time.monotonic() + 15
     log_text = ""

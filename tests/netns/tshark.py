@@ -24,26 +24,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.core.iana import Encr, Integ, IpProto
+from services.core.iana import IpProto
 from services.core.sa import SaConfig
 from services.dataplane.lab import TCP_PORTS
+from services.keymgr.events import WS_ESP_ENCR, WS_ESP_INTEG
 
-TSHARK_ENCR: dict[int, str] = {
-    Encr.AES_GCM_16: "AES-GCM with 16 octet ICV [RFC4106]",
-    Encr.AES_GCM_12: "AES-GCM with 12 octet ICV [RFC4106]",
-    Encr.AES_GCM_8: "AES-GCM with 8 octet ICV [RFC4106]",
-    Encr.AES_CBC: "AES-CBC [RFC3602]",
-    Encr.AES_CTR: "AES-CTR [RFC3686]",
-    Encr.TRIPLE_DES: "TripleDES-CBC [RFC2451]",
-    Encr.NULL: "NULL",
-}
-TSHARK_INTEG: dict[int, str] = {
-    Integ.NONE: "NULL",
-    Integ.HMAC_SHA1_96: "HMAC-SHA-1-96 [RFC2404]",
-    Integ.HMAC_SHA2_256_128: "HMAC-SHA-256-128 [RFC4868]",
-    Integ.HMAC_SHA2_384_192: "HMAC-SHA-384-192 [RFC4868]",
-    Integ.HMAC_SHA2_512_256: "HMAC-SHA-512-256 [RFC4868]",
-}
+# the esp_sa names keymgr's key export writes (one table for both)
+TSHARK_ENCR: dict[int, str] = WS_ESP_ENCR
+TSHARK_INTEG: dict[int, str] = WS_ESP_INTEG
 SEVERITY_ERROR = 0x00800000  # PI_ERROR in epan/proto.h
 INNER_L4 = frozenset({"tcp", "icmp", "icmpv6", "udp"})
 # ICMPv6 that belongs to the link itself (ND, MLD), not to traffic the tunnel carries
@@ -266,8 +254,11 @@ def summary(fs: Iterable[Frame]) -> dict[str, int]:
 
 IKE_SA_INIT = 34  # RFC 7296 §3.1 exchange types
 PAYLOAD_SK = 46  # Encrypted and Authenticated payload (RFC 7296 §3.14)
+PAYLOAD_SKF = 53  # Encrypted and Authenticated Fragment (RFC 7383 §2.5)
 IKE_FIELDS = (
     "frame.number",
+    "frame.time_epoch",
+    "isakmp.version",
     "frame.protocols",
     "_ws.expert.severity",
     "_ws.expert.message",
@@ -317,10 +308,17 @@ class IkeFrame:
     protocols: tuple[str, ...]
     severities: tuple[int, ...]
     messages: tuple[str, ...]
+    time: float = 0.0  # capture time, seconds since the epoch
+    version: int = 0x20  # major/minor version octet of the header (0 if tshark found none)
+
+    @property
+    def ikev2(self) -> bool:
+        return self.version >> 4 == 2
 
     @property
     def encrypted(self) -> bool:
-        return PAYLOAD_SK in self.payloads
+        """Carries an SK payload or an SKF fragment (RFC 7383)."""
+        return PAYLOAD_SK in self.payloads or PAYLOAD_SKF in self.payloads
 
     @property
     def malformed(self) -> bool:
@@ -348,6 +346,113 @@ def ike_frames(pcap: Path, *, prefs: Sequence[str] = ()) -> list[IkeFrame]:
                 protocols=tuple(":".join(row["frame.protocols"]).split(":")),
                 severities=_ints(row["_ws.expert.severity"]),
                 messages=tuple(row["_ws.expert.message"]),
+                time=float((row["frame.time_epoch"] or ["0"])[0]),
+                version=(_ints(row["isakmp.version"]) or (0,))[0],
             )
         )
     return out
+
+
+# --- IKEv2 capture check of the keymgr interop labs --------------------------------------------
+
+# IKE on UDP 500, and on UDP 4500 only what carries the non-ESP marker (RFC 3948 §2.2): ESP in
+# UDP and NAT keepalives stay out of the capture, so it is small even under traffic. BPF's
+# udp[] works on IPv4 only: for IPv6 the marker follows the 40-octet header and UDP's 8.
+IKE_CAPTURE_FILTER = (
+    "udp port 500 or (udp port 4500 and ((ip and udp[8:4] = 0) or (ip6 and ip6[48:4] = 0)))"
+)
+TSHARK_CANNOT = "not decryptable by tshark 4.0"
+
+
+def exported_ike_spis(path: Path) -> set[tuple[str, str]]:
+    """(SPIi, SPIr) as bare lower-case hex of every ikev2_decryption_table line of a key file."""
+    out: set[tuple[str, str]] = set()
+    if not path.exists():
+        return out
+    prefix = "uat:ikev2_decryption_table:"
+    for line in path.read_text().splitlines():
+        if line.startswith(prefix):
+            spi_i, spi_r = line[len(prefix) :].split(",")[:2]
+            out.add((spi_i.lower(), spi_r.lower()))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class IkeCheck:
+    """What :func:`check_ike_capture` found."""
+
+    messages: int  # IKEv2 messages checked
+    encrypted: int  # of those, with an SK payload or SKF fragment
+    decrypted: int
+    undecryptable: int  # encrypted ones of IKE SAs tshark cannot decrypt (see ``reason``)
+    exempt: int  # frames inside a deliberate-garbage window (not checked)
+    problems: tuple[str, ...]
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        head = f"tshark: {self.messages} IKEv2 messages, {self.encrypted} encrypted, "
+        if self.problems:
+            tail = f"{self.decrypted} decrypted, {len(self.problems)} problem(s)"
+        elif self.undecryptable:
+            tail = f"{self.decrypted} decrypted, {self.undecryptable} {self.reason}"
+        elif self.encrypted:
+            tail = "all decrypted"
+        else:
+            tail = "none to decrypt"
+        if self.exempt:
+            tail += f"; {self.exempt} frames of deliberate garbage not checked"
+        return head + tail
+
+
+def check_ike_capture(
+    pcap: Path,
+    key_file: Path,
+    *,
+    undecryptable: str = "",
+    garbage: Sequence[tuple[float, float]] = (),
+) -> IkeCheck:
+    """One tshark pass over ``pcap`` with the IKE SA keys keymgr exported to ``key_file``:
+    every IKEv2 message must parse (no ``_ws.malformed``, no expert error) and every message
+    with an SK payload or SKF fragment must be decrypted (both directions of every IKE SA,
+    rekeyed ones too: each must have its own line in the key file).
+
+    ``undecryptable`` names why an IKE SA's keys cannot be used by tshark (e.g. ChaCha20-
+    Poly1305, which Wireshark 4.0 does not know): encrypted messages of IKE SAs with no
+    exported line are then counted apart instead of failing; messages of exported SAs must
+    still decrypt. Frames captured inside a ``garbage`` window (epoch seconds, start and end)
+    are deliberate garbage and are only counted."""
+    prefs = key_file_prefs(key_file) if key_file.exists() else []
+    exported = exported_ike_spis(key_file)
+    messages = encrypted = decrypted = cannot = exempt = 0
+    problems: list[str] = []
+    for f in ike_frames(pcap, prefs=prefs):
+        if any(start <= f.time <= end for start, end in garbage):
+            exempt += 1
+            continue
+        if not f.ikev2:
+            problems.append(f"frame {f.number}: not IKEv2 (version 0x{f.version:02x})")
+            continue
+        messages += 1
+        if f.malformed:
+            problems.append(f"frame {f.number}: malformed: {'; '.join(f.messages)}")
+        if not f.encrypted:
+            continue
+        encrypted += 1
+        sa = (f.spi_i.lower(), f.spi_r.lower())
+        if f.decrypted:
+            decrypted += 1
+        elif undecryptable and sa not in exported:
+            cannot += 1
+        else:
+            why = "" if sa in exported else " (no exported keys for this IKE SA)"
+            problems.append(
+                f"frame {f.number}: exchange {f.exchange} of IKE SA {sa[0]}/{sa[1]} "
+                f"not decrypted{why}"
+            )
+    if messages == 0 and exempt == 0:
+        problems.append("no IKEv2 message captured")
+    return IkeCheck(messages, encrypted, decrypted, cannot, exempt, tuple(problems), undecryptable)
