@@ -269,6 +269,10 @@ def test_responder_answers_peer_ike_rekey_checked_independently() -> None:
     assert not ev.initiated
     assert info.spis == (new_spi_i, chosen.spi) and not info.we_initiated
     _sk_d, sk_ei, sk_er = _ike_keys(r.keys.sk_d, g_ir, ni, nr, new_spi_i, chosen.spi)
+    # the event carries the new SA's keys for an opt-in export, hidden from its repr
+    assert ev.ike_keys is not None and ev.ike_suite is not None
+    assert (ev.ike_keys.sk_d, ev.ike_keys.sk_ei, ev.ike_keys.sk_er) == (_sk_d, sk_ei, sk_er)
+    assert repr(sk_ei) not in repr(ev) and sk_ei.hex() not in repr(ev) + repr(info)
     new_i2r = SkCipher(20, sk_ei, key_bits=256)
     new_r2i = SkCipher(20, sk_er, key_bits=256)
     # the peer deletes the old IKE SA on the old SA: answered, the session lives on

@@ -69,7 +69,13 @@ from services.core.ike.constants import (
     ProtocolId,
 )
 from services.core.ike.dh import DhPrivate, InvalidKeyExchange, group
-from services.core.ike.keys import SPI_LEN, child_keys, derive_ike_keys, rekey_skeyseed
+from services.core.ike.keys import (
+    SPI_LEN,
+    IkeKeys,
+    child_keys,
+    derive_ike_keys,
+    rekey_skeyseed,
+)
 from services.core.ike.message import (
     KE,
     SA,
@@ -138,7 +144,8 @@ class InfoEvent:
     ``keys.encr_i`` is the key of our ``spi_in``, when True the key of ``spi_out``. ``ts_i`` is
     the starter's side. For ``child_deleted`` and ``ike_rekeyed``, ``initiated`` says that our
     Delete / our rekey request did it. ``ike_spis`` / ``old_ike_spis``: (SPIi, SPIr) of the new
-    and the replaced IKE SA for ``ike_rekeyed``."""
+    and the replaced IKE SA for ``ike_rekeyed``, ``ike_keys`` / ``ike_suite`` the new SA's keys
+    and algorithms (for an opt-in key export; never in a repr)."""
 
     kind: str
     spi_in: bytes = b""
@@ -148,6 +155,8 @@ class InfoEvent:
     ike_spis: tuple[bytes, bytes] = (b"", b"")
     old_ike_spis: tuple[bytes, bytes] = (b"", b"")
     reason: str = ""
+    ike_keys: IkeKeys | None = field(default=None, repr=False)  # ike_rekeyed: the new SA's
+    ike_suite: IkeSuite | None = None  # ike_rekeyed: the new SA's algorithms
 
 
 def _hull(sels: tuple[TrafficSelector, ...]) -> tuple[bytes, bytes] | None:
@@ -178,6 +187,7 @@ class _IkeSa:
     last_response: list[bytes] = field(default_factory=list, repr=False)
     nonces: tuple[bytes, bytes] = field(default=(b"", b""), repr=False)
     suite: IkeSuite | None = None  # its negotiated algorithms (None: not told)
+    keys: IkeKeys | None = field(default=None, repr=False)  # of a rekeyed SA (key export)
 
     @property
     def spis(self) -> tuple[bytes, bytes]:
@@ -894,7 +904,12 @@ class InfoSession:
         self._sa = new
         self.events.append(
             InfoEvent(
-                "ike_rekeyed", initiated=new.initiator, ike_spis=new.spis, old_ike_spis=old.spis
+                "ike_rekeyed",
+                initiated=new.initiator,
+                ike_spis=new.spis,
+                old_ike_spis=old.spis,
+                ike_keys=new.keys,
+                ike_suite=new.suite,
             )
         )
 
@@ -937,6 +952,7 @@ class InfoSession:
             0,
             nonces=(ni, nr),
             suite=suite,
+            keys=keys,
         )
 
     def _set_mode(self, spi_in: bytes, mode: Mode) -> None:
