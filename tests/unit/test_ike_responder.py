@@ -183,6 +183,19 @@ def test_wrong_psk_gives_authentication_failed_on_both_sides() -> None:
     assert resp.result is None
 
 
+def test_sa_keys_exist_from_ike_sa_init_on_even_when_auth_fails() -> None:
+    """For the opt-in key export: both sides expose the same IKE SA keys once IKE_SA_INIT is
+    done, also when IKE_AUTH then fails (so a capture of the failure can be decrypted)."""
+    ini, resp = _pair(ini_cfg=_ini_config(psk=b"some other key"))
+    assert ini.sa_keys is None and resp.sa_keys is None
+    _run(ini, resp)
+    assert ini.state is State.FAILED and resp.state is ResponderState.FAILED
+    a, b = ini.sa_keys, resp.sa_keys
+    assert a is not None and b is not None and a == b
+    assert a[0] == ini.spi_i and a[1] == resp.spi_r and a[3] == b[3]
+    assert a[2].sk_ei.hex() not in repr(ini) + repr(resp)
+
+
 def test_wrong_initiator_identity_gives_authentication_failed() -> None:
     cfg = ResponderConfig(
         local_addr=R_ADDR,

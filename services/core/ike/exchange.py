@@ -456,6 +456,14 @@ class Ikev2Initiator:
         return self._spi_i
 
     @property
+    def sa_keys(self) -> tuple[bytes, bytes, IkeKeys, IkeSuite] | None:
+        """(SPIi, SPIr, keys, suite) once IKE_SA_INIT derived them, else None: for the opt-in
+        key export only (also of IKE SAs whose IKE_AUTH then fails). Never in a repr."""
+        if self._keys is None or self._suite is None:
+            return None
+        return self._spi_i, self._spi_r, self._keys, self._suite
+
+    @property
     def retries(self) -> tuple[int, int, int]:
         """(INVALID_KE_PAYLOAD retries, COOKIE retries, the DH group of our current KE)."""
         return self._ke_retries, self._cookie_retries, self._dh_group

@@ -319,6 +319,14 @@ class Ikev2Responder:
         return self._spi_i
 
     @property
+    def sa_keys(self) -> tuple[bytes, bytes, IkeKeys, IkeSuite] | None:
+        """(SPIi, SPIr, keys, suite) once IKE_SA_INIT derived them, else None: for the opt-in
+        key export only (also of IKE SAs whose IKE_AUTH then fails). Never in a repr."""
+        if self._keys is None or self._suite is None:
+            return None
+        return self._spi_i, self._spi_r, self._keys, self._suite
+
+    @property
     def spi_r(self) -> bytes:
         return self._spi_r
 
