@@ -1289,7 +1289,7 @@ class Keymgr:
                 if entry is not None and entry[1][0] is inbound:
                     del self._children[key]
                 _log_failure("child install failed", {"conn": c.name}, err)
-                self._withdraw_unused(c)
+                self._spd_repair(c, spd)
                 then(False)
                 return
             self._installed(c, r, reqid, role, encap, (inbound, outbound))
@@ -1322,18 +1322,19 @@ class Keymgr:
         )
         self._up(c, r, role, encap, sas)
 
-    def _withdraw_unused(self, c: Connection) -> None:
-        """Withdraw the connection's SPD entry when no Child SA of it is installed any more
-        (an install was refused) and no held session keeps it."""
-        if any(other.name == c.name for other, _ in self._children.values()):
-            return
-        if any(s.held and s.conn.name == c.name for s in self.sessions):
-            return
-        self._apply(
-            None,
-            _on_error("child removal failed", {"conn": c.name}),
-            spd=(c.name, None),
-        )
+    def _spd_repair(self, c: Connection, spd: SpdEntry) -> None:
+        """After a refused install of connection ``c``: its SPD entry is wanted exactly while
+        another Child SA of it is installed (or in flight, relying on the refused batch's
+        entry) or a held session keeps it; set or withdraw it accordingly."""
+        used = any(other.name == c.name for other, _ in self._children.values())
+        if used:
+            self._apply(
+                None, _on_error("child install failed", {"conn": c.name}), spd=(c.name, spd)
+            )
+        elif not any(s.held and s.conn.name == c.name for s in self.sessions):
+            self._apply(
+                None, _on_error("child removal failed", {"conn": c.name}), spd=(c.name, None)
+            )
 
     # --- the worker's SAD and SPD: one ApplySAs call per change --------------------------------
 
@@ -1358,16 +1359,11 @@ class Keymgr:
         """
         if key is not None:
             self._settle(key)
-        entries: dict[str, SpdEntry] | None = None
-        if spd is not None:
+        entries = self._spd_change(spd)
+        if entries is not None and any(op.spd_before is not None for op in self._pending):
             for op in [op for op in self._pending if op.spd_before is not None]:
                 self._settle_op(op)
-            name, entry = spd
-            if entry is None:
-                if name in self._spd:
-                    entries = {k: v for k, v in self._spd.items() if k != name}
-            elif self._spd.get(name) != entry:
-                entries = {**self._spd, name: entry}
+            entries = self._spd_change(spd)
         op = _Apply(key, None, then, None, self.clock())
         if not install and not delete and entries is None:
             op.done = True
@@ -1389,6 +1385,20 @@ class Keymgr:
         op.future.add_done_callback(lambda _f: self._rx.put(op))
         if op.future.done():
             self._finish(op)
+
+    def _spd_change(self, spd: tuple[str, SpdEntry | None] | None) -> dict[str, SpdEntry] | None:
+        """The SPD after setting (withdrawing) a connection's entry; None when unchanged. The
+        view includes batches in flight (a refused one restores it, see _finish)."""
+        if spd is None:
+            return None
+        name, entry = spd
+        if entry is None:
+            if name not in self._spd:
+                return None
+            return {k: v for k, v in self._spd.items() if k != name}
+        if self._spd.get(name) == entry:
+            return None
+        return {**self._spd, name: entry}
 
     def _finish(self, op: _Apply) -> None:
         """The worker answered ``op`` (or its call failed): run its continuation."""
