@@ -143,3 +143,16 @@ def test_profile_verdict_names_the_shares() -> None:
     assert "30% building and sending them, 30% waiting where ordering" in text
     assert "15% went to the IKE core" in text and "5% to logging" in text
     assert bi.profile_verdict({}) == ""
+
+
+def test_worker_calls_from_keymgr_log() -> None:
+    log = "\n".join(
+        [
+            '{"msg":"child installed","conn":"resp"}',
+            '{"ts":"x","msg":"worker calls","apply_sas":12,"mean_ms":2.5,"max_ms":9.75}',
+            "not json",
+        ]
+    )
+    assert bi.worker_calls(log) == (12, 2.5, 9.75)
+    assert bi.worker_calls('{"msg":"worker calls","apply_sas":"x"}') == (0, 0.0, 0.0)
+    assert bi.worker_calls("") == (0, 0.0, 0.0)
