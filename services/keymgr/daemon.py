@@ -26,12 +26,23 @@ the initiator floated). Before a responder is created a
 stateless COOKIE response instead. At most ``MAX_HALF_OPEN`` responders may be half-open (not
 yet ESTABLISHED) whatever the cookies say; further IKE_SA_INIT requests are dropped and counted.
 Half-open responders expire after ``HALF_OPEN_TIMEOUT``. On ESTABLISHED the same
-installation path as the initiator's runs, with the keys of the responder's side.
+installation path as the initiator's runs, with the keys of the responder's side; the IKE_AUTH
+response is held until the worker applied the install (so the peer's first ESP packet finds the
+SAs, as with strongSwan), while other datagrams are handled meanwhile.
+
+Worker calls: every change of the worker's SAD/SPD (install, rekey, delete, DPD, operator
+terminate, shutdown) is ONE atomic ApplySAs call (both SAs, plus the connection's SPD entry
+only when it is not installed already or must be withdrawn), sent without waiting; its answer
+comes back through the main loop's queue, where the caller's continuation logs and publishes
+the result. A call for an IKE SA first waits for that IKE SA's call still in flight, and an SPD
+change for earlier SPD changes in flight, so a Delete never overtakes the install of the same
+SAs and SPD revisions reach the worker in order.
 
 After ESTABLISHED (RFC 7296 §1.4): punted datagrams are routed to their IKE SA by the SPIs in
 the IKE header and INFORMATIONAL requests are answered by the core. A peer's Delete of the
 Child SA removes both ESP SAs from the worker and withdraws the connection's SPD entry (a
-replace_spd with a higher revision); a Delete of the IKE SA does the same for all of its Child
+higher SPD revision) unless another IKE SA of the connection still has a Child SA under
+it; a Delete of the IKE SA does the same for all of its Child
 SAs (the connection is not initiated again). ``stop()`` (SIGTERM) sends a Delete of the IKE SA
 for every established IKE SA, waits up to ``SHUTDOWN_WAIT`` for the responses, then removes the
 SAs from the worker.
@@ -52,7 +63,8 @@ child_down, rekeyed, auth_failed, negotiation_failed). With a :class:`KeyExporte
 ESP keys of each new SA are appended to its file (troubleshooting only, off by default).
 
 Authentication (PSK or certificates, :mod:`services.keymgr.credentials`) is read from the
-connection's files each time an IKE SA starts, so rotated secrets and certificates are used;
+connection's files again whenever one of them changed (checked with stat each time an IKE SA
+starts), so rotated secrets and certificates are used;
 an authentication failure is logged with the core's reason (untrusted CA, revoked, identity
 not in the certificate, wrong PSK, ...).
 
