@@ -467,6 +467,25 @@ def worker_calls(log_text: str) -> tuple[int, float, float]:
     return (0, 0.0, 0.0)
 
 
+def cpu_per_handshake(results: Sequence[RunResult]) -> str:
+    """A sentence: the responder's CPU per established handshake (median over the rounds),
+    per process."""
+    by: dict[str, list[tuple[tuple[str, float], ...]]] = {}
+    for r in results:
+        if not r.error and r.completed > 0:
+            per = tuple((name, 1000 * c / r.completed) for name, c in r.resp_cpu)
+            by.setdefault(r.responder, []).append(per)
+    parts = []
+    for responder, rows in by.items():
+        names = [name for name, _ in rows[0]]
+        med = [statistics.median(dict(row).get(n, 0.0) for row in rows) for n in names]
+        detail = " + ".join(f"{n} {m:.1f}" for n, m in zip(names, med, strict=True))
+        parts.append(f"{responder} {sum(med):.1f} ms ({detail})")
+    if not parts:
+        return ""
+    return "Responder CPU per handshake (median over the rounds): " + "; ".join(parts) + "."
+
+
 def _wait_log(path: pathlib.Path, text: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -626,23 +645,26 @@ def profile_verdict(stats: dict[Any, Any]) -> str:
 
 
 WHERE_TIME_GOES = (
-    "Why keymgr is slower: keymgr answers IKE and drives the worker's gRPC API from one "
-    "thread. Each unary call is a round trip over mTLS to the worker's Python gRPC server, and "
-    "keymgr's thread waits for it while the worker works, so the two processes take turns "
-    "rather than run in parallel. charon spreads messages over a pool of threads and "
-    "installs SAs and policies into kernel-libipsec inside its own process (only routes go "
-    "to the kernel, over netlink). One waste was fixed in keymgr: "
-    "on each Delete it withdrew the connection's SPD entry (one more replace_spd), even while "
-    "other IKE SAs of the same responder connection still had Child SAs installed under that "
-    "entry, which also left their traffic without a policy. The entry is now withdrawn only "
-    "with the connection's last Child SA; its effect on the rate was within the spread "
-    "between rounds on the shared development machine. Larger changes could close the "
-    "gap, but were not made here because they go beyond a small fix to the I/O shell: "
-    "install the inbound and outbound SA (and delete them) in one batched or concurrent "
-    "call; move SA installation off the IKE thread so that IKE_SA_INIT work goes on while "
-    "installs are in flight; and skip replace_spd when the connection's entry is already "
-    "installed unchanged (today each new IKE SA bumps the SPD revision, as a unit test "
-    "expects)."
+    "What changed in keymgr since the first measurement: each Child SA install (both SAs and, "
+    "only when it is not installed already, the connection's SPD entry) and each removal is "
+    "one ApplySAs call instead of five unary calls per handshake, sent without waiting: the "
+    "main loop answers other IKE datagrams while the worker applies it and finishes the step "
+    "when the answer arrives (the IKE_AUTH response is held until then, as charon installs "
+    "before it answers). The PSK is no longer read from its file per IKE SA (a stat checks "
+    "for changes). The worker round trips are thus off the IKE thread's critical path: the "
+    "profile shows almost no time waiting for the worker, and keymgr's thread is idle part of "
+    "the time. "
+    "Why keymgr is still slower: the CPU cost per handshake. keymgr and the worker are two "
+    "Python processes, each behind its GIL, and every IKE datagram crosses both (a socket "
+    "in the worker, a gRPC stream message to keymgr and back, then the socket), while each "
+    "Child SA costs two ApplySAs calls through the worker's Python gRPC server; charon does "
+    "the IKE work in C with a thread pool and its SAs stay in its own process. The IKE core "
+    "itself (x25519, prf+, AES-GCM of the SK payloads, parsing) and keymgr's JSON log lines "
+    "(five per handshake at the default level) are the largest items left on keymgr's main "
+    "thread. Next steps, in order of expected gain: several keymgr processes (or workers) "
+    "sharing the IKE SPI space so both cores work on handshakes; cheaper punt/inject in the "
+    "worker (batching datagrams per stream message); a non-blocking log handler; then the "
+    "core's per-message costs."
 )
 
 
@@ -676,7 +698,7 @@ def ike_handshake_rate(
             )
             results.append(r)
     applies = [r.apply_ms for r in results if r.apply_ms[0] > 0]
-    notes = []
+    notes = [cpu_per_handshake(results)]
     if applies:
         notes.append(
             "keymgr's ApplySAs calls (one per Child SA install, one per removal), from sending "

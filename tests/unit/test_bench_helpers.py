@@ -156,3 +156,16 @@ def test_worker_calls_from_keymgr_log() -> None:
     assert bi.worker_calls(log) == (12, 2.5, 9.75)
     assert bi.worker_calls('{"msg":"worker calls","apply_sas":"x"}') == (0, 0.0, 0.0)
     assert bi.worker_calls("") == (0, 0.0, 0.0)
+
+
+def test_cpu_per_handshake() -> None:
+    rs = [
+        bi.RunResult("keymgr", 100, 10.0, resp_cpu=(("worker", 0.4), ("keymgr", 0.6))),
+        bi.RunResult("keymgr", 200, 10.0, resp_cpu=(("worker", 0.4), ("keymgr", 0.6))),
+        bi.RunResult("charon", 500, 10.0, resp_cpu=(("charon", 0.5),)),
+        bi.RunResult("charon", 0, 0.0, error="boom"),
+    ]
+    text = bi.cpu_per_handshake(rs)
+    assert "keymgr 7.5 ms (worker 3.0 + keymgr 4.5)" in text
+    assert "charon 1.0 ms (charon 1.0)" in text
+    assert bi.cpu_per_handshake([]) == ""
