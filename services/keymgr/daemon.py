@@ -1533,8 +1533,24 @@ class Keymgr:
         self._emit(kind, c, None, role=role, spi_i=spi_i.hex(), reason=hint)
 
     def _down(self, rec: IkeRecord, reason: str) -> None:
-        if self.records.pop(rec.spi_i + rec.spi_r, None) is not None:
-            self._emit(ev.DOWN, rec.conn, rec, reason=reason)
+        key = rec.spi_i + rec.spi_r
+        if self.records.pop(key, None) is not None:
+            # after the child_down of a removal still in flight, as when removals blocked
+            self._after(key, lambda: self._emit(ev.DOWN, rec.conn, rec, reason=reason))
+
+    def _after(self, key: bytes, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once IKE SA ``key``'s worker call in flight finished (now if none)."""
+        op = next((op for op in self._pending if op.key == key and not op.done), None)
+        if op is None:
+            fn()
+            return
+        first = op.then
+
+        def chained(err: BaseException | None) -> None:
+            first(err)
+            fn()
+
+        op.then = chained
 
     def _down_key(self, key: bytes, reason: str) -> None:
         rec = self.records.get(key)

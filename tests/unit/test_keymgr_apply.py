@@ -24,6 +24,7 @@ import pytest
 from services.core.ike.exchange import Ikev2Initiator, State
 from services.core.sa import SaConfig
 from services.dataplane.client import ApplyFuture, IkeDatagram
+from services.keymgr import events as ev
 from services.keymgr.daemon import Keymgr, _Apply
 from tests.unit.test_keymgr_responder import A, B, FakeStream, _initiator, _keymgr
 
@@ -234,3 +235,21 @@ def test_shutdown_removes_sas_whose_install_was_in_flight(tmp_path: pathlib.Path
     km._shutdown()
     assert km._pending == [] and km._children == {}
     assert client.sad == set()  # installed, then removed: nothing leaked
+
+
+def test_down_follows_child_down_of_a_removal_in_flight(tmp_path: pathlib.Path) -> None:
+    km, client, stream, psk = _setup(tmp_path)
+    published: list[str] = []
+    km.events.publish = lambda e: published.append(e.kind)  # type: ignore[method-assign]
+    ini = _initiator(psk)
+    _to_auth(km, stream, ini)
+    client.answer(0)
+    _pump(km)
+    _deliver(km, stream, ini, 0)
+    assert published == [ev.UP, ev.CHILD_UP] and ini.state is State.ESTABLISHED
+    (req,) = ini.delete_ike(1.0)
+    km._dispatch(IkeDatagram(A, 4500, B, 4500, req), 1.0)
+    assert km.records == {} and published == [ev.UP, ev.CHILD_UP]  # removal in flight
+    client.answer(1)
+    _pump(km)
+    assert published == [ev.UP, ev.CHILD_UP, ev.CHILD_DOWN, ev.DOWN]
