@@ -92,6 +92,8 @@ class RunResult:
     resp_cpu: tuple[tuple[str, float], ...] = ()  # (process, CPU seconds) over the window
     latency_ms: tuple[float, float] = (0.0, 0.0)  # median and 95th percentile, start -> AUTH
     error: str = ""
+    # keymgr's ApplySAs calls: count, mean and longest ms from sending to handling the answer
+    apply_ms: tuple[int, float, float] = (0, 0.0, 0.0)
 
     @property
     def rate(self) -> float:
@@ -454,6 +456,36 @@ def _run_generator(
     )
 
 
+def worker_calls(log_text: str) -> tuple[int, float, float]:
+    """(calls, mean ms, max ms) from keymgr's "worker calls" log line (written on stop)."""
+    for line in reversed(log_text.splitlines()):
+        if '"worker calls"' not in line:
+            continue
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            rec = json.loads(line)
+            return int(rec["apply_sas"]), float(rec["mean_ms"]), float(rec["max_ms"])
+    return (0, 0.0, 0.0)
+
+
+def cpu_per_handshake(results: Sequence[RunResult]) -> str:
+    """A sentence: the responder's CPU per established handshake (median over the rounds),
+    per process."""
+    by: dict[str, list[tuple[tuple[str, float], ...]]] = {}
+    for r in results:
+        if not r.error and r.completed > 0:
+            per = tuple((name, 1000 * c / r.completed) for name, c in r.resp_cpu)
+            by.setdefault(r.responder, []).append(per)
+    parts = []
+    for responder, rows in by.items():
+        names = [name for name, _ in rows[0]]
+        med = [statistics.median(dict(row).get(n, 0.0) for row in rows) for n in names]
+        detail = " + ".join(f"{n} {m:.1f}" for n, m in zip(names, med, strict=True))
+        parts.append(f"{responder} {sum(med):.1f} ms ({detail})")
+    if not parts:
+        return ""
+    return "Responder CPU per handshake (median over the rounds): " + "; ".join(parts) + "."
+
+
 def _wait_log(path: pathlib.Path, text: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -492,9 +524,12 @@ def keymgr_round(cfg: dict[str, Any], profile: pathlib.Path | None = None) -> Ru
         # each started in its own session (start_new_session), worker first
         sids = {"worker": lab.bench.procs[0].pid, "keymgr": keymgr.pid}
         res = _run_generator(lab.bench.ns_b, lab.workdir, lab.psk, sids, label, cfg)
-        if profile is not None:  # SIGTERM: keymgr returns from run() and cProfile writes
-            keymgr.terminate()
-            keymgr.wait(timeout=20)
+        # SIGTERM: keymgr returns from run(), logs its worker call times (and cProfile writes)
+        keymgr.terminate()
+        keymgr.wait(timeout=20)
+        with contextlib.suppress(OSError):
+            text = (lab.workdir / "keymgr.log").read_text(errors="replace")
+            res = dataclasses.replace(res, apply_ms=worker_calls(text))
         return res
     except (BenchFailed, OSError, subprocess.SubprocessError, AssertionError) as e:
         return RunResult(label, 0, 0.0, error=str(e)[:200])
@@ -535,12 +570,13 @@ PROFILE_SITES = (
     ("queue.py", "get", "waiting for punted IKE (queue.get; idle)"),
     ("services/keymgr/daemon.py", "_respond", "handling a punted datagram (_respond)"),
     ("services/core/ike/responder.py", "receive", "IKE core: Ikev2Responder.receive"),
-    ("services/keymgr/config.py", "read_psk", "reading the PSK file per IKE_SA_INIT"),
+    ("services/keymgr/daemon.py", "_authentication", "credentials (cached; stat per IKE SA)"),
+    ("services/keymgr/config.py", "read_psk", "reading the PSK file"),
     ("services/keymgr/daemon.py", "_install", "installing the Child SA (_install)"),
     ("services/keymgr/daemon.py", "_remove_children", "removing the Child SA (_remove_children)"),
-    ("services/dataplane/client.py", "install_sa", "gRPC install_sa"),
-    ("services/dataplane/client.py", "delete_sa", "gRPC delete_sa"),
-    ("services/dataplane/client.py", "replace_spd", "gRPC replace_spd"),
+    ("services/keymgr/daemon.py", "_finish", "worker answered: continuation (_finish)"),
+    ("services/dataplane/client.py", "apply_sas_async", "gRPC ApplySAs sent (apply_sas_async)"),
+    ("services/keymgr/daemon.py", "_settle_op", "gRPC ApplySAs waited for (ordering)"),
     ("services/dataplane/client.py", "send", "punt stream send (inject)"),
     ("logging/__init__.py", "_log", "logging"),
     ("services/keymgr/daemon.py", "_expire_responders", "half-open expiry scan"),
@@ -594,13 +630,14 @@ def profile_verdict(stats: dict[Any, Any]) -> str:
         return sum(v[0] for k, v in by.items() if k.startswith(prefix))
 
     handshakes = max(1, calls("installing the Child SA"))
-    rpcs = calls("gRPC ")
+    rpcs = calls("gRPC ApplySAs sent")
     idle = share("waiting for punted IKE")
     return (
         f"In this profile keymgr's IKE thread was busy {100 * (1 - idle):.0f}% of the time. "
-        f"{100 * share('gRPC '):.0f}% of it went to waiting for synchronous gRPC calls to the "
-        f"worker ({rpcs / handshakes:.1f} per handshake: install_sa twice and replace_spd when "
-        "the Child SA is installed, delete_sa twice when the peer deletes it). "
+        f"{100 * share('gRPC '):.0f}% of it went to the worker's SA API "
+        f"({rpcs / handshakes:.1f} ApplySAs calls per handshake, sent without waiting: "
+        f"{100 * share('gRPC ApplySAs sent'):.0f}% building and sending them, "
+        f"{100 * share('gRPC ApplySAs waited'):.0f}% waiting where ordering required it). "
         f"{100 * share('IKE core'):.0f}% went to the IKE core (parsing, x25519, key derivation, "
         f"SK payload encryption), {100 * share('logging'):.0f}% to logging and "
         f"{100 * share('punt stream send'):.0f}% to injecting the responses."
@@ -608,23 +645,26 @@ def profile_verdict(stats: dict[Any, Any]) -> str:
 
 
 WHERE_TIME_GOES = (
-    "Why keymgr is slower: keymgr answers IKE and drives the worker's gRPC API from one "
-    "thread. Each unary call is a round trip over mTLS to the worker's Python gRPC server, and "
-    "keymgr's thread waits for it while the worker works, so the two processes take turns "
-    "rather than run in parallel. charon spreads messages over a pool of threads and "
-    "installs SAs and policies into kernel-libipsec inside its own process (only routes go "
-    "to the kernel, over netlink). One waste was fixed in keymgr: "
-    "on each Delete it withdrew the connection's SPD entry (one more replace_spd), even while "
-    "other IKE SAs of the same responder connection still had Child SAs installed under that "
-    "entry, which also left their traffic without a policy. The entry is now withdrawn only "
-    "with the connection's last Child SA; its effect on the rate was within the spread "
-    "between rounds on the shared development machine. Larger changes could close the "
-    "gap, but were not made here because they go beyond a small fix to the I/O shell: "
-    "install the inbound and outbound SA (and delete them) in one batched or concurrent "
-    "call; move SA installation off the IKE thread so that IKE_SA_INIT work goes on while "
-    "installs are in flight; and skip replace_spd when the connection's entry is already "
-    "installed unchanged (today each new IKE SA bumps the SPD revision, as a unit test "
-    "expects)."
+    "What changed in keymgr since the first measurement: each Child SA install (both SAs and, "
+    "only when it is not installed already, the connection's SPD entry) and each removal is "
+    "one ApplySAs call instead of five unary calls per handshake, sent without waiting: the "
+    "main loop answers other IKE datagrams while the worker applies it and finishes the step "
+    "when the answer arrives (the IKE_AUTH response is held until then, as charon installs "
+    "before it answers). The PSK is no longer read from its file per IKE SA (a stat checks "
+    "for changes). The worker round trips are thus off the IKE thread's critical path: the "
+    "profile shows almost no time waiting for the worker, and keymgr's thread is idle part of "
+    "the time. "
+    "Why keymgr is still slower: the CPU cost per handshake. keymgr and the worker are two "
+    "Python processes, each behind its GIL, and every IKE datagram crosses both (a socket "
+    "in the worker, a gRPC stream message to keymgr and back, then the socket), while each "
+    "Child SA costs two ApplySAs calls through the worker's Python gRPC server; charon does "
+    "the IKE work in C with a thread pool and its SAs stay in its own process. The IKE core "
+    "itself (x25519, prf+, AES-GCM of the SK payloads, parsing) and keymgr's JSON log lines "
+    "(five per handshake at the default level) are the largest items left on keymgr's main "
+    "thread. Next steps, in order of expected gain: several keymgr processes (or workers) "
+    "sharing the IKE SPI space so both cores work on handshakes; cheaper punt/inject in the "
+    "worker (batching datagrams per stream message); a non-blocking log handler; then the "
+    "core's per-message costs."
 )
 
 
@@ -657,7 +697,19 @@ def ike_handshake_rate(
                 file=sys.stderr,
             )
             results.append(r)
-    notes = [
+    applies = [r.apply_ms for r in results if r.apply_ms[0] > 0]
+    notes = [cpu_per_handshake(results)]
+    if applies:
+        notes.append(
+            "keymgr's ApplySAs calls (one per Child SA install, one per removal), from sending "
+            "to handling the answer on its main loop, per keymgr round: "
+            + "; ".join(f"{n} calls, mean {m:.1f} ms, max {x:.1f} ms" for n, m, x in applies)
+            + ". keymgr holds the IKE_AUTH response until its install is applied (as charon "
+            "does), so this is what an install adds to a handshake's latency; sending the "
+            "response first would instead open a window of this length in which the peer's "
+            "first ESP packets find no inbound SA."
+        )
+    notes += [
         f"Load average (1, 5, 15 min) when this part started: {load[0]:.2f}, {load[1]:.2f}, "
         f"{load[2]:.2f} (other work shares the machine; the spread between rounds shows it). "
         "keymgr runs at its default log level (info), charon at its default file log level "
@@ -666,7 +718,7 @@ def ike_handshake_rate(
     med = summarize(results)
     km = next((v for k, v in med.items() if k.startswith("keymgr")), None)
     sw = next((v for k, v in med.items() if k.startswith("charon")), None)
-    if profile and km is not None and sw is not None and km < sw:
+    if profile and km is not None and sw is not None:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="bike-") as tmp:
@@ -675,7 +727,7 @@ def ike_handshake_rate(
             if prof.exists():
                 stats = pstats.Stats(str(prof)).stats  # type: ignore[attr-defined]
                 notes.append(
-                    "keymgr is slower, so one more keymgr round ran under cProfile "
+                    "One more keymgr round ran under cProfile "
                     f"({r.rate:.0f}/s with the profiler on). Where its main thread's wall time "
                     "went, by call site (cumulative) and by function (own time):"
                 )

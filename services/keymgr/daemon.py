@@ -26,12 +26,23 @@ the initiator floated). Before a responder is created a
 stateless COOKIE response instead. At most ``MAX_HALF_OPEN`` responders may be half-open (not
 yet ESTABLISHED) whatever the cookies say; further IKE_SA_INIT requests are dropped and counted.
 Half-open responders expire after ``HALF_OPEN_TIMEOUT``. On ESTABLISHED the same
-installation path as the initiator's runs, with the keys of the responder's side.
+installation path as the initiator's runs, with the keys of the responder's side; the IKE_AUTH
+response is held until the worker applied the install (so the peer's first ESP packet finds the
+SAs, as with strongSwan), while other datagrams are handled meanwhile.
+
+Worker calls: every change of the worker's SAD/SPD (install, rekey, delete, DPD, operator
+terminate, shutdown) is ONE atomic ApplySAs call (both SAs, plus the connection's SPD entry
+only when it is not installed already or must be withdrawn), sent without waiting; its answer
+comes back through the main loop's queue, where the caller's continuation logs and publishes
+the result. A call for an IKE SA first waits for that IKE SA's call still in flight, and an SPD
+change for earlier SPD changes in flight, so a Delete never overtakes the install of the same
+SAs and SPD revisions reach the worker in order.
 
 After ESTABLISHED (RFC 7296 §1.4): punted datagrams are routed to their IKE SA by the SPIs in
 the IKE header and INFORMATIONAL requests are answered by the core. A peer's Delete of the
 Child SA removes both ESP SAs from the worker and withdraws the connection's SPD entry (a
-replace_spd with a higher revision); a Delete of the IKE SA does the same for all of its Child
+higher SPD revision) unless another IKE SA of the connection still has a Child SA under
+it; a Delete of the IKE SA does the same for all of its Child
 SAs (the connection is not initiated again). ``stop()`` (SIGTERM) sends a Delete of the IKE SA
 for every established IKE SA, waits up to ``SHUTDOWN_WAIT`` for the responses, then removes the
 SAs from the worker.
@@ -52,7 +63,8 @@ child_down, rekeyed, auth_failed, negotiation_failed). With a :class:`KeyExporte
 ESP keys of each new SA are appended to its file (troubleshooting only, off by default).
 
 Authentication (PSK or certificates, :mod:`services.keymgr.credentials`) is read from the
-connection's files each time an IKE SA starts, so rotated secrets and certificates are used;
+connection's files again whenever one of them changed (checked with stat each time an IKE SA
+starts), so rotated secrets and certificates are used;
 an authentication failure is logged with the core's reason (untrusted CA, revoked, identity
 not in the certificate, wrong PSK, ...).
 
@@ -65,6 +77,7 @@ import functools
 import ipaddress
 import logging
 import math
+import os
 import queue
 import random
 import threading
@@ -78,6 +91,7 @@ import grpc
 
 from services.core.events import Acquire, HardExpire, SoftExpire
 from services.core.iana import Integ, IpProto
+from services.core.ike.authn import LocalAuth, PeerAuth
 from services.core.ike.constants import ExchangeType
 from services.core.ike.cookies import DEFAULT_PERIOD, DEFAULT_THRESHOLD, CookieGuard
 from services.core.ike.dh import DhGroupId
@@ -98,6 +112,7 @@ from services.core.sa import Direction, Lifetime, SaConfig, UdpEncap
 from services.core.selectors import Selector
 from services.core.spd import Action, SpdEntry
 from services.dataplane.client import (
+    ApplyFuture,
     DataplaneClient,
     EventStream,
     IkeDatagram,
@@ -146,6 +161,20 @@ class _Call:
     future: Future[Any]
 
 
+@dataclass(eq=False)
+class _Apply:
+    """One ApplySAs batch in flight for IKE SA ``key`` (None: the SPD alone). ``then(error)``
+    runs on the main loop once the worker answered (error None on success)."""
+
+    key: bytes | None
+    future: ApplyFuture | None
+    then: Callable[[BaseException | None], object]
+    spd_before: dict[str, SpdEntry] | None  # the SPD to restore if the batch is refused
+    started: float
+    error: BaseException | None = None
+    done: bool = False
+
+
 @dataclass
 class IkeRecord:
     """An established IKE SA as the operator API shows it (no keys)."""
@@ -176,6 +205,7 @@ class Session:
     spd: SpdEntry | None = None
     spis: dict[str, str] = field(default_factory=dict)
     held: bool = False  # dpd_action hold/trap: initiate again on the worker's ACQUIRE
+    installing: bool = False  # the Child SA's ApplySAs is in flight
 
 
 @dataclass
@@ -204,6 +234,7 @@ class ResponderSession:
     reqid: int
     responder: Ikev2Responder
     installed: bool = False
+    installing: bool = False  # the Child SA's ApplySAs is in flight (IKE_AUTH response held)
     port: int = IKE_PORT  # the UDP port IKE uses (500, or 4500 after the initiator floated)
 
 
@@ -253,7 +284,12 @@ class Keymgr:
         self.responder_error_answers: dict[str, int] = {}
         self._drops_logged: tuple[float, tuple[int, int]] = (float("-inf"), (0, 0))
         self._spd: dict[str, SpdEntry] = {}  # installed PROTECT entry per connection name
-        self._rx: queue.Queue[IkeDatagram | _Call] = queue.Queue()
+        self._rx: queue.Queue[IkeDatagram | _Call | _Apply] = queue.Queue()
+        # ApplySAs batches in flight, in the order they were sent (at most one per IKE SA)
+        self._pending: list[_Apply] = []
+        # worker round trips: count, total and longest seconds from request to answer
+        self.apply_stats = [0, 0.0, 0.0]
+        self._auth_cache: dict[str, tuple[tuple[Any, ...], tuple[LocalAuth, PeerAuth]]] = {}
         self._stop = threading.Event()
         self._stream: PuntStream | None = None
         self._spd_revision = 0
@@ -293,7 +329,9 @@ class Keymgr:
                 item = self._rx.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(item, _Call) and item.future.set_running_or_notify_cancel():
+            if isinstance(item, _Apply):
+                self._finish(item)
+            elif isinstance(item, _Call) and item.future.set_running_or_notify_cancel():
                 item.future.set_exception(KeymgrStopped("keymgr is stopping"))
 
     def _reader(self, stream: PuntStream) -> None:
@@ -336,6 +374,8 @@ class Keymgr:
                 now = self.clock()
                 if isinstance(d, _Call):
                     self._run_call(d, now)
+                elif isinstance(d, _Apply):
+                    self._finish(d)
                 elif d is not None:
                     self._dispatch(d, now)
                 self._worker_events(now)
@@ -343,6 +383,7 @@ class Keymgr:
             if not self.failed:
                 self._shutdown()
         finally:
+            self._settle_all()
             stream.cancel()
             if self._events is not None:
                 self._events.cancel()
@@ -369,7 +410,7 @@ class Keymgr:
     def _initiate(self, s: Session, now: float) -> None:
         c = s.conn
         try:
-            mine, theirs = authentication(c)
+            mine, theirs = self._authentication(c)
             cfg = InitiatorConfig(
                 local_addr=c.local_addr,
                 remote_addr=c.remote_addr,
@@ -457,7 +498,7 @@ class Keymgr:
         """Ask the cookie guard about a new IKE_SA_INIT; True when it was answered (a stateless
         COOKIE response) or dropped, so no responder may be created for it."""
         was = self.cookies.demanding
-        remote_ip = ipaddress.ip_address(d.remote_addr).packed
+        remote_ip = _packed(d.remote_addr)
         reply = self.cookies.check(d.data, remote_ip, now, self._half_open())
         if self.cookies.demanding != was:
             log.warning(
@@ -569,7 +610,7 @@ class Keymgr:
                 )
                 return
             try:
-                mine, theirs = authentication(c)
+                mine, theirs = self._authentication(c)
                 cfg = ResponderConfig(
                     local_addr=c.local_addr,
                     local_auth=mine,
@@ -588,8 +629,8 @@ class Keymgr:
                 log.error("cannot answer IKE_SA_INIT", extra={"conn": c.name, "reason": str(e)})
                 return
             rs = ResponderSession(c, reqid, Ikev2Responder(cfg, now=now))
-        local = (ipaddress.ip_address(d.local_addr).packed, d.local_port)
-        remote = (ipaddress.ip_address(d.remote_addr).packed, d.remote_port)
+        local = (_packed(d.local_addr), d.local_port)
+        remote = (_packed(d.remote_addr), d.remote_port)
         before = rs.responder.state
         ke_before = rs.responder.invalid_ke_sent
         counts = (rs.responder.dropped, rs.responder.error_answers)
@@ -616,28 +657,42 @@ class Keymgr:
                     },
                 )
         assert self._stream is not None
-        for data in out:
-            self._stream.send(
-                IkeDatagram(d.local_addr, d.local_port, d.remote_addr, d.remote_port, data)
-            )
         st = rs.responder.state
+        reply = functools.partial(self._reply, d)
+        if st is ResponderState.ESTABLISHED and before is not ResponderState.ESTABLISHED:
+            pass  # the IKE_AUTH response waits for the Child SA's install (below)
+        else:
+            reply(out)
         if st is ResponderState.FAILED and before is not ResponderState.FAILED:
             log.warning(
                 "ike failed",
                 extra={"conn": c.name, "role": "responder", "reason": rs.responder.failure_reason},
             )
             self._failed(c, "responder", rs.responder.spi_i, rs.responder.failure_reason)
-        elif st is ResponderState.ESTABLISHED and not rs.installed:
-            r = rs.responder.result
-            assert r is not None
+        elif st is ResponderState.ESTABLISHED and not rs.installed and not rs.installing:
+            res = rs.responder.result
+            assert res is not None
+            r: IkeSaResult = res
             encap = d.local_port == NAT_T_PORT
             rs.port = d.local_port
-            rs.installed = self._install(c, r, rs.reqid, initiator=False, encap=encap)
-            if not rs.installed:
-                self.responders.pop(hdr.spi_i, None)
-            elif rs.responder.info is not None:
-                send = functools.partial(self._send_responder, rs)
-                self._track(c, r, "responder", rs.responder.info, send, now, responder=rs)
+            rs.installing = True
+            spi_i = hdr.spi_i
+
+            def installed(ok: bool) -> None:
+                # RFC 7296 §1.2 as strongSwan does it: our SAs are in the worker before the
+                # peer learns that the Child SA exists, so its first ESP packet finds them
+                rs.installing = False
+                if not ok:
+                    if self.responders.get(spi_i) is rs:
+                        del self.responders[spi_i]
+                    return
+                rs.installed = True
+                reply(out)
+                if rs.responder.info is not None:
+                    send = functools.partial(self._send_responder, rs)
+                    self._track(c, r, "responder", rs.responder.info, send, now, responder=rs)
+
+            self._install(c, r, rs.reqid, initiator=False, encap=encap, then=installed)
         elif before is ResponderState.ESTABLISHED:
             r = rs.responder.result
             assert r is not None
@@ -755,6 +810,7 @@ class Keymgr:
         Delete of it completes (make-before-break). ``initiator``: we started the
         CREATE_CHILD_SA, so our outbound key is ``encr_i`` (§2.17); else our inbound one."""
         key = r.spi_i + r.spi_r
+        self._settle(key)
         entry = self._children.get(key)
         if entry is None:
             return
@@ -767,15 +823,43 @@ class Keymgr:
                 initiator=initiator,
                 encap=cur_in.encap is not None,
             )
-            self.client.install_sa(inbound)
-            self.client.install_sa(outbound)
-        except (grpc.RpcError, ValueError) as e:
-            code = e.code() if isinstance(e, grpc.RpcError) else None
-            log.error(
-                "rekeyed child install failed",
-                extra={**ike, "code": str(code), "error": type(e).__name__},
-            )
+        except ValueError as e:
+            _log_failure("rekeyed child install failed", ike, e)
             return
+
+        def done(err: BaseException | None) -> None:
+            if err is not None:
+                _log_failure("rekeyed child install failed", ike, err)
+                return
+            self._rekey_installed(
+                key,
+                c,
+                (cur_in, cur_out),
+                (inbound, outbound),
+                old_in,
+                old_out,
+                child,
+                ike,
+                initiator=initiator,
+            )
+
+        self._apply(key, done, install=(inbound, outbound))
+
+    def _rekey_installed(
+        self,
+        key: bytes,
+        c: Connection,
+        old: tuple[SaConfig, SaConfig],
+        new: tuple[SaConfig, SaConfig],
+        old_in: bytes,
+        old_out: bytes,
+        child: ChildSaResult,
+        ike: dict[str, str],
+        *,
+        initiator: bool,
+    ) -> None:
+        """The worker installed the rekeyed pair ``new``: ``old`` retires."""
+        (cur_in, cur_out), (inbound, outbound) = old, new
         self._children[key] = (c, (inbound, outbound))
         self._retiring.setdefault(key, []).append((cur_in, cur_out))
         if self.key_export is not None:
@@ -809,32 +893,34 @@ class Keymgr:
 
     def _remove_retired(self, key: bytes, spi_in: bytes, spi_out: bytes) -> bool:
         """Delete a Child SA pair replaced by a rekey; False if (spi_in, spi_out) is none."""
+        self._settle(key)
         pairs = self._retiring.get(key, [])
         want = (int.from_bytes(spi_in, "big"), int.from_bytes(spi_out, "big"))
         for pair in pairs:
             if (pair[0].spi, pair[1].spi) != want:
                 continue
             pairs.remove(pair)
-            try:
-                for sa in pair:
-                    self.client.delete_sa(sa.spi, sa.dst, sa.protocol, sa.direction)
-            except grpc.RpcError as e:
-                log.error("old child removal failed", extra={"code": str(e.code())})
-            else:
-                log.info(
-                    "old child removed",
-                    extra={"spi_in": spi_in.hex(), "spi_out": spi_out.hex()},
-                )
             rec = self.records.get(key)
-            if rec is not None:
-                self._emit(
-                    ev.CHILD_DOWN,
-                    rec.conn,
-                    rec,
-                    spi_in=spi_in.hex(),
-                    spi_out=spi_out.hex(),
-                    reason="replaced by a rekey",
-                )
+
+            def done(err: BaseException | None, rec: IkeRecord | None = rec) -> None:
+                if err is not None:
+                    _log_failure("old child removal failed", {}, err)
+                else:
+                    log.info(
+                        "old child removed",
+                        extra={"spi_in": spi_in.hex(), "spi_out": spi_out.hex()},
+                    )
+                if rec is not None:
+                    self._emit(
+                        ev.CHILD_DOWN,
+                        rec.conn,
+                        rec,
+                        spi_in=spi_in.hex(),
+                        spi_out=spi_out.hex(),
+                        reason="replaced by a rekey",
+                    )
+
+            self._apply(key, done, delete=pair)
             return True
         return False
 
@@ -842,47 +928,47 @@ class Keymgr:
         """Delete an IKE SA's Child SAs (and any pair still retiring after a rekey) from the
         worker and withdraw the connection's SPD entry (replace_spd with a higher revision)
         unless another IKE SA of the connection still has a Child SA installed."""
-        for pair in self._retiring.pop(key, []):
-            try:
-                for sa in pair:
-                    self.client.delete_sa(sa.spi, sa.dst, sa.protocol, sa.direction)
-            except grpc.RpcError as e:
-                log.error("old child removal failed", extra={"code": str(e.code())})
+        self._settle(key)
+        old = tuple(sa for pair in self._retiring.pop(key, []) for sa in pair)
         entry = self._children.pop(key, None)
         if entry is None:
+            if old:
+                self._apply(
+                    key,
+                    _on_error("old child removal failed", {}),
+                    delete=old,
+                )
             return
         c, sas = entry
         # Another IKE SA of the same connection (a responder answers many) still has its Child
         # SA installed under the connection's entry: withdrawing it would cut that traffic off.
         still_used = any(other.name == c.name for other, _ in self._children.values())
-        try:
-            for sa in sas:
-                self.client.delete_sa(sa.spi, sa.dst, sa.protocol, sa.direction)
-            if not still_used:
-                entries = {k: v for k, v in self._spd.items() if k != c.name}
-                self._spd_revision += 1
-                self.client.replace_spd(list(entries.values()), self._spd_revision)
-                self._spd = entries
-        except grpc.RpcError as e:
-            log.error("child removal failed", extra={"conn": c.name, "code": str(e.code())})
-            return
-        log.info(
-            "child removed",
-            extra={
-                "conn": c.name,
-                "spi_in": sas[0].spi.to_bytes(4, "big").hex(),
-                "spi_out": sas[1].spi.to_bytes(4, "big").hex(),
-                "spd_revision": self._spd_revision,
-            },
-        )
-        self._emit(
-            ev.CHILD_DOWN,
-            c,
-            self.records.get(key),
-            spi_in=f"{sas[0].spi:08x}",
-            spi_out=f"{sas[1].spi:08x}",
-            reason=reason,
-        )
+        rec = self.records.get(key)
+
+        def done(err: BaseException | None) -> None:
+            if err is not None:
+                _log_failure("child removal failed", {"conn": c.name}, err)
+                return
+            log.info(
+                "child removed",
+                extra={
+                    "conn": c.name,
+                    "spi_in": sas[0].spi.to_bytes(4, "big").hex(),
+                    "spi_out": sas[1].spi.to_bytes(4, "big").hex(),
+                    "spd_revision": self._spd_revision,
+                },
+            )
+            self._emit(
+                ev.CHILD_DOWN,
+                c,
+                rec,
+                spi_in=f"{sas[0].spi:08x}",
+                spi_out=f"{sas[1].spi:08x}",
+                reason=reason,
+            )
+
+        spd = None if still_used else (c.name, None)
+        self._apply(key, done, delete=(*old, *sas), spd=spd)
 
     # --- lifetimes, rekeying and dead peers (RFC 7296 §1.3.2, §1.3.3, §2.4, §2.8) ------------
 
@@ -977,16 +1063,15 @@ class Keymgr:
             s.retry_at = now
         elif action in ("hold", "trap") and s.spd is not None:
             s.held = True
-            entries = {**self._spd, s.conn.name: s.spd}
-            try:
-                self._spd_revision += 1
-                self.client.replace_spd(list(entries.values()), self._spd_revision)
-            except grpc.RpcError as e:
-                log.error("hold policy install failed", extra={"code": str(e.code())})
-                s.retry_at = now  # like restart
-                return
-            self._spd = entries
-            log.info("holding for traffic", extra={"conn": s.conn.name, "reqid": s.reqid})
+
+            def done(err: BaseException | None) -> None:
+                if err is not None:
+                    _log_failure("hold policy install failed", {}, err)
+                    s.retry_at = now  # like restart
+                    return
+                log.info("holding for traffic", extra={"conn": s.conn.name, "reqid": s.reqid})
+
+            self._apply(None, done, spd=(s.conn.name, s.spd))
 
     def _forget_responder(self, rs: ResponderSession) -> None:
         for spi in [k for k, v in self.responders.items() if v is rs]:
@@ -995,6 +1080,7 @@ class Keymgr:
     def _remove_current(self, key: bytes, spi_in: bytes, spi_out: bytes) -> None:
         """Delete the IKE SA's current Child SA pair (spi_in, spi_out): a pair still installed
         from a rekey takes over; without one the SPD entry is withdrawn too."""
+        self._settle(key)
         entry = self._children.get(key)
         if entry is None:
             return
@@ -1007,16 +1093,17 @@ class Keymgr:
             self._remove_children(key)
             return
         self._children[key] = (c, older.pop())
-        try:
-            for sa in (cur_in, cur_out):
-                self.client.delete_sa(sa.spi, sa.dst, sa.protocol, sa.direction)
-        except grpc.RpcError as e:
-            log.error("child removal failed", extra={"conn": c.name, "code": str(e.code())})
-            return
-        log.info(
-            "redundant child removed",
-            extra={"conn": c.name, "spi_in": spi_in.hex(), "spi_out": spi_out.hex()},
-        )
+
+        def done(err: BaseException | None) -> None:
+            if err is not None:
+                _log_failure("child removal failed", {"conn": c.name}, err)
+                return
+            log.info(
+                "redundant child removed",
+                extra={"conn": c.name, "spi_in": spi_in.hex(), "spi_out": spi_out.hex()},
+            )
+
+        self._apply(key, done, delete=(cur_in, cur_out))
 
     def _watch_events(self) -> None:
         """Subscribe to the worker's events: byte/packet soft and hard expiries of our Child
@@ -1117,11 +1204,23 @@ class Keymgr:
                 if d.future.set_running_or_notify_cancel():
                     d.future.set_exception(KeymgrStopped("keymgr is stopping"))
                 continue
+            if isinstance(d, _Apply):
+                self._finish(d)
+                continue
             self._dispatch(d, self.clock())
         for key in list(self._children):
             self._remove_children(key, "keymgr stopping")
+        self._settle_all()
         for rec in list(self.records.values()):
             self._down(rec, "keymgr stopping")
+
+    def _reply(self, d: IkeDatagram, datagrams: list[bytes]) -> None:
+        """Send datagrams back on the addresses and ports ``d`` arrived on."""
+        assert self._stream is not None
+        for data in datagrams:
+            self._stream.send(
+                IkeDatagram(d.local_addr, d.local_port, d.remote_addr, d.remote_port, data)
+            )
 
     def _send_responder(self, rs: ResponderSession, datagrams: list[bytes]) -> None:
         assert self._stream is not None
@@ -1175,30 +1274,51 @@ class Keymgr:
             log.warning("ike failed", extra=extra)
             s.retry_at = now + RETRY_AFTER_FAILURE
             self._failed(s.conn, "initiator", ini.spi_i, ini.failure_reason)
-        elif ini.state is State.ESTABLISHED and not s.installed and ini.result is not None:
+        elif (
+            ini.state is State.ESTABLISHED
+            and not s.installed
+            and not s.installing
+            and ini.result is not None
+        ):
             self._established(s, ini.result, now)
 
     def _established(self, s: Session, r: IkeSaResult, now: float) -> None:
-        if not self._install(s.conn, r, s.reqid, initiator=True, encap=r.nat_t):
-            s.initiator = None
-            s.retry_at = now + RETRY_AFTER_FAILURE
-            return
-        s.installed = True
-        s.held = False
-        s.spd = self._spd.get(s.conn.name)
-        s.spis = {"in": r.child.spi_in.hex(), "out": r.child.spi_out.hex()}
         ini = s.initiator
-        if ini is not None and ini.info is not None:
-            send = functools.partial(self._send, s)
-            self._track(s.conn, r, "initiator", ini.info, send, now, session=s)
+        s.installing = True
+
+        def done(ok: bool) -> None:
+            s.installing = False
+            if s.initiator is not ini:
+                return  # abandoned meanwhile (its SAs are in _children: removed on stop)
+            if not ok:
+                s.initiator = None
+                s.retry_at = now + RETRY_AFTER_FAILURE
+                return
+            s.installed = True
+            s.held = False
+            s.spd = self._spd.get(s.conn.name)
+            s.spis = {"in": r.child.spi_in.hex(), "out": r.child.spi_out.hex()}
+            if ini is not None and ini.info is not None:
+                send = functools.partial(self._send, s)
+                self._track(s.conn, r, "initiator", ini.info, send, now, session=s)
+
+        self._install(s.conn, r, s.reqid, initiator=True, encap=r.nat_t, then=done)
 
     def _install(
-        self, c: Connection, r: IkeSaResult, reqid: int, *, initiator: bool, encap: bool
-    ) -> bool:
-        """Install an established IKE SA's Child SA pair and the connection's SPD entry.
+        self,
+        c: Connection,
+        r: IkeSaResult,
+        reqid: int,
+        *,
+        initiator: bool,
+        encap: bool,
+        then: Callable[[bool], None],
+    ) -> None:
+        """Install an established IKE SA's Child SA pair and, unless it is installed already
+        and unchanged, the connection's SPD entry, in one ApplySAs call (see _apply).
 
-        The one installation path for both roles; returns False (and logs) when the worker
-        refused it.
+        The one installation path for both roles; ``then(ok)`` runs when the worker answered,
+        with False (logged) when it refused.
         """
         role = "initiator" if initiator else "responder"
         log.info(
@@ -1212,22 +1332,40 @@ class Keymgr:
                 "ike": r.suite.name,
             },
         )
+        key = r.spi_i + r.spi_r
         try:
             inbound, outbound, spd = child_sa_configs(c, r, reqid, initiator=initiator, encap=encap)
-            self.client.install_sa(inbound)
-            self.client.install_sa(outbound)
-            self._children[r.spi_i + r.spi_r] = (c, (inbound, outbound))
-            entries = {**self._spd, c.name: spd}
-            self._spd_revision += 1
-            self.client.replace_spd(list(entries.values()), self._spd_revision)
-        except (grpc.RpcError, ValueError) as e:
-            code = e.code() if isinstance(e, grpc.RpcError) else None
-            log.error(
-                "child install failed",
-                extra={"conn": c.name, "code": str(code), "error": type(e).__name__},
-            )
-            return False
-        self._spd = entries
+        except ValueError as e:
+            _log_failure("child install failed", {"conn": c.name}, e)
+            then(False)
+            return
+        # counted as installed while in flight, so no Delete of another IKE SA of the
+        # connection withdraws the SPD entry meanwhile
+        self._children[key] = (c, (inbound, outbound))
+
+        def done(err: BaseException | None) -> None:
+            if err is not None:
+                entry = self._children.get(key)
+                if entry is not None and entry[1][0] is inbound:
+                    del self._children[key]
+                _log_failure("child install failed", {"conn": c.name}, err)
+                self._spd_repair(c, spd)
+                then(False)
+                return
+            self._installed(c, r, reqid, role, encap, (inbound, outbound))
+            then(True)
+
+        self._apply(key, done, install=(inbound, outbound), spd=(c.name, spd))
+
+    def _installed(
+        self,
+        c: Connection,
+        r: IkeSaResult,
+        reqid: int,
+        role: str,
+        encap: bool,
+        sas: tuple[SaConfig, SaConfig],
+    ) -> None:
         log.info(
             "child installed",
             extra={
@@ -1242,8 +1380,153 @@ class Keymgr:
                 "spd_revision": self._spd_revision,
             },
         )
-        self._up(c, r, role, encap, (inbound, outbound))
-        return True
+        self._up(c, r, role, encap, sas)
+
+    def _spd_repair(self, c: Connection, spd: SpdEntry) -> None:
+        """After a refused install of connection ``c``: its SPD entry is wanted exactly while
+        another Child SA of it is installed (or in flight, relying on the refused batch's
+        entry) or a held session keeps it; set or withdraw it accordingly."""
+        used = any(other.name == c.name for other, _ in self._children.values())
+        if used:
+            self._apply(
+                None, _on_error("child install failed", {"conn": c.name}), spd=(c.name, spd)
+            )
+        elif not any(s.held and s.conn.name == c.name for s in self.sessions):
+            self._apply(
+                None, _on_error("child removal failed", {"conn": c.name}), spd=(c.name, None)
+            )
+
+    # --- the worker's SAD and SPD: one ApplySAs call per change --------------------------------
+
+    def _apply(
+        self,
+        key: bytes | None,
+        then: Callable[[BaseException | None], object],
+        *,
+        install: tuple[SaConfig, ...] = (),
+        delete: tuple[SaConfig, ...] = (),
+        spd: tuple[str, SpdEntry | None] | None = None,
+    ) -> None:
+        """The one path to the worker's SAD and SPD: delete and install SAs of IKE SA ``key``
+        and set (an entry) or withdraw (None) the SPD entry of connection ``spd[0]`` in ONE
+        atomic ApplySAs call, sent without waiting for the answer. The SPD part is left out
+        when the entry already is as wanted (no call at all when nothing is left).
+
+        Ordering: a batch for an IKE SA first waits for that IKE SA's batch still in flight (a
+        Delete never overtakes the install of the same SAs), and a batch that changes the SPD
+        first waits for every earlier one that did (revisions reach the worker in order).
+        ``then(error)`` runs on the main loop once the worker answered (error None: applied).
+        """
+        if key is not None:
+            self._settle(key)
+        entries = self._spd_change(spd)
+        if entries is not None and any(op.spd_before is not None for op in self._pending):
+            for op in [op for op in self._pending if op.spd_before is not None]:
+                self._settle_op(op)
+            entries = self._spd_change(spd)
+        op = _Apply(key, None, then, None, self.clock())
+        if not install and not delete and entries is None:
+            op.done = True
+            then(None)
+            return
+        batch: tuple[list[SpdEntry], int] | None = None
+        if entries is not None:
+            self._spd_revision += 1
+            batch = (list(entries.values()), self._spd_revision)
+            op.spd_before, self._spd = self._spd, entries
+        refs = [(sa.spi, sa.dst, sa.protocol, sa.direction) for sa in delete]
+        try:
+            op.future = self.client.apply_sas_async(install, refs, batch)
+        except (grpc.RpcError, ValueError) as e:
+            op.error = e
+            self._finish(op)
+            return
+        self._pending.append(op)
+        op.future.add_done_callback(lambda _f: self._rx.put(op))
+        if op.future.done():
+            self._finish(op)
+
+    def _spd_change(self, spd: tuple[str, SpdEntry | None] | None) -> dict[str, SpdEntry] | None:
+        """The SPD after setting (withdrawing) a connection's entry; None when unchanged. The
+        view includes batches in flight (a refused one restores it, see _finish)."""
+        if spd is None:
+            return None
+        name, entry = spd
+        if entry is None:
+            if name not in self._spd:
+                return None
+            return {k: v for k, v in self._spd.items() if k != name}
+        if self._spd.get(name) == entry:
+            return None
+        return {**self._spd, name: entry}
+
+    def _finish(self, op: _Apply) -> None:
+        """The worker answered ``op`` (or its call failed): run its continuation."""
+        if op.done:
+            return
+        op.done = True
+        if op in self._pending:
+            self._pending.remove(op)
+        if op.future is not None and op.error is None:
+            try:
+                op.error = op.future.exception()
+            except Exception as e:  # cancelled
+                op.error = e
+        took = self.clock() - op.started
+        st = self.apply_stats
+        st[0] += 1
+        st[1] += took
+        st[2] = max(st[2], took)
+        if op.error is not None and op.spd_before is not None:
+            self._spd = op.spd_before  # nothing of the batch was applied
+        op.then(op.error)
+
+    def _settle_op(self, op: _Apply) -> None:
+        """Wait for ``op``'s answer (its call has the client's deadline) and finish it."""
+        if op.future is not None and not op.done:
+            try:
+                op.future.exception()
+            except Exception as e:
+                op.error = e
+        self._finish(op)
+
+    def _settle(self, key: bytes) -> None:
+        """Finish the batch of IKE SA ``key`` still in flight, if any."""
+        for op in [op for op in self._pending if op.key == key]:
+            self._settle_op(op)
+
+    def _settle_all(self) -> None:
+        while self._pending:
+            self._settle_op(self._pending[0])
+        n, total, longest = self.apply_stats
+        if n:
+            log.info(
+                "worker calls",
+                extra={
+                    "apply_sas": n,
+                    "mean_ms": round(1000 * total / n, 2),
+                    "max_ms": round(1000 * longest, 2),
+                },
+            )
+
+    def _authentication(self, c: Connection) -> tuple[LocalAuth, PeerAuth]:
+        """authentication(c), read from the files again only when one of them changed."""
+        paths = (c.psk_file, c.cert_file, c.key_file, *c.ca_files, *c.crl_files)
+        try:
+            stamp = tuple(
+                (str(p), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                for p in paths
+                if p is not None
+                for st in (os.stat(p),)
+            )
+        except OSError:
+            return authentication(c)  # which reports the error
+        hit = self._auth_cache.get(c.name)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        auth = authentication(c)
+        self._auth_cache[c.name] = (stamp, auth)
+        return auth
 
     # --- operator view, commands and events (services/keymgr/api.py) -------------------------
 
@@ -1298,8 +1581,24 @@ class Keymgr:
         self._emit(kind, c, None, role=role, spi_i=spi_i.hex(), reason=hint)
 
     def _down(self, rec: IkeRecord, reason: str) -> None:
-        if self.records.pop(rec.spi_i + rec.spi_r, None) is not None:
-            self._emit(ev.DOWN, rec.conn, rec, reason=reason)
+        key = rec.spi_i + rec.spi_r
+        if self.records.pop(key, None) is not None:
+            # after the child_down of a removal still in flight, as when removals blocked
+            self._after(key, lambda: self._emit(ev.DOWN, rec.conn, rec, reason=reason))
+
+    def _after(self, key: bytes, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once IKE SA ``key``'s worker call in flight finished (now if none)."""
+        op = next((op for op in self._pending if op.key == key and not op.done), None)
+        if op is None:
+            fn()
+            return
+        first = op.then
+
+        def chained(err: BaseException | None) -> None:
+            first(err)
+            fn()
+
+        op.then = chained
 
     def _down_key(self, key: bytes, reason: str) -> None:
         rec = self.records.get(key)
@@ -1512,6 +1811,28 @@ class Keymgr:
                     )
                 )
         return out
+
+
+def _on_error(msg: str, extra: dict[str, str]) -> Callable[[BaseException | None], None]:
+    """A continuation for _apply that only logs a failure."""
+
+    def then(err: BaseException | None) -> None:
+        if err is not None:
+            _log_failure(msg, extra, err)
+
+    return then
+
+
+def _log_failure(msg: str, extra: dict[str, str], err: BaseException) -> None:
+    """Log a refused or failed worker call: the gRPC status code and the error's type."""
+    code = err.code() if isinstance(err, grpc.RpcError) else None
+    log.error(msg, extra={**extra, "code": str(code), "error": type(err).__name__})
+
+
+@functools.lru_cache(maxsize=256)
+def _packed(addr: str) -> bytes:
+    """The packed form of a textual IP address (the same few addresses on every datagram)."""
+    return ipaddress.ip_address(addr).packed
 
 
 def _same_addr(a: str, b: str) -> bool:

@@ -113,13 +113,13 @@ def test_profile_summary_shares_of_run() -> None:
     stats = {
         (daemon, 10, "run"): (1, 1, 0.1, 10.0, {}),
         ("/usr/lib/python3.11/queue.py", 5, "get"): (50, 50, 0.2, 2.5, {}),
-        (client, 7, "install_sa"): (40, 40, 0.1, 4.0, {}),
+        (client, 7, "apply_sas_async"): (40, 40, 0.1, 4.0, {}),
         ("~", 0, "<method 'acquire' of '_thread.lock' objects>"): (9, 9, 3.0, 3.0, {}),
     }
     text = "\n".join(bi.profile_summary(stats, top=2))
     assert "| Keymgr.run (whole main loop) | 1 | 100% |" in text
     assert "| waiting for punted IKE (queue.get; idle) | 50 | 25% |" in text
-    assert "| gRPC install_sa | 40 | 40% |" in text
+    assert "| gRPC ApplySAs sent (apply_sas_async) | 40 | 40% |" in text
     assert "| `<method 'acquire' of '_thread.lock' objects>` | 9 | 30% |" in text
     assert bi.profile_summary({}) == ["(no Keymgr.run in the profile)"]
 
@@ -131,15 +131,41 @@ def test_profile_verdict_names_the_shares() -> None:
         (daemon, 10, "run"): (1, 1, 0.1, 10.0, {}),
         ("/usr/lib/python3.11/queue.py", 5, "get"): (50, 50, 0.2, 1.0, {}),
         (daemon, 20, "_install"): (10, 10, 0.1, 5.0, {}),
-        (client, 7, "install_sa"): (20, 20, 0.1, 3.0, {}),
-        (client, 8, "delete_sa"): (20, 20, 0.1, 2.0, {}),
-        (client, 9, "replace_spd"): (10, 10, 0.1, 1.0, {}),
+        (client, 7, "apply_sas_async"): (20, 20, 0.1, 3.0, {}),
+        (daemon, 8, "_settle_op"): (5, 5, 0.1, 3.0, {}),
         ("/x/services/core/ike/responder.py", 3, "receive"): (30, 30, 0.1, 1.5, {}),
         ("/usr/lib/python3.11/logging/__init__.py", 1, "_log"): (50, 50, 0.1, 0.5, {}),
     }
     text = bi.profile_verdict(stats)
     assert "busy 90% of the time" in text
-    assert "60% of it went to waiting for synchronous gRPC calls" in text
-    assert "(5.0 per handshake" in text
+    assert "60% of it went to the worker's SA API" in text
+    assert "(2.0 ApplySAs calls per handshake" in text
+    assert "30% building and sending them, 30% waiting where ordering" in text
     assert "15% went to the IKE core" in text and "5% to logging" in text
     assert bi.profile_verdict({}) == ""
+
+
+def test_worker_calls_from_keymgr_log() -> None:
+    log = "\n".join(
+        [
+            '{"msg":"child installed","conn":"resp"}',
+            '{"ts":"x","msg":"worker calls","apply_sas":12,"mean_ms":2.5,"max_ms":9.75}',
+            "not json",
+        ]
+    )
+    assert bi.worker_calls(log) == (12, 2.5, 9.75)
+    assert bi.worker_calls('{"msg":"worker calls","apply_sas":"x"}') == (0, 0.0, 0.0)
+    assert bi.worker_calls("") == (0, 0.0, 0.0)
+
+
+def test_cpu_per_handshake() -> None:
+    rs = [
+        bi.RunResult("keymgr", 100, 10.0, resp_cpu=(("worker", 0.4), ("keymgr", 0.6))),
+        bi.RunResult("keymgr", 200, 10.0, resp_cpu=(("worker", 0.4), ("keymgr", 0.6))),
+        bi.RunResult("charon", 500, 10.0, resp_cpu=(("charon", 0.5),)),
+        bi.RunResult("charon", 0, 0.0, error="boom"),
+    ]
+    text = bi.cpu_per_handshake(rs)
+    assert "keymgr 7.5 ms (worker 3.0 + keymgr 4.5)" in text
+    assert "charon 1.0 ms (charon 1.0)" in text
+    assert bi.cpu_per_handshake([]) == ""

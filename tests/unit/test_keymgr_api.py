@@ -24,6 +24,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,7 @@ import pytest
 
 from services.core.ike.exchange import NAT_T_PORT, Ikev2Initiator, InitiatorConfig, State
 from services.core.sa import Direction, Mode, SaConfig
-from services.dataplane.client import IkeDatagram
+from services.dataplane.client import ApplyFuture, IkeDatagram
 from services.keymgr import ctl
 from services.keymgr import events as ev
 from services.keymgr.api import ApiServer
@@ -116,6 +117,16 @@ class FakeClient:
 
     def replace_spd(self, entries: Any, revision: int) -> int:
         return revision
+
+    def apply_sas_async(self, install: Any = (), delete: Any = (), spd: Any = None) -> ApplyFuture:
+        """The batch as the unary calls it stands for, answered at once."""
+        for ref in delete:
+            self.delete_sa(*ref)
+        for cfg in install:
+            self.install_sa(cfg)
+        fut: Future[Any] = Future()
+        fut.set_result(None)
+        return ApplyFuture(fut)
 
     def events(self) -> Any:
         """No worker events in these tests (an empty stream that can be cancelled)."""

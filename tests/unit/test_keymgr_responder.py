@@ -3,8 +3,9 @@ through a fake punt stream and a fake dataplane client.
 
 Checks: the SAs installed for the responder role use the initiator->responder key inbound
 (our SPI) and the responder->initiator key outbound (the peer's SPI), ESP-in-UDP when IKE came
-over 4500, the shared reqid and a PROTECT SPD entry local_ts->remote_ts; each replace_spd gets a
-higher revision; responses go back on the ports the request arrived on; half-open responders
+over 4500, the shared reqid and a PROTECT SPD entry local_ts->remote_ts, installed in one
+ApplySAs call and not replaced again for a further IKE SA of the connection; responses go back
+on the ports the request arrived on; half-open responders
 are bounded and the refused IKE_SA_INITs counted; responders are keyed by the initiator's SPI.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import pathlib
 import secrets
+from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -19,7 +21,7 @@ import pytest
 from services.core.ike.exchange import NAT_T_PORT, Ikev2Initiator, InitiatorConfig, State
 from services.core.sa import Direction, SaConfig
 from services.core.spd import Action, SpdEntry
-from services.dataplane.client import IkeDatagram
+from services.dataplane.client import ApplyFuture, IkeDatagram
 from services.keymgr import daemon
 from services.keymgr.config import Connection
 from services.keymgr.daemon import Keymgr
@@ -45,6 +47,7 @@ class FakeClient:
     def __init__(self) -> None:
         self.sas: list[SaConfig] = []
         self.spd: list[tuple[list[SpdEntry], int]] = []
+        self.applies: list[tuple[list[SaConfig], list[Any], Any]] = []
 
     def install_sa(self, cfg: SaConfig) -> None:
         self.sas.append(cfg)
@@ -52,6 +55,23 @@ class FakeClient:
     def replace_spd(self, entries: Any, revision: int) -> int:
         self.spd.append((list(entries), revision))
         return revision
+
+    def delete_sa(self, spi: int, dst: Any, protocol: int, direction: Any) -> bool:
+        return True
+
+    def apply_sas_async(self, install: Any = (), delete: Any = (), spd: Any = None) -> ApplyFuture:
+        """The batch as the unary calls it stands for, answered at once; ``applies`` records
+        every call (installs, deletes, SPD)."""
+        self.applies.append((list(install), list(delete), spd))
+        for ref in delete:
+            self.delete_sa(*ref)
+        for cfg in install:
+            self.install_sa(cfg)
+        if spd is not None:
+            self.replace_spd(*spd)
+        fut: Future[Any] = Future()
+        fut.set_result(None)
+        return ApplyFuture(fut)
 
 
 def _keymgr(tmp_path: pathlib.Path, psk: bytes) -> tuple[Keymgr, FakeClient, FakeStream]:
@@ -120,12 +140,19 @@ def test_responder_installs_sas_with_responder_keys(tmp_path: pathlib.Path) -> N
     assert entries[0].action is Action.PROTECT and entries[0].reqid == 2
     assert ini.spi_i in km.responders and km.responders[ini.spi_i].installed
 
-    # A second peer IKE SA (new SPI) replaces the connection's SPD entry, revision grows.
+    # one ApplySAs call: both SAs and the SPD entry
+    assert len(client.applies) == 1 and client.applies[0][2] is not None
+
+    # A second peer IKE SA (new SPI) of the same connection: its SAs are installed in one call
+    # and the connection's SPD entry, installed already and unchanged, is left alone (no new
+    # SPD revision).
     ini2 = _initiator(psk)
     _run_exchange(km, stream, ini2)
     assert ini2.state is State.ESTABLISHED
-    assert [r for _, r in client.spd] == [1, 2]
-    assert len(client.spd[-1][0]) == 1
+    assert [r for _, r in client.spd] == [1]
+    assert len(client.applies) == 2
+    installs, deletes, spd = client.applies[1]
+    assert len(installs) == 2 and deletes == [] and spd is None
     assert len(km.responders) == 2
 
 

@@ -24,7 +24,8 @@ def test_spd_entry_kept_until_last_ike_sa_of_connection_is_deleted(
     for ini in (first, second):
         _run_exchange(km, stream, ini)
         assert ini.state is State.ESTABLISHED
-    assert len(client.sas) == 4 and [r for _, r in client.spd] == [1, 2]
+    # the second IKE SA finds the entry installed and unchanged: no new revision
+    assert len(client.sas) == 4 and [r for _, r in client.spd] == [1]
     entry = client.spd[-1][0]
     assert len(entry) == 1
 
@@ -33,7 +34,7 @@ def test_spd_entry_kept_until_last_ike_sa_of_connection_is_deleted(
     first.receive(ans, 1.0)
     assert first.state is State.CLOSED
     assert len(client.deleted) == 2  # the first IKE SA's pair only
-    assert [r for _, r in client.spd] == [1, 2]  # entry still protects the second's traffic
+    assert [r for _, r in client.spd] == [1]  # entry still protects the second's traffic
     assert first.spi_i not in km.responders and second.spi_i in km.responders
 
     (req,) = second.delete_ike(1.0)
@@ -41,4 +42,8 @@ def test_spd_entry_kept_until_last_ike_sa_of_connection_is_deleted(
     second.receive(ans, 1.0)
     assert second.state is State.CLOSED
     assert sorted(x[0] for x in client.deleted) == sorted(s.spi for s in client.sas)
-    assert client.spd[-1] == ([], 3)
+    assert client.spd[-1] == ([], 2)
+    # each removal was one ApplySAs call: the pair, and with the last one the SPD withdrawal
+    removals = [(d, spd) for i, d, spd in client.applies if d]
+    assert [len(d) for d, _ in removals] == [2, 2]
+    assert removals[0][1] is None and removals[1][1] == ([], 2)
