@@ -22,8 +22,10 @@ whichever identity the peer proves, e.g. with its certificate). ``ike_proposals`
 preference (:mod:`services.core.ike.suites`; defaults: ``aes256gcm16-prfsha256-x25519`` and
 ``aes256gcm16``); SHA-1, MODP-1024 and 3DES need ``"allow_legacy": true``. ``mode`` is
 ``"tunnel"`` (default) or ``"transport"``.
-``start_action`` is ``"start"`` (keymgr initiates) or ``"none"`` / ``"respond"`` (keymgr only
-answers the peer's IKE_SA_INIT arriving from ``remote_addr`` at ``local_addr``). The PSK lives in
+``start_action`` is ``"start"`` (keymgr initiates at once), ``"trap"`` (keymgr installs the
+connection's PROTECT policy without SAs; the first matching packet makes the worker report an
+ACQUIRE and keymgr initiates then) or ``"none"`` / ``"respond"`` (keymgr only answers the peer's
+IKE_SA_INIT arriving from ``remote_addr`` at ``local_addr``). The PSK lives in
 its own file (a Kubernetes Secret mount); its content is read only when a connection starts and
 never logged. A PSK file holding ``0x<hex>`` is decoded as hex (strongSwan's notation), anything
 else is used as the raw octets with surrounding whitespace removed.
@@ -68,7 +70,7 @@ from services.core.ike.suites import (
 )
 from services.core.sa import Mode
 
-START_ACTIONS = ("start", "none", "respond")
+START_ACTIONS = ("start", "trap", "none", "respond")
 DPD_ACTIONS = ("clear", "restart", "hold", "trap")
 MODES = ("tunnel", "transport")
 ANY_ID = "%any"

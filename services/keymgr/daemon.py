@@ -104,6 +104,7 @@ from services.core.ike.exchange import (
     State,
 )
 from services.core.ike.informational import InfoEvent, InfoSession
+from services.core.ike.keys import IkeKeys
 from services.core.ike.message import IkeDecodeError, IkeHeader, decode_header, version_answer
 from services.core.ike.prf import Prf
 from services.core.ike.responder import Ikev2Responder, ResponderConfig, ResponderState
@@ -134,6 +135,7 @@ MAX_HALF_OPEN = 64  # responders not yet ESTABLISHED; more IKE_SA_INITs are drop
 HALF_OPEN_TIMEOUT = 30.0  # seconds a half-open (or failed) responder is kept
 SHUTDOWN_WAIT = 2.0  # seconds to wait for the peers' responses to our Delete on stop()
 MAX_RESPONDERS = 1024  # all responder IKE SAs kept (established ones answer liveness checks)
+MAX_EXPORTED_IKE = 65536  # SPI pairs remembered so each IKE SA's keys are exported once
 REKEY_RETRY = 10.0  # seconds before a rekey that failed is tried again
 IKE_RAND_FRACTION = 0.1  # an IKE SA rekey starts up to 10 % of ike_rekey_time early
 COOKIE_LOG_INTERVAL = 5.0  # at most one "ike cookies" counters line per this many seconds
@@ -264,6 +266,7 @@ class Keymgr:
         self._cookie_logged: tuple[float, tuple[int, ...]] = (float("-inf"), (0, 0, 0, 0))
         self.events = events if events is not None else EventBus()
         self.key_export = key_export
+        self._exported_ike: set[bytes] = set()  # SPIi | SPIr of IKE SAs whose keys were exported
         self.records: dict[bytes, IkeRecord] = {}  # established IKE SAs, key SPIi | SPIr
         self._next_id = 0
         # a random delay in [0, x] (rekey jitter, strongSwan's rand_time)
@@ -470,6 +473,7 @@ class Keymgr:
                 return
             before = ini.retries
             self._send(s, ini.receive(d.data, now))
+            self._export_sa_keys(ini)
             after = ini.retries
             if after[:2] != before[:2]:
                 log.info(
@@ -635,6 +639,7 @@ class Keymgr:
         ke_before = rs.responder.invalid_ke_sent
         counts = (rs.responder.dropped, rs.responder.error_answers)
         out = rs.responder.receive(d.data, now, remote=remote, local=local)
+        self._export_sa_keys(rs.responder)
         if (rs.responder.dropped, rs.responder.error_answers) != counts:
             self._responder_drop(c, hdr, rs, dropped=rs.responder.dropped != counts[0], now=now)
         if rs.responder.invalid_ke_sent != ke_before:
@@ -747,6 +752,8 @@ class Keymgr:
                     self._schedule_child(st, e.child.spi_in, now)
             elif e.kind == "ike_rekeyed":
                 new_i, new_r = e.ike_spis
+                if self.key_export is not None and e.ike_keys is not None and e.ike_suite:
+                    self._export_ike(new_i, new_r, e.ike_keys, e.ike_suite)
                 log.info(
                     "ike rekeyed",
                     extra={
@@ -1530,19 +1537,37 @@ class Keymgr:
 
     # --- operator view, commands and events (services/keymgr/api.py) -------------------------
 
+    def _export_sa_keys(self, x: Ikev2Initiator | Ikev2Responder) -> None:
+        """Export an IKE SA's keys as soon as IKE_SA_INIT derived them (if asked), so that a
+        capture of an IKE_AUTH that then fails can be decrypted too."""
+        if self.key_export is None:
+            return
+        got = x.sa_keys
+        if got is not None:
+            self._export_ike(*got)
+
+    def _export_ike(self, spi_i: bytes, spi_r: bytes, keys: IkeKeys, suite: IkeSuite) -> None:
+        """One ikev2_decryption_table record per IKE SA (by its SPIs)."""
+        if self.key_export is None or spi_i + spi_r in self._exported_ike:
+            return
+        if len(self._exported_ike) >= MAX_EXPORTED_IKE:
+            self._exported_ike.clear()  # only a bound on memory: a record may then repeat
+        self._exported_ike.add(spi_i + spi_r)
+        self.key_export.ike_sa(
+            spi_i,
+            spi_r,
+            keys,
+            encr_id=suite.encr,
+            key_bits=suite.key_bits,
+            integ_id=suite.integ,
+        )
+
     def _up(
         self, c: Connection, r: IkeSaResult, role: str, encap: bool, sas: tuple[SaConfig, SaConfig]
     ) -> None:
         """Record a newly established IKE SA, export its keys if asked, publish up/child_up."""
         if self.key_export is not None:
-            self.key_export.ike_sa(
-                r.spi_i,
-                r.spi_r,
-                r.keys,
-                encr_id=r.suite.encr,
-                key_bits=r.suite.key_bits,
-                integ_id=r.suite.integ,
-            )
+            self._export_ike(r.spi_i, r.spi_r, r.keys, r.suite)
             self.key_export.child_sas(sas)
         self._next_id += 1
         wall = time.time()

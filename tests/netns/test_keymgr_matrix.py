@@ -63,7 +63,6 @@ from services.core.ike.suites import parse_ike
 from services.core.sa import Direction
 from tests.netns.test_keymgr_responder_strongswan import ResponderLab
 from tests.netns.test_keymgr_strongswan import (
-    NOT_ESTABLISHED,
     REPO,
     Case,
     KeymgrLab,
@@ -294,7 +293,6 @@ def test_transport_mode_keymgr_initiates(make_lab: list[KeymgrLab]) -> None:
     case = _case("aes256gcm16-prfsha256-x25519", "aes256gcm16", ipv6=False, mode="transport")
     lab = KeymgrLab(case)
     make_lab.append(lab)
-    lab.expect_undecryptable(NOT_ESTABLISHED)  # charon refuses the transport-mode Child SA
     lab.start_responder()
     lab.start_worker()
     lab.start_keymgr()
@@ -375,7 +373,6 @@ def test_no_common_proposal_strongswan_initiates(make_lab: list[KeymgrLab]) -> N
     )
     lab = ResponderLab(case)
     make_lab.append(lab)
-    lab.expect_undecryptable(NOT_ESTABLISHED)  # IKE_AUTH fails on the ESP proposal
     lab.start_worker()
     keymgr = lab.start_responder_keymgr()
     lab.wait_punt_connected(keymgr)
