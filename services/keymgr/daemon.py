@@ -368,7 +368,10 @@ class Keymgr:
         try:
             now = self.clock()
             for s in self.sessions:
-                self._initiate(s, now)
+                if s.conn.start_action == "trap":
+                    self._trap(s, now)
+                else:
+                    self._initiate(s, now)
             while not self._stop.is_set():
                 try:
                     d = self._rx.get(timeout=self._wait())
@@ -1079,6 +1082,22 @@ class Keymgr:
                 log.info("holding for traffic", extra={"conn": s.conn.name, "reqid": s.reqid})
 
             self._apply(None, done, spd=(s.conn.name, s.spd))
+
+    def _trap(self, s: Session, now: float) -> None:
+        """start_action trap: install the connection's PROTECT entry without SAs; the first
+        matching packet makes the worker report an ACQUIRE, which initiates (_worker_events)."""
+        s.spd = connection_spd(s.conn, s.reqid)
+        s.held = True
+
+        def done(err: BaseException | None) -> None:
+            if err is not None:
+                _log_failure("trap policy install failed", {"conn": s.conn.name}, err)
+                s.held = False
+                s.retry_at = now + RETRY_AFTER_FAILURE  # then like start_action start
+                return
+            log.info("trap installed", extra={"conn": s.conn.name, "reqid": s.reqid})
+
+        self._apply(None, done, spd=(s.conn.name, s.spd))
 
     def _forget_responder(self, rs: ResponderSession) -> None:
         for spi in [k for k, v in self.responders.items() if v is rs]:
@@ -1935,11 +1954,15 @@ def child_sa_configs(
         integ_key=integ_out,
         selectors=(sel_out,),
     )
-    spd = SpdEntry(
+    return inbound, outbound, connection_spd(c, reqid)
+
+
+def connection_spd(c: Connection, reqid: int) -> SpdEntry:
+    """The connection's PROTECT entry (local_ts -> remote_ts) with its reqid."""
+    return SpdEntry(
         policy_id=reqid,
         priority=SPD_PRIORITY,
         action=Action.PROTECT,
-        selector=sel_out,
+        selector=Selector.make(c.local_ts, c.remote_ts),
         reqid=reqid,
     )
-    return inbound, outbound, spd

@@ -611,3 +611,28 @@ def test_keymgr_wrong_psk_installs_nothing(kmlab: KeymgrLab) -> None:
     assert kmlab.client is not None and kmlab.client.list_sas() == []
     for secret in (kmlab.psk, kmlab.psk_for_keymgr):
         assert secret not in log_text.lower()
+
+
+def test_keymgr_trap_initiates_on_first_packet(kmlab: KeymgrLab) -> None:
+    """start_action trap: the PROTECT entry is installed without SAs, no IKE is sent until a
+    packet matches it; the worker's ACQUIRE makes keymgr initiate and the tunnel comes up."""
+    kmlab.start_responder()
+    kmlab.start_worker()
+    keymgr = kmlab.start_keymgr({"start_action": "trap"})
+    deadline = time.monotonic() + 15
+    while "trap installed" not in kmlab.log("keymgr.log", 200):
+        assert keymgr.poll() is None, kmlab.logs()
+        assert time.monotonic() < deadline, kmlab.logs()
+        time.sleep(0.1)
+    time.sleep(1.5)
+    assert "ESTABLISHED" not in kmlab.list_sas_b(), "keymgr initiated before any traffic"
+    assert "ike initiating" not in kmlab.log("keymgr.log", 200)
+    ok = False
+    deadline = time.monotonic() + 20
+    while not ok and time.monotonic() < deadline:
+        ok = kmlab.ping().returncode == 0  # the first packets trigger the ACQUIRE
+    log_text = kmlab.log("keymgr.log", 400)
+    assert ok, kmlab.logs()
+    assert "acquire: initiating" in log_text and "child installed" in log_text, log_text
+    sas = kmlab.list_sas_b()
+    assert "ESTABLISHED" in sas and "INSTALLED" in sas, sas

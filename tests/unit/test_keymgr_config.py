@@ -97,11 +97,13 @@ def test_valid_file_gives_connections(cfgdir: pathlib.Path) -> None:
             ),
             _conn(name="passive", remote_addr="192.0.2.4", start_action="none"),
             _conn(name="default-action", remote_addr="192.0.2.5", start_action=_DROP),
+            _conn(name="on-demand", remote_addr="192.0.2.6", start_action="trap"),
         ]
     }
     cfg = load_config(_write(cfgdir, doc))
     assert isinstance(cfg, KeymgrConfig)
-    a, b, c, d = cfg.connections
+    a, b, c, d, e = cfg.connections
+    assert e.start_action == "trap" and not e.responds
     assert all(isinstance(x, Connection) for x in cfg.connections)
     assert a.name == "site-b" and a.local_addr == "192.0.2.1" and a.remote_addr == "192.0.2.2"
     assert a.psk_file == cfgdir / "psk"  # relative to the config file's directory
