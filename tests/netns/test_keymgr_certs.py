@@ -37,7 +37,7 @@ import pytest
 
 from scripts import bench_strongswan as bsw
 from tests.netns.test_keymgr_responder_strongswan import ResponderLab
-from tests.netns.test_keymgr_strongswan import KeymgrLab, _skip_reason
+from tests.netns.test_keymgr_strongswan import KeymgrLab, open_lab
 from tests.unit.pki_tool import PkiTool
 
 pytestmark = pytest.mark.netns
@@ -201,30 +201,12 @@ class CertResponderLab(CertMixin, ResponderLab):
 
 @pytest.fixture
 def ilab() -> Iterator[CertInitiatorLab]:
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    lab = None
-    try:
-        lab = CertInitiatorLab()
-        yield lab
-    finally:
-        if lab is not None:
-            lab.cleanup()
+    yield from open_lab(CertInitiatorLab)
 
 
 @pytest.fixture
 def rlab() -> Iterator[CertResponderLab]:
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    lab = None
-    try:
-        lab = CertResponderLab()
-        yield lab
-    finally:
-        if lab is not None:
-            lab.cleanup()
+    yield from open_lab(CertResponderLab)
 
 
 def _wait_log(lab: KeymgrLab, proc: subprocess.Popen[bytes], pattern: str, t: float = 20) -> str:

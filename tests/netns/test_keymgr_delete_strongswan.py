@@ -19,23 +19,14 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from scripts import bench_strongswan as bsw
-from tests.netns.test_keymgr_strongswan import KeymgrLab, _skip_reason
+from tests.netns.test_keymgr_strongswan import KeymgrLab, open_lab
 
 pytestmark = pytest.mark.netns
 
 
 @pytest.fixture
 def lab() -> Iterator[KeymgrLab]:
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    kl = None
-    try:
-        kl = KeymgrLab()
-        yield kl
-    finally:
-        if kl is not None:
-            kl.cleanup()
+    yield from open_lab(KeymgrLab)
 
 
 def _up(kmlab: KeymgrLab) -> subprocess.Popen[bytes]:

@@ -28,7 +28,7 @@ import pytest
 
 from scripts import bench_strongswan as bsw
 from tests.netns.test_keymgr_rekey_strongswan import _b_spis, _log_records, _ours
-from tests.netns.test_keymgr_strongswan import KeymgrLab, _skip_reason
+from tests.netns.test_keymgr_strongswan import KeymgrLab, open_lab
 
 pytestmark = pytest.mark.netns
 
@@ -38,16 +38,7 @@ DETECT_BOUND = 2 + 0.5 + 1 + 2 + 0.5 + 1.5  # dpd_delay, the retransmissions, ti
 
 @pytest.fixture
 def lab() -> Iterator[KeymgrLab]:
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    kl = None
-    try:
-        kl = KeymgrLab()
-        yield kl
-    finally:
-        if kl is not None:
-            kl.cleanup()
+    yield from open_lab(KeymgrLab)
 
 
 def _wait(cond: Callable[[], bool], timeout: float) -> bool:

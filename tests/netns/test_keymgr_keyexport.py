@@ -39,7 +39,14 @@ from services.pb.ipsec.v1 import keymgr_pb2 as pb
 from services.pb.ipsec.v1 import keymgr_pb2_grpc as pb_grpc
 from services.runtime import tls
 from tests.netns import tshark
-from tests.netns.test_keymgr_strongswan import CLIENT, REPO, KeymgrLab, _env, _skip_reason
+from tests.netns.test_keymgr_strongswan import (
+    CLIENT,
+    REPO,
+    KeymgrLab,
+    _env,
+    _skip_reason,
+    open_lab,
+)
 from tests.unit.test_keymgr_api import Watcher
 
 pytestmark = pytest.mark.netns
@@ -55,13 +62,7 @@ def lab() -> Iterator[KeymgrLab]:
         reason = "tshark and tcpdump are needed"
     if reason:
         pytest.skip(reason)
-    kl = None
-    try:
-        kl = KeymgrLab()
-        yield kl
-    finally:
-        if kl is not None:
-            kl.cleanup()
+    yield from open_lab(KeymgrLab)
 
 
 def start_capture(kl: KeymgrLab) -> subprocess.Popen[bytes]:

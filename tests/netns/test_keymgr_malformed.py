@@ -64,7 +64,7 @@ from services.core.ike.message import (
 )
 from services.core.ike.sk import SkCipher, SkError, decrypt_message, encrypt_message
 from tests.netns.test_keymgr_responder_strongswan import ResponderLab
-from tests.netns.test_keymgr_strongswan import REPO, _env, _skip_reason
+from tests.netns.test_keymgr_strongswan import REPO, _env, open_lab
 
 GCM = 20
 _MAX_UDP = 65507  # largest UDP payload over IPv4
@@ -357,16 +357,7 @@ def peer_main(cfg: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture
 def mlab() -> Iterator[ResponderLab]:
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    lab = None
-    try:
-        lab = ResponderLab()
-        yield lab
-    finally:
-        if lab is not None:
-            lab.cleanup()  # keymgr, worker, charon (process groups), namespaces, workdir
+    yield from open_lab(ResponderLab)
 
 
 def _run_peer(lab: ResponderLab) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import pytest
 from scripts import bench_strongswan as bsw
 from tests.netns.nstools import tcp_sha256
 from tests.netns.test_keymgr_responder_strongswan import ResponderLab
-from tests.netns.test_keymgr_strongswan import KeymgrLab, _skip_reason
+from tests.netns.test_keymgr_strongswan import KeymgrLab, open_lab
 
 pytestmark = pytest.mark.netns
 
@@ -135,18 +135,9 @@ class StrongswanBehindNat(ResponderLab):
 
 
 def _lab(cls: type[KeymgrLab]) -> Iterator[KeymgrLab]:
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
     if subprocess.run(["which", "nft"], capture_output=True).returncode != 0:
         pytest.skip("nft not installed (`make setup` installs nftables)")
-    lab = None
-    try:
-        lab = cls()
-        yield lab
-    finally:
-        if lab is not None:
-            lab.cleanup()
+    yield from open_lab(cls)
 
 
 @pytest.fixture

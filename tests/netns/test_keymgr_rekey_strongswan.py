@@ -37,7 +37,7 @@ import pytest
 from scripts import bench_strongswan as bsw
 from services.core.sa import Direction
 from tests.netns.test_keymgr_responder_strongswan import ResponderLab
-from tests.netns.test_keymgr_strongswan import KeymgrLab, _skip_reason
+from tests.netns.test_keymgr_strongswan import KeymgrLab, open_lab
 
 pytestmark = pytest.mark.netns
 
@@ -72,16 +72,7 @@ RESPONDER_CASES = {
 
 @pytest.fixture
 def lab() -> Iterator[KeymgrLab]:
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    kl = None
-    try:
-        kl = KeymgrLab()
-        yield kl
-    finally:
-        if kl is not None:
-            kl.cleanup()
+    yield from open_lab(KeymgrLab)
 
 
 def _start_responder(kmlab: KeymgrLab, esp: str) -> None:
@@ -160,16 +151,7 @@ def _ping_loop(kmlab: KeymgrLab) -> subprocess.Popen[str]:
 
 @pytest.fixture
 def rlab() -> Iterator[ResponderLab]:
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    kl = None
-    try:
-        kl = ResponderLab()
-        yield kl
-    finally:
-        if kl is not None:
-            kl.cleanup()
+    yield from open_lab(ResponderLab)
 
 
 @pytest.mark.parametrize("name", list(CASES))

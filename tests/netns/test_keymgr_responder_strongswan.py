@@ -35,7 +35,7 @@ from tests.netns.test_keymgr_strongswan import (
     WORKER_ID,
     Case,
     KeymgrLab,
-    _skip_reason,
+    open_lab,
 )
 
 pytestmark = pytest.mark.netns
@@ -98,16 +98,7 @@ class ResponderLab(KeymgrLab):
 
 @pytest.fixture
 def rlab() -> Iterator[ResponderLab]:
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    lab = None
-    try:
-        lab = ResponderLab()
-        yield lab
-    finally:
-        if lab is not None:
-            lab.cleanup()  # keymgr, worker, charon (process groups), namespaces, workdir
+    yield from open_lab(ResponderLab)
 
 
 def test_strongswan_initiates_to_keymgr_responder_and_traffic_flows(rlab: ResponderLab) -> None:

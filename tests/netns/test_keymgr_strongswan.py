@@ -30,8 +30,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import pytest
 
@@ -522,18 +523,27 @@ class KeymgrLab:
             pytest.fail(f"IKE capture check failed\n{problem}", pytrace=False)
 
 
-@pytest.fixture
-def kmlab() -> Iterator[KeymgrLab]:
+_L = TypeVar("_L", bound=KeymgrLab)
+
+
+def open_lab(cls: Callable[[], _L]) -> Iterator[_L]:
+    """A fixture body for any keymgr lab: skip when the tools are missing, build the lab, and
+    always clean it up (keymgr, worker, charon, namespaces, workdir), also on failure."""
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
     lab = None
     try:
-        lab = KeymgrLab()
+        lab = cls()
         yield lab
     finally:
         if lab is not None:
             lab.cleanup()
+
+
+@pytest.fixture
+def kmlab() -> Iterator[KeymgrLab]:
+    yield from open_lab(KeymgrLab)
 
 
 def test_keymgr_establishes_with_strongswan_and_traffic_flows(kmlab: KeymgrLab) -> None:
