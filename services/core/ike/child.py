@@ -1,10 +1,9 @@
 """IKEv2 Child SA negotiation shared by every exchange: RFC 7296 §2.7 / §1.3.1 / §3.3.6 (the ESP
-proposal we accept and send, through :mod:`services.core.ike.suites`), §2.9 (traffic-selector
+or AH proposal we accept and send, through :mod:`services.core.ike.suites`), §2.9 (traffic-selector
 narrowing, TS_IPV4_ADDR_RANGE and TS_IPV6_ADDR_RANGE)."""
 
 from __future__ import annotations
 
-from services.core.ike.constants import ProtocolId
 from services.core.ike.message import Proposal, TrafficSelector
 from services.core.ike.suites import DEFAULT_ESP, EspSuite, choose_esp
 
@@ -13,8 +12,8 @@ ENCR_KEY_BITS = DEFAULT_ESP.key_bits
 
 
 def esp_proposal(spi: bytes, suite: EspSuite = DEFAULT_ESP) -> Proposal:
-    """One ESP suite as proposal 1 (without its PFS group)."""
-    return Proposal(1, ProtocolId.ESP, suite.transforms(dh=0), spi)
+    """One ESP (or AH) suite as proposal 1 (without its PFS group)."""
+    return Proposal(1, suite.protocol, suite.transforms(dh=0), spi)
 
 
 def choose_esp_proposal(

@@ -16,7 +16,15 @@ sends NAT_DETECTION_SOURCE_IP /
 NAT_DETECTION_DESTINATION_IP (§2.23, SHA-1 of SPIi | SPIr | IP | port); when the responder
 answers with NAT-D notifies it moves to UDP 4500 for IKE_AUTH (``port_float``): the I/O shell
 then sends the IKE_AUTH datagrams from and to port 4500 with the 4-octet non-ESP marker
-(RFC 3948 §2.2) and strips it on receipt.
+(RFC 3948 §2.2) and strips it on receipt. ``nat_detected`` is true when the responder's NAT-D
+hashes differ from the addresses and ports we used (a NAT on the path, or a peer that fakes
+NAT-D to force UDP encapsulation).
+
+The Child SA is ESP or AH, whichever protocol the configured Child SA suites have (RFC 7296
+§3.3.1, §3.3.3; AH: integrity only, its keys cut from KEYMAT as §2.17 says with no encryption
+key). AH authenticates the IP addresses and cannot cross NAT (RFC 3948 encapsulates ESP only):
+an AH Child SA negotiated while NAT was detected is not used; the exchange fails with that
+reason and our INFORMATIONAL Delete of the IKE SA tells the responder.
 
 IKE fragmentation (RFC 7383): IKEV2_FRAGMENTATION_SUPPORTED is announced in IKE_SA_INIT unless
 ``fragment_size`` is 0; when the responder announced it too, IKE_AUTH goes out as SKF fragments
@@ -65,6 +73,7 @@ from services.core.ike.authn import (
 from services.core.ike.constants import (
     ExchangeType,
     NotifyType,
+    ProtocolId,
 )
 from services.core.ike.dh import DhPrivate, InvalidKeyExchange, group
 from services.core.ike.informational import InfoDrop, InfoEvent, InfoSession
@@ -74,6 +83,7 @@ from services.core.ike.message import (
     SA,
     Auth,
     Cert,
+    Delete,
     IDi,
     IDr,
     IkeDecodeError,
@@ -112,6 +122,8 @@ Rand = Callable[[int], bytes]
 NONCE_LEN = 32  # RFC 7296 §2.10: at least half the PRF key size, 16..256 octets
 NAT_T_PORT = 4500  # RFC 3948
 NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2
+_NATD_SRC = NotifyType.NAT_DETECTION_SOURCE_IP
+_NATD_DST = NotifyType.NAT_DETECTION_DESTINATION_IP
 GCM_SALT_LEN = 4  # RFC 5282 §7.1 (IKE), RFC 4106 §8.1 (ESP)
 PRF_ID = DEFAULT_IKE.prf  # the default suite's (kept for callers of the fixed-suite era)
 DH_ID = DEFAULT_IKE.dh
@@ -175,6 +187,38 @@ def check_suites(ike: tuple[IkeSuite, ...] | None, esp: tuple[EspSuite, ...]) ->
         raise ValueError("ike_suites must be a non-empty tuple of IkeSuite")
     if not esp or not all(isinstance(s, EspSuite) for s in esp):
         raise ValueError("esp_suites must be a non-empty tuple of EspSuite")
+    if len({s.protocol for s in esp}) != 1:
+        raise ValueError("esp_suites must be all ESP or all AH suites (no ESP+AH bundles)")
+
+
+def child_protocol_name(suites: tuple[EspSuite, ...]) -> str:
+    """``ESP`` or ``AH``: the protocol of a connection's Child SA suites (for reasons)."""
+    return "AH" if suites and suites[0].ah else "ESP"
+
+
+AH_NAT_REASON = (
+    "NAT detected between the peers: an AH Child SA cannot cross NAT (AH authenticates the "
+    "IP addresses, RFC 4302 §3.3.3; only ESP can be UDP-encapsulated, RFC 3948)"
+)
+
+
+def nat_detected(
+    payloads: tuple[Payload, ...],
+    spi_i: bytes,
+    spi_r: bytes,
+    source: tuple[bytes, int],
+    destination: tuple[bytes, int],
+) -> bool:
+    """RFC 7296 §2.23: the peer's NAT_DETECTION_SOURCE_IP / _DESTINATION_IP notifies do not
+    hash to ``source`` (the peer's address and port as we see them) / ``destination`` (ours).
+    False when the peer sent no NAT-D notifies (it does not do NAT detection)."""
+    src = [p.data for p in payloads if isinstance(p, Notify) and p.notify_type == _NATD_SRC]
+    dst = [p.data for p in payloads if isinstance(p, Notify) and p.notify_type == _NATD_DST]
+    if not src or not dst:
+        return False
+    want_src = nat_detection_hash(spi_i, spi_r, *source)
+    want_dst = nat_detection_hash(spi_i, spi_r, *destination)
+    return want_src not in src or want_dst not in dst
 
 
 ANY_ID = "%any"  # configured remote identity: accept whatever the authenticated peer claims
@@ -259,12 +303,14 @@ class InitiatorConfig:
 
 @dataclass(frozen=True)
 class ChildSaResult:
-    """A Child SA (ESP). ``spi_in`` is ours (the peer sends to it), ``spi_out`` the peer's.
+    """A Child SA (ESP or AH: ``protocol``, RFC 7296 §3.3.1). ``spi_in`` is ours (the peer sends
+    to it), ``spi_out`` the peer's.
     ``keys.encr_i`` / ``keys.integ_i`` protect initiator→responder traffic, i.e. as initiator
     they go with ``spi_out``; encryption keys carry the cipher's salt last (AES-GCM and
     ChaCha20-Poly1305: 4 octets). ``encr_id`` / ``key_bits`` / ``integ_id`` (0 for combined
     mode) / ``esn`` are the negotiated ESP transforms, ``dh`` the PFS group (0: none) and
-    ``mode`` tunnel or transport (USE_TRANSPORT_MODE, RFC 7296 §1.3.1)."""
+    ``mode`` tunnel or transport (USE_TRANSPORT_MODE, RFC 7296 §1.3.1). An AH Child SA has
+    ``encr_id`` and ``key_bits`` 0 and empty encryption keys; ``integ_id`` is its algorithm."""
 
     spi_in: bytes
     spi_out: bytes
@@ -277,12 +323,23 @@ class ChildSaResult:
     integ_id: int = 0
     mode: Mode = Mode.TUNNEL
     dh: int = 0
+    protocol: int = ProtocolId.ESP
+
+    @property
+    def ah(self) -> bool:
+        return self.protocol == ProtocolId.AH
 
     @property
     def suite_name(self) -> str:
-        """The negotiated ESP suite in proposal-string form (for logs)."""
+        """The negotiated ESP or AH suite in proposal-string form (for logs)."""
         return EspSuite(
-            self.encr_id, self.key_bits, self.integ_id, self.esn, self.dh, allow_legacy=True
+            self.encr_id,
+            self.key_bits,
+            self.integ_id,
+            self.esn,
+            self.dh,
+            allow_legacy=True,
+            protocol=self.protocol,
         ).name
 
 
@@ -294,6 +351,7 @@ class IkeSaResult:
     child: ChildSaResult
     nat_t: bool  # IKE moved to UDP 4500
     suite: IkeSuite = DEFAULT_IKE  # the negotiated IKE suite
+    nat_detected: bool = False  # the NAT-D hashes did not match (RFC 7296 §2.23)
 
 
 def nat_detection_hash(spi_i: bytes, spi_r: bytes, addr: bytes, port: int) -> bytes:
@@ -410,6 +468,7 @@ class Ikev2Initiator:
         self.failure_reason: str | None = None
         self.result: IkeSaResult | None = None
         self.port_float = False
+        self.nat_detected = False  # the responder's NAT-D hashes differ from our addresses
         self._spi_i = _nonzero(rand, 8, 1)
         self._spi_r = bytes(8)
         self._ni = rand(NONCE_LEN)
@@ -699,6 +758,14 @@ class Ikev2Initiator:
             in (NotifyType.NAT_DETECTION_SOURCE_IP, NotifyType.NAT_DETECTION_DESTINATION_IP)
             for p in msg.payloads
         )
+        cfg = self.config
+        self.nat_detected = nat_detected(
+            msg.payloads,
+            self._spi_i,
+            self._spi_r,
+            (_ipv4(cfg.remote_addr), cfg.remote_port),
+            (_ipv4(cfg.local_addr), cfg.local_port),
+        )
         return self._send_auth(now)
 
     def _send_auth(self, now: float) -> list[bytes]:
@@ -745,6 +812,17 @@ class Ikev2Initiator:
         self._fail(reason)
         return out
 
+    def _abandon(self, reason: str) -> list[bytes]:
+        """The IKE SA is authenticated but its Child SA unusable: fail, and delete the IKE SA
+        at the responder with an INFORMATIONAL request (RFC 7296 §1.4.1; sent once, no
+        response awaited)."""
+        assert self._out is not None
+        note = (Delete(ProtocolId.IKE),)
+        msg = Message(self._spi_i, self._spi_r, ExchangeType.INFORMATIONAL, 2, note, initiator=True)
+        out = encrypt_message(msg, self._out)
+        self._fail(reason)
+        return out
+
     def _on_auth(self, raw: bytes, now: float) -> list[bytes]:
         assert self._keys is not None and self._in is not None and self._suite is not None
         prf_id = self._suite.prf
@@ -764,7 +842,10 @@ class Ikev2Initiator:
         self._pending = []
         names = ", ".join(x.without_dh().name for x in self._esp_suites)
         mode = " in transport mode" if self.config.mode is Mode.TRANSPORT else ""
-        self._check_errors(msg.payloads, f"ESP proposals ({names}){mode}")
+        proto = child_protocol_name(self._esp_suites)
+        if proto == "AH" and self.nat_detected:
+            mode += f"; {AH_NAT_REASON}"
+        self._check_errors(msg.payloads, f"{proto} proposals ({names}){mode}")
         idr = _first(msg.payloads, IDr)
         auth = _first(msg.payloads, Auth)
         if not isinstance(idr, IDr) or not isinstance(auth, Auth):
@@ -786,11 +867,13 @@ class Ikev2Initiator:
         if not isinstance(sa, SA) or not isinstance(tsi, TSi) or not isinstance(tsr, TSr):
             raise IkeFailure("IKE_AUTH response lacks SA, TSi or TSr (no Child SA)")
         if len(sa.proposals) != 1:
-            raise IkeFailure("responder chose more than one ESP proposal")
+            raise IkeFailure(f"responder chose more than one {proto} proposal")
         chosen = sa.proposals[0]
         esp = match_esp(chosen, self._esp_suites)
         if esp is None:
-            raise IkeFailure("responder chose an ESP proposal we did not offer")
+            raise IkeFailure(f"responder chose a Child SA proposal we did not offer ({proto})")
+        if esp.ah and self.nat_detected:
+            return self._abandon(AH_NAT_REASON)
         transport = _transport_requested(msg.payloads)
         if transport and self.config.mode is not Mode.TRANSPORT:
             raise IkeFailure("responder answered USE_TRANSPORT_MODE, which we did not request")
@@ -810,9 +893,16 @@ class Ikev2Initiator:
             ts_r=tuple(s for s in tsr.selectors if isinstance(s, TrafficSelector)),
             integ_id=esp.integ,
             mode=self.config.mode,
+            protocol=esp.protocol,
         )
         self.result = IkeSaResult(
-            self._spi_i, self._spi_r, self._keys, child, self.port_float, self._suite
+            self._spi_i,
+            self._spi_r,
+            self._keys,
+            child,
+            self.port_float,
+            self._suite,
+            nat_detected=self.nat_detected,
         )
         assert self._out is not None
         self._info = InfoSession(

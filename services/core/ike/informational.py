@@ -7,7 +7,11 @@ Peer requests (each IKE SA keeps its own message-ID window and response cache, �
 retransmit of the last request gets the cached response, anything else outside the window is
 dropped as :class:`InfoDrop`):
 
-* INFORMATIONAL: empty (liveness) -> empty response; Delete of ESP SPIs naming the peer's
+The Child SAs are ESP or AH, the protocol of the configured Child SA suites (``esp_suites``,
+RFC 7296 §3.3.1): REKEY_SA, our Deletes and the proposals of our rekeys carry that protocol,
+and a peer's rekey naming another protocol gets CHILD_SA_NOT_FOUND.
+
+* INFORMATIONAL: empty (liveness) -> empty response; Delete of ESP/AH SPIs naming the peer's
   outbound SPI of one of our Child SAs -> a Delete of our inbound SPI (none when we are deleting
   that Child SA ourselves, §1.4.1) and ``child_deleted``; Delete of the IKE SA -> ``closed`` and
   ``ike_deleted`` (on an IKE SA replaced by a rekey: only that SA goes away).
@@ -300,6 +304,7 @@ class InfoSession:
         self.pfs_group = pfs_group  # DH group of our CHILD SA rekeys when no ESP suite names one
         self._ike_suites = ike_suites
         self._esp_suites = esp_suites
+        self._child_protocol = int(esp_suites[0].protocol)  # ESP or AH, for every Child SA
         self._modes: dict[bytes, Mode] = {child[0]: mode}  # spi_in -> mode (§1.3.1)
         # RFC 7383: the largest IKE message we send whole (None: fragmentation not agreed)
         self.fragment_size = fragment_size
@@ -599,7 +604,8 @@ class InfoSession:
             if req.pair not in self.children:
                 self._deleting.discard(req.pair[0])
                 return None
-            return sa, ExchangeType.INFORMATIONAL, [Delete(ProtocolId.ESP, 4, (req.pair[0],))]
+            delete = Delete(self._child_protocol, 4, (req.pair[0],))
+            return sa, ExchangeType.INFORMATIONAL, [delete]
         if req.kind == "rekey_child":
             if req.pair not in self.children or req.pair[0] in self._deleting:
                 return None
@@ -647,7 +653,7 @@ class InfoSession:
         if req.mode is Mode.TRANSPORT:
             payloads.append(Notify(NotifyType.USE_TRANSPORT_MODE))  # §1.3.1: keep the mode
         # §1.3.3: REKEY_SA names the SPI we expect inbound on the old Child SA
-        payloads.append(Notify(NotifyType.REKEY_SA, b"", ProtocolId.ESP, req.pair[0]))
+        payloads.append(Notify(NotifyType.REKEY_SA, b"", self._child_protocol, req.pair[0]))
         props = esp_proposals(req.offered_esp, req.new_spi, pfs=pfs is not None)
         payloads += [SA(props), Nonce(req.nonce)]
         if pfs is not None:
@@ -830,6 +836,7 @@ class InfoSession:
             integ_id=suite.integ,
             mode=req.mode,
             dh=req.pfs_group or 0,
+            protocol=suite.protocol,
         )
         self._set_mode(new.spi_in, req.mode)
         new_pair = (new.spi_in, new.spi_out)
@@ -984,7 +991,7 @@ class InfoSession:
                 if sa is not self._sa:
                     return [], [], True  # a replaced or redundant IKE SA goes, not the session
                 return [], [InfoEvent("ike_deleted")], True
-            if p.protocol_id in (ProtocolId.ESP, ProtocolId.AH):
+            if p.protocol_id == self._child_protocol:  # ESP or AH, as negotiated
                 for spi_in, spi_out in list(self.children):
                     if spi_out in p.spis:
                         if spi_in not in self._deleting:  # crossing Deletes: none back (§1.4.1)
@@ -1036,7 +1043,7 @@ class InfoSession:
         # §1.3.3: REKEY_SA carries the SPI the request's sender expects inbound, i.e. the
         # peer's inbound SPI of the old Child SA = our outbound one.
         old = next((c for c in self.children if c[1] == rekey.spi), None)
-        if old is None or rekey.protocol_id != ProtocolId.ESP:
+        if old is None or rekey.protocol_id != self._child_protocol:
             notify = Notify(NotifyType.CHILD_SA_NOT_FOUND, b"", rekey.protocol_id, rekey.spi)
             return [notify], [], None
         if old[0] in self._deleting or self._outstanding("rekey_ike") is not None:
@@ -1104,6 +1111,7 @@ class InfoSession:
             integ_id=picked.suite.integ,
             mode=mode,
             dh=picked.dh,
+            protocol=picked.suite.protocol,
         )
         self._set_mode(new.spi_in, mode)
         self.children.append((new.spi_in, new.spi_out))

@@ -17,18 +17,21 @@ Behaviour:
   NAT_DETECTION_DESTINATION_IP (§2.23) are answered with ours when the initiator sent them and
   the addresses are known (``remote`` / ``local`` of :meth:`Ikev2Responder.receive`, or the
   config); the initiator then moves to UDP 4500, where the I/O shell strips the non-ESP marker
-  (RFC 3948 §2.2) before calling ``receive``.
+  (RFC 3948 §2.2) before calling ``receive``. ``nat_detected``: the initiator's NAT-D hashes
+  differ from the addresses and ports the datagram carried.
 * IKE_AUTH: the initiator's AUTH is checked by the configured :class:`PeerAuth` (for a PSK in
   constant time); a failure (or an IDi other than the configured ``remote_id``) is answered
   with an encrypted AUTHENTICATION_FAILED (§2.21.2) and ends in FAILED with the reason.
-  Otherwise IDr and our AUTH are sent; the Child SA needs an acceptable ESP
-  proposal (else NO_PROPOSAL_CHOSEN) and TSi/TSr that overlap the configured ranges, which are
-  narrowed to the intersection (§2.9; else TS_UNACCEPTABLE). USE_TRANSPORT_MODE (§1.3.1): a
-  request for transport is accepted (the notify is echoed) when ``mode`` is TRANSPORT and
-  declined (tunnel, no notify) when it is TUNNEL; a responder configured for TRANSPORT refuses
-  an initiator that does not ask for it with NO_PROPOSAL_CHOSEN (the RFC gives the responder
-  no way to impose transport, and tunnel is not what it is configured for). A Child SA error still
-  authenticates the IKE SA to the peer, but here it ends in FAILED (no Child SA, no result).
+  Otherwise IDr and our AUTH are sent; the Child SA needs an acceptable ESP or AH proposal
+  (the protocol of our Child SA suites, §3.3.1; else NO_PROPOSAL_CHOSEN; an AH Child SA while
+  NAT was detected too, as AH cannot cross NAT) and TSi/TSr that overlap the configured
+  ranges, which are narrowed to the intersection (§2.9; else TS_UNACCEPTABLE).
+  USE_TRANSPORT_MODE (§1.3.1): a request for transport is accepted (the notify is echoed)
+  when ``mode`` is TRANSPORT and declined (tunnel, no notify) when it is TUNNEL; a responder
+  configured for TRANSPORT refuses an initiator that does not ask for it with
+  NO_PROPOSAL_CHOSEN (the RFC gives the responder no way to impose transport, and tunnel is
+  not what it is configured for). A Child SA error still authenticates the IKE SA to the
+  peer, but here it ends in FAILED (no Child SA, no result).
 * A retransmitted request (the message ID of the last request answered) gets the cached
   response again, unchanged (§2.1). Malformed, unauthenticated or unrelated datagrams are
   dropped: ``receive`` never raises for what arrives on the wire.
@@ -76,6 +79,7 @@ from services.core.ike.child import choose_esp_proposal, narrow
 from services.core.ike.constants import ExchangeType, NotifyType
 from services.core.ike.dh import DhPrivate, InvalidKeyExchange, group
 from services.core.ike.exchange import (
+    AH_NAT_REASON,
     FRAGMENT_SIZE,
     NAT_T_PORT,
     ChildSaResult,
@@ -85,12 +89,14 @@ from services.core.ike.exchange import (
     _ipv4,
     _transport_requested,
     check_suites,
+    child_protocol_name,
     credentials,
     esp_child_keys,
     fragment_limit,
     fragmentation_notify,
     identity_of,
     ike_keys,
+    nat_detected,
     nat_detection_hash,
     peer_supports_fragmentation,
     sk_ciphers,
@@ -273,6 +279,7 @@ class Ikev2Responder:
         self.created_at = now
         self.last_activity = now
         self.nat_t = False  # NAT-D exchanged: IKE_AUTH is expected on UDP 4500
+        self.nat_detected = False  # the initiator's NAT-D hashes differ from what we see
         self.dropped = 0
         self.invalid_ke_sent = 0  # INVALID_KE_PAYLOAD answers (stateless, §1.3)
         self.error_answers = 0  # UNSUPPORTED_CRITICAL_PAYLOAD / INVALID_MAJOR_VERSION / ... sent
@@ -510,6 +517,9 @@ class Ikev2Responder:
                 )
             )
             self.nat_t = True
+            self.nat_detected = nat_detected(
+                msg.payloads, msg.spi_i, _ZERO_SPI, (there[0], there[1]), (here[0], here[1])
+            )
         resp = encode_message(
             Message(msg.spi_i, spi_r, ExchangeType.IKE_SA_INIT, 0, tuple(payloads), response=True)
         )
@@ -610,10 +620,12 @@ class Ikev2Responder:
         if picked is None:
             error = NotifyType.NO_PROPOSAL_CHOSEN
             why = (
-                ": no ESP proposal of the initiator matches ours ("
-                + ", ".join(s.name for s in cfg.esp_suites)
-                + ")"
+                f": no {child_protocol_name(cfg.esp_suites)} proposal of the initiator matches "
+                "ours (" + ", ".join(s.name for s in cfg.esp_suites) + ")"
             )
+        elif picked.suite.ah and self.nat_detected:
+            error = NotifyType.NO_PROPOSAL_CHOSEN
+            why = f": {AH_NAT_REASON}"
         elif cfg.mode is Mode.TRANSPORT and not transport:
             error = NotifyType.NO_PROPOSAL_CHOSEN
             why = ": we are configured for transport mode, the initiator did not ask for it"
@@ -641,6 +653,7 @@ class Ikev2Responder:
             ts_r=ts_r,
             integ_id=esp.integ,
             mode=mode,
+            protocol=esp.protocol,
         )
         use_transport: tuple[Payload, ...] = ()
         if mode is Mode.TRANSPORT:
@@ -659,7 +672,13 @@ class Ikev2Responder:
             ),
         )
         self.result = IkeSaResult(
-            self._spi_i, self._spi_r, self._keys, child, self.nat_t, self._suite
+            self._spi_i,
+            self._spi_r,
+            self._keys,
+            child,
+            self.nat_t,
+            self._suite,
+            nat_detected=self.nat_detected,
         )
         assert self._out is not None
         self._info = InfoSession(

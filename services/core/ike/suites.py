@@ -1,15 +1,22 @@
-"""IKEv2 algorithm suites: RFC 7296 §2.7 / §3.3 (proposals and transforms, choice), §3.3.6 (the
-responder's answer), §1.3 (the KE group of a suite), RFC 8247 / RFC 8221 (what is legacy).
+"""IKEv2 algorithm suites: RFC 7296 §2.7 / §3.3 (proposals and transforms, choice), §3.3.1 /
+§3.3.3 (ESP and AH proposals), §3.3.6 (the responder's answer), §1.3 (the KE group of a suite),
+RFC 8247 / RFC 8221 (what is legacy).
 
 A *suite* is one value per transform type: an IKE suite is ENCR (+ key length), INTEG (none for
 a combined-mode cipher), PRF and a DH group; an ESP (Child SA) suite is ENCR (+ key length),
-INTEG (none for combined mode), ESN yes/no and an optional DH group for PFS in CREATE_CHILD_SA.
+INTEG (none for combined mode), ESN yes/no and an optional DH group for PFS in CREATE_CHILD_SA;
+an AH Child SA suite (protocol ID 2) is INTEG, ESN yes/no and an optional DH group, no ENCR.
 Suites are written as strongSwan-style proposal strings, tokens joined by ``-``::
 
     aes256gcm16-prfsha256-x25519    aes128gcm16-prfsha384-ecp256    aes256-sha256-modp3072
     chacha20poly1305-prfsha256-curve25519                        (IKE)
     aes128gcm16    aes256gcm16-esn    aes256-sha256    chacha20poly1305    aes256gcm16-x25519
                                                                   (ESP; the DH group is PFS)
+    sha256    sha384-esn    sha512    sha256-x25519               (AH; the DH group is PFS)
+
+ESP and AH suites are one type (:class:`EspSuite`, ``protocol`` ESP or AH), so offering,
+choosing and matching Child SA proposals is one implementation with the protocol as a
+parameter (:func:`esp_proposals`, :func:`choose_esp`, :func:`match_esp`).
 
 One string is one suite (one value per type). A non-AEAD IKE suite without a PRF token takes
 the PRF of its integrity algorithm (as strongSwan does). SHA-1 (``sha1``), MODP-1024
@@ -25,7 +32,7 @@ Proposals are built one per suite, numbered from 1 (§3.3.1). The responder take
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from services.core.algorithms import AlgorithmError, encr_algorithm, integ_algorithm
 from services.core.iana import Encr, Integ
@@ -50,6 +57,8 @@ __all__ = [
     "ike_proposals",
     "match_esp",
     "match_ike",
+    "parse_ah",
+    "parse_ah_list",
     "parse_esp",
     "parse_esp_list",
     "parse_ike",
@@ -143,7 +152,15 @@ _IKE_TYPES = frozenset(
 _ESP_TYPES = frozenset(
     {TransformType.ENCR, TransformType.INTEG, TransformType.DH, TransformType.ESN}
 )
+_AH_TYPES = frozenset({TransformType.INTEG, TransformType.DH, TransformType.ESN})  # §3.3.3
 DEFAULT_PFS_GROUP = int(DhGroupId.CURVE25519)  # asked for when our ESP suites name no group
+
+
+def _encr_name(encr: int, key_bits: int) -> str:
+    try:
+        return _ENCR_NAME.get((Encr(encr), key_bits), f"encr{encr}")
+    except ValueError:
+        return f"encr{encr}"
 
 
 def _encr_transform(encr: int, key_bits: int) -> Transform:
@@ -215,7 +232,9 @@ class IkeSuite:
 
 @dataclass(frozen=True, slots=True)
 class EspSuite:
-    """One ESP Child SA suite. ``dh`` is the PFS group for CREATE_CHILD_SA (0: none)."""
+    """One Child SA suite. ``dh`` is the PFS group for CREATE_CHILD_SA (0: none).
+    ``protocol`` ESP (default) or AH; an AH suite has no cipher (``encr`` and ``key_bits``
+    0) and always an integrity algorithm (RFC 7296 §3.3.3)."""
 
     encr: int
     key_bits: int
@@ -223,10 +242,15 @@ class EspSuite:
     esn: bool = False
     dh: int = 0
     allow_legacy: bool = False
+    protocol: int = ProtocolId.ESP
+
+    @property
+    def ah(self) -> bool:
+        return self.protocol == ProtocolId.AH
 
     @property
     def name(self) -> str:
-        parts = [_ENCR_NAME.get((Encr(self.encr), self.key_bits), f"encr{self.encr}")]
+        parts = [] if self.ah else [_encr_name(self.encr, self.key_bits)]
         if self.integ:
             parts.append(_INTEG_NAME.get(Integ(self.integ), f"integ{self.integ}"))
         if self.dh:
@@ -237,11 +261,13 @@ class EspSuite:
 
     @property
     def aead(self) -> bool:
-        return self.integ == Integ.NONE
+        return not self.ah and self.integ == Integ.NONE
 
     @property
     def encr_key_len(self) -> int:
-        """Octets of ESP encryption keying material per direction (salt included)."""
+        """Octets of ESP encryption keying material per direction (salt included; 0 for AH)."""
+        if self.ah:
+            return 0
         return _encr_key_len(self.encr, self.key_bits, self.allow_legacy)
 
     @property
@@ -251,7 +277,7 @@ class EspSuite:
     def transforms(self, *, dh: int | None = None) -> tuple[Transform, ...]:
         """Our transforms; ``dh`` overrides the suite's group (0: no DH transform)."""
         group = self.dh if dh is None else dh
-        out = [_encr_transform(self.encr, self.key_bits)]
+        out = [] if self.ah else [_encr_transform(self.encr, self.key_bits)]
         if self.integ:
             out.append(Transform(TransformType.INTEG, self.integ))
         if group:
@@ -260,7 +286,7 @@ class EspSuite:
         return tuple(out)
 
     def without_dh(self) -> EspSuite:
-        return EspSuite(self.encr, self.key_bits, self.integ, self.esn, 0, self.allow_legacy)
+        return replace(self, dh=0)
 
 
 DEFAULT_IKE = IkeSuite(Encr.AES_GCM_16, 256, 0, Prf.HMAC_SHA2_256, DhGroupId.CURVE25519)
@@ -392,6 +418,37 @@ def parse_esp(text: str, *, allow_legacy: bool = False) -> EspSuite:
     return suite
 
 
+def parse_ah(text: str, *, allow_legacy: bool = False) -> EspSuite:
+    """One AH suite (protocol AH: integrity, optional ESN and PFS group, no cipher) from a
+    strongSwan-style proposal string such as ``sha256`` or ``sha384-x25519-esn``."""
+    slots: dict[str, int] = {}
+    for tok in _tokens(text, "AH"):
+        _classify(text, tok, allow_legacy, slots)
+    if "PRF" in slots:
+        raise SuiteError(f"AH proposal {_show(text)}: a PRF belongs to IKE proposals")
+    if "encryption" in slots:
+        raise SuiteError(
+            f"AH proposal {_show(text)}: AH has no encryption algorithm (RFC 7296 §3.3.3); "
+            "use esp_proposals for encryption"
+        )
+    if "integrity" not in slots:
+        raise SuiteError(f"AH proposal {_show(text)}: no integrity algorithm (e.g. sha256)")
+    suite = EspSuite(
+        0,
+        0,
+        slots["integrity"],
+        bool(slots.get("ESN", 0)),
+        slots.get("DH", 0),
+        allow_legacy,
+        ProtocolId.AH,
+    )
+    try:
+        _ = suite.integ_key_len
+    except AlgorithmError as e:
+        raise SuiteError(f"AH proposal {_show(text)}: {e}") from None
+    return suite
+
+
 def _parse_list(items: object, what: str, one: object, allow_legacy: bool) -> tuple[object, ...]:
     if isinstance(items, str) or not isinstance(items, (list, tuple)):
         raise SuiteError(f"{what} proposals must be a list of strings")
@@ -419,6 +476,12 @@ def parse_esp_list(items: Sequence[str], *, allow_legacy: bool = False) -> tuple
     return tuple(s for s in out if isinstance(s, EspSuite))
 
 
+def parse_ah_list(items: Sequence[str], *, allow_legacy: bool = False) -> tuple[EspSuite, ...]:
+    """AH suites in our order of preference (duplicates dropped)."""
+    out = _parse_list(items, "AH", parse_ah, allow_legacy)
+    return tuple(s for s in out if isinstance(s, EspSuite))
+
+
 # -- proposals ----------------------------------------------------------------------------------
 
 
@@ -428,15 +491,15 @@ def ike_proposals(suites: Iterable[IkeSuite]) -> tuple[Proposal, ...]:
 
 
 def esp_proposals(suites: Iterable[EspSuite], spi: bytes, *, pfs: bool) -> tuple[Proposal, ...]:
-    """One ESP proposal per suite, numbered from 1, all carrying ``spi``. Without ``pfs``
-    (IKE_AUTH: no KE payload, RFC 7296 §1.2) the DH transforms are left out and suites that
-    then coincide are sent once."""
-    seen: list[tuple[Transform, ...]] = []
+    """One Child SA proposal per suite (ESP or AH, the suite's protocol), numbered from 1, all
+    carrying ``spi``. Without ``pfs`` (IKE_AUTH: no KE payload, RFC 7296 §1.2) the DH
+    transforms are left out and suites that then coincide are sent once."""
+    seen: list[tuple[int, tuple[Transform, ...]]] = []
     for s in suites:
-        t = s.transforms() if pfs else s.transforms(dh=0)
+        t = (s.protocol, s.transforms() if pfs else s.transforms(dh=0))
         if t not in seen:
             seen.append(t)
-    return tuple(Proposal(i, ProtocolId.ESP, t, spi) for i, t in enumerate(seen, start=1))
+    return tuple(Proposal(i, pr, t, spi) for i, (pr, t) in enumerate(seen, start=1))
 
 
 def _by_type(p: Proposal, allowed: frozenset[int]) -> dict[int, set[tuple[int, int | None]]] | None:
@@ -517,8 +580,8 @@ def match_ike(chosen: Proposal, ours: Sequence[IkeSuite]) -> IkeSuite | None:
 
 @dataclass(frozen=True)
 class EspChoice:
-    """A responder's Child SA choice: the offer taken, our answer (offer's number, our
-    transforms, our SPI), the suite and the PFS group used (0: none)."""
+    """A responder's Child SA choice: the offer taken, our answer (offer's number, the suite's
+    protocol, our transforms, our SPI), the suite and the PFS group used (0: none)."""
 
     offered: Proposal
     answer: Proposal
@@ -527,12 +590,16 @@ class EspChoice:
 
 
 def _esp_offers(p: Proposal, s: EspSuite) -> dict[int, set[tuple[int, int | None]]] | None:
-    if p.protocol_id != ProtocolId.ESP or len(p.spi) != 4:
+    """The offer's transforms by type when proposal ``p`` contains Child SA suite ``s`` (same
+    protocol, ESP or AH), else None."""
+    if p.protocol_id != s.protocol or len(p.spi) != 4:
         return None
-    by_type = _by_type(p, _ESP_TYPES)
+    by_type = _by_type(p, _AH_TYPES if s.ah else _ESP_TYPES)
     if by_type is None:
         return None
-    if not _encr_offered(by_type, s.encr, s.key_bits) or not _integ_ok(by_type, s.integ):
+    if not s.ah and not _encr_offered(by_type, s.encr, s.key_bits):
+        return None
+    if not _integ_ok(by_type, s.integ):
         return None
     esn = _ids(by_type, TransformType.ESN)
     if esn is not None and (Esn.ESN if s.esn else Esn.NO_ESN) not in esn:
@@ -555,8 +622,8 @@ def choose_esp(
     *,
     create_child: bool = False,
 ) -> EspChoice | None:
-    """The responder's ESP choice (RFC 7296 §2.7, §1.3.1, §3.3.6): the first of our suites that
-    an offered ESP proposal contains.
+    """The responder's Child SA choice (RFC 7296 §2.7, §1.3.1, §3.3.6): the first of our suites
+    that an offered proposal of the suite's protocol (ESP or AH) contains.
 
     Without a KE payload (``ke_group`` None) the offer must carry no DH transform or include
     NONE; in IKE_AUTH (never a KE, §1.2) our suites' PFS groups do not matter, in
@@ -583,7 +650,7 @@ def choose_esp(
                 if not s.dh and not _pfs_group_ok(ke_group):
                     continue
                 group = ke_group
-            answer = Proposal(p.number, ProtocolId.ESP, s.transforms(dh=group), our_spi)
+            answer = Proposal(p.number, s.protocol, s.transforms(dh=group), our_spi)
             return EspChoice(p, answer, s, group)
     return None
 
@@ -603,12 +670,12 @@ def esp_ke_hint(offered: Sequence[Proposal], ours: Sequence[EspSuite]) -> int | 
 
 
 def match_esp(chosen: Proposal, ours: Sequence[EspSuite], *, pfs_group: int = 0) -> EspSuite | None:
-    """Initiator side: our suite equal to the responder's chosen ESP proposal (with the PFS
-    group ``pfs_group``, 0 for IKE_AUTH), or None."""
-    if chosen.protocol_id != ProtocolId.ESP or len(chosen.spi) != 4:
+    """Initiator side: our suite equal to the responder's chosen Child SA proposal (same
+    protocol, ESP or AH; with the PFS group ``pfs_group``, 0 for IKE_AUTH), or None."""
+    if len(chosen.spi) != 4:
         return None
     got = _transform_key(chosen.transforms)
     for s in ours:
-        if _transform_key(s.transforms(dh=pfs_group)) == got:
+        if s.protocol == chosen.protocol_id and _transform_key(s.transforms(dh=pfs_group)) == got:
             return s
     return None
