@@ -156,7 +156,7 @@ def child_sa_to_pb(v: ChildSaView, counters: Counters | None) -> pb.ChildSaInfo:
         state=v.state,
         spi_in=f"{v.spi_in:08x}",
         spi_out=f"{v.spi_out:08x}",
-        protocol="esp",
+        protocol=v.protocol,
         mode=v.mode,
         encryption=v.encryption,
         integrity=v.integrity,

@@ -20,8 +20,11 @@ DN, ``@#hex`` key ID) and default to the addresses; ``remote_id`` may be ``"%any
 whichever identity the peer proves, e.g. with its certificate). ``ike_proposals`` /
 ``esp_proposals`` are strongSwan-style proposal strings, one suite each, in order of
 preference (:mod:`services.core.ike.suites`; defaults: ``aes256gcm16-prfsha256-x25519`` and
-``aes256gcm16``); SHA-1, MODP-1024 and 3DES need ``"allow_legacy": true``. ``mode`` is
-``"tunnel"`` (default) or ``"transport"``.
+``aes256gcm16``); SHA-1, MODP-1024 and 3DES need ``"allow_legacy": true``. ``ah_proposals``
+(integrity-only suites such as ``sha256``, ``sha512-esn``, ``sha256-x25519``) makes the Child
+SA an AH one (RFC 4302) instead of ESP; a connection gives either ``esp_proposals`` or
+``ah_proposals`` (no ESP+AH bundles). AH cannot cross NAT: such a Child SA fails when NAT is
+detected. ``mode`` is ``"tunnel"`` (default) or ``"transport"``.
 ``start_action`` is ``"start"`` (keymgr initiates at once), ``"trap"`` (keymgr installs the
 connection's PROTECT policy without SAs; the first matching packet makes the worker report an
 ACQUIRE and keymgr initiates then) or ``"none"`` / ``"respond"`` (keymgr only answers the peer's
@@ -65,6 +68,7 @@ from services.core.ike.suites import (
     EspSuite,
     IkeSuite,
     SuiteError,
+    parse_ah_list,
     parse_esp_list,
     parse_ike_list,
 )
@@ -85,6 +89,12 @@ AUTH_METHODS = ("psk", "pubkey")
 MAX_FILES = 32  # entries of ca_files / crl_files
 DEFAULT_FRAGMENT_SIZE = 1280  # strongSwan's charon.fragment_size
 MIN_FRAGMENT_SIZE = 576  # RFC 7383 §2.5.1: IPv4 hosts must accept 576-octet packets
+
+
+ESP_AND_AH = (
+    "{w}: give either esp_proposals or ah_proposals, not both (a Child SA is ESP or AH; "
+    "ESP+AH bundles are not supported)"
+)
 
 
 class ConfigError(ValueError):
@@ -159,6 +169,7 @@ class Connection:
     start_action: str = "start"
     ike_proposals: tuple[str, ...] = (DEFAULT_IKE.name,)
     esp_proposals: tuple[str, ...] = (DEFAULT_ESP.name,)
+    ah_proposals: tuple[str, ...] = ()  # set: the Child SA is AH (esp_proposals left default)
     mode: str = "tunnel"
     allow_legacy: bool = False
     # lifetimes and liveness (seconds; 0 = off), see the module docstring
@@ -230,11 +241,14 @@ class Connection:
             )
         if not isinstance(self.allow_legacy, bool):
             raise ConfigError(f"{w} allow_legacy must be true or false")
-        for attr in ("ike_proposals", "esp_proposals"):
+        for attr in ("ike_proposals", "esp_proposals", "ah_proposals"):
             _proposals(getattr(self, attr), f"{w} {attr}")
+        if self.ah_proposals and tuple(self.esp_proposals) != (DEFAULT_ESP.name,):
+            raise ConfigError(ESP_AND_AH.format(w=w))
         try:
             self.ike_suites  # noqa: B018 - parse now so a bad string fails at load time
             self.esp_suites  # noqa: B018
+            self.ah_suites  # noqa: B018
         except SuiteError as e:
             raise ConfigError(f"{w}: {e}") from None
         self._check_lifetimes(w)
@@ -248,6 +262,30 @@ class Connection:
     def esp_suites(self) -> tuple[EspSuite, ...]:
         """The parsed ``esp_proposals`` (SuiteError if one is invalid)."""
         return parse_esp_list(list(self.esp_proposals), allow_legacy=self.allow_legacy)
+
+    @property
+    def ah_suites(self) -> tuple[EspSuite, ...]:
+        """The parsed ``ah_proposals`` (empty when not set; SuiteError if one is invalid)."""
+        if not self.ah_proposals:
+            return ()
+        return parse_ah_list(list(self.ah_proposals), allow_legacy=self.allow_legacy)
+
+    @property
+    def child_suites(self) -> tuple[EspSuite, ...]:
+        """What the Child SA offers and accepts: the AH suites when ``ah_proposals`` is set,
+        else the ESP suites."""
+        return self.ah_suites or self.esp_suites
+
+    @property
+    def ah(self) -> bool:
+        """The connection's Child SAs are AH."""
+        return bool(self.ah_proposals)
+
+    @property
+    def child_proposals(self) -> tuple[str, ...]:
+        """The configured proposal strings of the Child SA (``ah_proposals`` or
+        ``esp_proposals``)."""
+        return self.ah_proposals or self.esp_proposals
 
     @property
     def sa_mode(self) -> Mode:
@@ -347,6 +385,7 @@ _FIELDS = {
     "start_action",
     "ike_proposals",
     "esp_proposals",
+    "ah_proposals",
     "mode",
     "allow_legacy",
     "auth",
@@ -412,9 +451,13 @@ def connection_from_dict(d: Mapping[str, Any], *, base: pathlib.Path | None = No
         if k in d and d[k] is None:
             raise ConfigError(f"connection {k} must be an identity string when present")
     extra: dict[str, Any] = {}
-    for name in ("ike_proposals", "esp_proposals"):
+    if "esp_proposals" in d and "ah_proposals" in d:
+        raise ConfigError(ESP_AND_AH.format(w=f"connection {_show(d.get('name'))}"))
+    for name in ("ike_proposals", "esp_proposals", "ah_proposals"):
         if name in d:
             extra[name] = _proposals(d[name], f"connection {name}")
+    if "ah_proposals" in d and not extra["ah_proposals"]:
+        raise ConfigError("connection ah_proposals must not be empty (leave it out for ESP)")
     if "mode" in d:
         extra["mode"] = d["mode"]
     if "allow_legacy" in d:

@@ -94,8 +94,10 @@ def format_sas(ike: Sequence[pb.IkeSaInfo], children: Sequence[pb.ChildSaInfo]) 
             lines.append(
                 f"  {c.connection}: {c.state.upper()}, {c.mode.upper()}"
                 f"{'-in-UDP' if c.udp_encap else ''}, reqid {c.reqid}, "
-                f"{c.protocol.upper()}:{c.encryption}"
-                + (f"/{c.integrity}" if c.integrity != "NONE" else "")
+                f"{c.protocol.upper()}:"
+                + "/".join(
+                    x for x in (c.encryption, c.integrity if c.integrity != "NONE" else "") if x
+                )
             )
             counters = (
                 f"{c.bytes_in} bytes_i ({c.packets_in} pkts), "

@@ -96,6 +96,7 @@ from services.core.ike.constants import ExchangeType
 from services.core.ike.cookies import DEFAULT_PERIOD, DEFAULT_THRESHOLD, CookieGuard
 from services.core.ike.dh import DhGroupId
 from services.core.ike.exchange import (
+    AH_NAT_REASON,
     NAT_T_PORT,
     ChildSaResult,
     IkeSaResult,
@@ -427,7 +428,7 @@ class Keymgr:
                 local_id=c.local_id,
                 remote_id=c.remote_id,
                 ike_suites=c.ike_suites,
-                esp_suites=c.esp_suites,
+                esp_suites=c.child_suites,
                 mode=c.sa_mode,
                 fragment_size=c.fragment_size,
             )
@@ -445,7 +446,7 @@ class Keymgr:
                 "spi_i": ini.spi_i.hex(),
                 "remote": c.remote_addr,
                 "ike_proposals": ",".join(c.ike_proposals),
-                "esp_proposals": ",".join(c.esp_proposals),
+                ("ah_proposals" if c.ah else "esp_proposals"): ",".join(c.child_proposals),
                 "mode": c.mode,
             },
         )
@@ -628,7 +629,7 @@ class Keymgr:
                     remote_id=c.remote_id or c.remote_addr,
                     remote_addr=c.remote_addr,
                     ike_suites=c.ike_suites,
-                    esp_suites=c.esp_suites,
+                    esp_suites=c.child_suites,
                     mode=c.sa_mode,
                     fragment_size=c.fragment_size,
                 )
@@ -896,6 +897,7 @@ class Keymgr:
                 "spi_out": child.spi_out.hex(),
                 "reqid": cur_in.reqid,
                 "esp": child.suite_name,
+                "protocol": "ah" if child.ah else "esp",
                 "mode": child.mode.name.lower(),
                 "started_by": "us" if initiator else "peer",
             },
@@ -1362,7 +1364,9 @@ class Keymgr:
         try:
             inbound, outbound, spd = child_sa_configs(c, r, reqid, initiator=initiator, encap=encap)
         except ValueError as e:
-            _log_failure("child install failed", {"conn": c.name}, e)
+            # our own reason (no key material), e.g. an AH Child SA across NAT
+            _log_failure("child install failed", {"conn": c.name, "reason": str(e)}, e)
+            self._failed(c, role, r.spi_i, str(e))
             then(False)
             return
         # counted as installed while in flight, so no Delete of another IKE SA of the
@@ -1392,6 +1396,7 @@ class Keymgr:
         encap: bool,
         sas: tuple[SaConfig, SaConfig],
     ) -> None:
+        proto = "ah" if r.child.ah else "esp"
         log.info(
             "child installed",
             extra={
@@ -1401,8 +1406,9 @@ class Keymgr:
                 "spi_out": r.child.spi_out.hex(),
                 "reqid": reqid,
                 "esp": r.child.suite_name,
+                "protocol": proto,
                 "mode": r.child.mode.name.lower(),
-                "encap": "udp-4500" if encap else "esp",
+                "encap": "udp-4500" if sas[0].encap is not None else proto,
                 "spd_revision": self._spd_revision,
             },
         )
@@ -1848,6 +1854,7 @@ class Keymgr:
                         esn=inbound.esn,
                         udp_encap=inbound.encap is not None,
                         mode=inbound.mode.name.lower(),
+                        protocol="ah" if inbound.protocol == IpProto.AH else "esp",
                         local_ts=(c.local_ts,),
                         remote_ts=(c.remote_ts,),
                         reqid=inbound.reqid,
@@ -1901,7 +1908,7 @@ def child_sa_configs(
     initiator: bool = True,
     encap: bool | None = None,
 ) -> tuple[SaConfig, SaConfig, SpdEntry]:
-    """The inbound and outbound ESP SAs and the SPD entry for an established IKE SA.
+    """The inbound and outbound ESP or AH SAs and the SPD entry for an established IKE SA.
 
     ``child.spi_in`` is always our SPI (inbound, remote→local) and ``spi_out`` the peer's
     (outbound, local→remote). RFC 7296 §2.17: the initiator→responder key is ``encr_i``, so as
@@ -1909,11 +1916,16 @@ def child_sa_configs(
     round (integrity keys likewise). Encryption keys carry the cipher's salt (RFC 4106 §8.1,
     RFC 7634 §2). The negotiated algorithms, ESN and mode (tunnel / transport) come from the
     Child SA result. ``encap`` (default: the result's ``nat_t``) selects ESP-in-UDP 4500/4500.
+    An AH Child SA (RFC 4302; integrity keys only) is never UDP-encapsulated (RFC 3948 covers
+    ESP only) and is refused (ValueError) when NAT was detected: AH authenticates the
+    addresses a NAT rewrites.
     """
     child = r.child
+    if child.ah and r.nat_detected:
+        raise ValueError(AH_NAT_REASON)
     local = ipaddress.ip_address(c.local_addr).packed
     remote = ipaddress.ip_address(c.remote_addr).packed
-    use_encap = r.nat_t if encap is None else encap
+    use_encap = (r.nat_t if encap is None else encap) and not child.ah
     encap_cfg = UdpEncap(NAT_T_PORT, NAT_T_PORT) if use_encap else None
     k = child.keys
     (key_in, integ_in), (key_out, integ_out) = (
@@ -1925,7 +1937,7 @@ def child_sa_configs(
     sel_in = Selector.make(c.remote_ts, c.local_ts)
     inbound = SaConfig(
         spi=int.from_bytes(child.spi_in, "big"),
-        protocol=int(IpProto.ESP),
+        protocol=int(IpProto.AH if child.ah else IpProto.ESP),
         direction=Direction.INBOUND,
         mode=child.mode,
         src=remote,
@@ -1958,11 +1970,13 @@ def child_sa_configs(
 
 
 def connection_spd(c: Connection, reqid: int) -> SpdEntry:
-    """The connection's PROTECT entry (local_ts -> remote_ts) with its reqid."""
+    """The connection's PROTECT entry (local_ts -> remote_ts) with its reqid; its SA bundle is
+    the connection's Child SA protocol, ESP or AH."""
     return SpdEntry(
         policy_id=reqid,
         priority=SPD_PRIORITY,
         action=Action.PROTECT,
         selector=Selector.make(c.local_ts, c.remote_ts),
         reqid=reqid,
+        protocols=(int(IpProto.AH if c.ah else IpProto.ESP),),
     )

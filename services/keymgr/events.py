@@ -7,7 +7,8 @@ counted (the worker's :class:`~services.dataplane.worker.FanOut` does exactly th
 Publishing never blocks keymgr's main loop.
 
 Key export (troubleshooting only, off by default): one line per IKE SA in tshark's
-``ikev2_decryption_table`` UAT format and one line per ESP SA in its ``esp_sa`` format, each
+``ikev2_decryption_table`` UAT format and one line per ESP or AH SA in its ``esp_sa`` format
+(AH with encryption ``NULL``; tshark does not verify AH ICVs with it, see :func:`esp_uat`), each
 written as the value of a tshark ``-o`` option (``uat:<table>:<record>``), so::
 
     args=(); while IFS= read -r l; do args+=(-o "$l"); done < keys.txt
@@ -102,6 +103,8 @@ def failure_kind(reason: str | None) -> str:
 def failure_hint(reason: str | None) -> str:
     """The core's failure reason plus what an admin can check."""
     text = reason or "unknown"
+    if "cannot cross NAT" in text:
+        return f"{text}: use esp_proposals (ESP is UDP-encapsulated across NAT) or remove the NAT"
     if "AUTHENTICATION_FAILED" in text:
         return f"{text}: check that both sides use the same pre-shared key and identities"
     if "NO_PROPOSAL_CHOSEN" in text:
@@ -157,6 +160,7 @@ class ChildSaView:
     remote_ts: tuple[str, ...]
     reqid: int
     install_time: float
+    protocol: str = "esp"  # "esp" or "ah"
 
 
 def algorithm_name(encr_id: int, key_bits: int) -> str:
@@ -169,7 +173,10 @@ def algorithm_name(encr_id: int, key_bits: int) -> str:
 
 
 def sa_encryption(sa: SaConfig) -> str:
-    """The name of an SA's cipher with its key size (salt excluded, RFC 4106 §8.1)."""
+    """The name of an SA's cipher with its key size (salt excluded, RFC 4106 §8.1); empty for
+    AH, which has none."""
+    if sa.protocol == IpProto.AH:
+        return ""
     try:
         salt = encr_algorithm(sa.encr_id, allow_legacy=True).salt_len
     except AlgorithmError:
@@ -250,10 +257,14 @@ def ike_uat(
 
 def esp_uat(sa: SaConfig) -> str:
     """One ``esp_sa`` record as a tshark option value: eight quoted fields (family, src, dst,
-    SPI, encryption, key, authentication, key), as tests/netns/tshark.py's EspSaRecord."""
-    if sa.protocol != IpProto.ESP:
-        raise KeyExportError("only ESP SAs carry keys")
-    encr = WS_ESP_ENCR.get(sa.encr_id)
+    SPI, encryption, key, authentication, key), as tests/netns/tshark.py's EspSaRecord.
+
+    An AH SA is written in the same table with encryption ``NULL`` and its integrity key:
+    tshark 4.0 accepts the record but its AH dissector does not verify ICVs (it has no SA
+    lookup), so the line only serves other tools (e.g. scapy) and keeps one file format."""
+    if sa.protocol not in (IpProto.ESP, IpProto.AH):
+        raise KeyExportError("only ESP and AH SAs carry keys")
+    encr = WS_ESP_ENCR.get(Encr.NULL if sa.protocol == IpProto.AH else sa.encr_id)
     auth = WS_ESP_INTEG.get(sa.integ_id)
     if encr is None or auth is None:
         raise KeyExportError(
