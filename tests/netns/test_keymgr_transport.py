@@ -30,7 +30,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.core.sa import Direction
+from services.core.sa import Direction, Mode
 from services.dataplane.lab import SIDE_A, SIDE_B, Lab, lab, netns_supported
 from tests.netns import tshark as ts
 
@@ -56,21 +56,32 @@ def tlab() -> Iterator[Lab]:
 
 
 def _keymgr(
-    lb: Lab, procs: list[subprocess.Popen[bytes]], side: str, fam: int, psk_file: pathlib.Path
+    lb: Lab,
+    procs: list[subprocess.Popen[bytes]],
+    side: str,
+    fam: int,
+    psk_file: pathlib.Path,
+    *,
+    mode: str = "transport",
+    child: dict[str, list[str]] | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> pathlib.Path:
+    """Start keymgr for lab side ``side`` (a initiates, b responds); ``child`` replaces the
+    Child SA proposals (e.g. ``{"ah_proposals": [...]}``), ``extra_args`` go to keymgr."""
     me, peer = (SIDE_A, SIDE_B) if side == "a" else (SIDE_B, SIDE_A)
     plen = 32 if fam == 4 else 128
+    sa_mode = Mode.TRANSPORT if mode == "transport" else Mode.TUNNEL
     conn = {
-        "name": f"transport-{side}",
+        "name": f"{mode}-{side}",
         "local_addr": me.outer(fam),
         "remote_addr": peer.outer(fam),
         "psk_file": str(psk_file),
-        "local_ts": f"{me.outer(fam)}/{plen}",
-        "remote_ts": f"{peer.outer(fam)}/{plen}",
+        "local_ts": f"{me.inner(fam, sa_mode)}/{plen}",
+        "remote_ts": f"{peer.inner(fam, sa_mode)}/{plen}",
         "start_action": "start" if side == "a" else "respond",
         "ike_proposals": [IKE],
-        "esp_proposals": [ESP],
-        "mode": "transport",
+        **(child or {"esp_proposals": [ESP]}),
+        "mode": mode,
     }
     cfg = lb.workdir / f"keymgr-{side}.json"
     cfg.write_text(json.dumps({"connections": [conn]}))
@@ -79,6 +90,7 @@ def _keymgr(
     argv = [sys.executable, "-m", "services.keymgr", "--config", str(cfg)]
     argv += ["--dataplane", f"unix:{node.socket_path}", "--tls-dir", str(lb.pki)]
     argv += ["--server-name", node.worker_id, "--client-name", "client", "--log-level", "debug"]
+    argv += extra_args
     path = os.environ.get("PYTHONPATH", "")
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{path}", "PYTHONUNBUFFERED": "1"}
     with log.open("wb") as out:
@@ -156,13 +168,18 @@ def test_transport_mode_between_two_keymgrs(tlab: Lab, fam: int) -> None:
         clear = [f for f in traffic if not f.protected and f.inner_l4() in ("tcp", "icmp")]
         assert clear == [], ts.summary(clear)
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
+        _stop(procs)
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop the keymgr processes (SIGTERM, then SIGKILL after 10 s), newest first."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(p.pid, signal.SIGKILL)
-                    p.wait(timeout=5)
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=5)
