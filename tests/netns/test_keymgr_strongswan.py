@@ -65,6 +65,7 @@ class Case:
     ipv6: bool = False
     plugins: tuple[str, ...] = field(default=())  # extra charon plugins (e.g. chapoly)
     charon_settings: tuple[str, ...] = field(default=())  # extra "key = value" in charon { }
+    ah: bool = False  # the Child SA proposals are AH ones (ah_proposals on both sides)
 
     @property
     def outer(self) -> tuple[str, str]:
@@ -97,7 +98,10 @@ class Case:
             (f"local_ts = {bsw.INNER_B}/32", f"local_ts = {in_b}/{h}"),
             (f"remote_ts = {bsw.INNER_A}/32", f"remote_ts = {in_a}/{h}"),
             (f"proposals = {bsw.IKE_PROPOSAL}", f"proposals = {self.charon_ike}"),
-            (f"esp_proposals = {bsw.ESP_PROPOSAL}", f"esp_proposals = {self.charon_esp}"),
+            (
+                f"esp_proposals = {bsw.ESP_PROPOSAL}",
+                f"{'ah' if self.ah else 'esp'}_proposals = {self.charon_esp}",
+            ),
             ("mode = tunnel", f"mode = {self.mode}"),
         ]
         for old, new in subs:
@@ -401,7 +405,7 @@ class KeymgrLab:
         }
         if c != Case():
             conn["ike_proposals"] = list(c.keymgr_ike)
-            conn["esp_proposals"] = list(c.keymgr_esp)
+            conn["ah_proposals" if c.ah else "esp_proposals"] = list(c.keymgr_esp)
             conn["mode"] = c.mode
         conn.update(extra or {})
         return {k: v for k, v in conn.items() if v is not None}
