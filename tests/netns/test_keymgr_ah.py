@@ -17,6 +17,10 @@ Oracles, on a capture of A's link taken from before keymgr starts:
 * tshark decrypts every IKEv2 message with an Encrypted payload with the exported IKE SA keys
   (``check_ike_capture``).
 
+A Child SA rekey started by keymgr A (PFS, 4 s): the new AH pair replaces the old one in
+both workers, pings before and after verify on the old and then the new SPIs, and the
+CREATE_CHILD_SA and Delete exchanges decrypt too.
+
 Also: both keymgrs log the Child SA installed as AH with the configured suite and mode; both
 workers hold AH SAs (not UDP-encapsulated although IKE moved to 4500) with the same SPIs
 crosswise; ping and a 256 KiB TCP transfer (SHA-256 compared) go through and are counted.
@@ -25,11 +29,13 @@ keymgr processes, workers and namespaces are removed also on failure.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
 import secrets
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -39,6 +45,7 @@ from scapy.layers.ipsec import AH, IPSecIntegrityError, SecurityAssociation
 from scapy.packet import Packet
 from scapy.utils import rdpcap
 
+from services.core.engine import SaStatus
 from services.core.iana import IpProto
 from services.core.sa import Direction, Mode
 from services.dataplane.lab import SIDE_A, SIDE_B, Lab, lab, netns_supported
@@ -123,7 +130,8 @@ def _verify_ah(pcap: pathlib.Path, sas: dict[int, SecurityAssociation]) -> dict[
             seen["icmp"] += 1
         if inner.haslayer(TCP):
             seen["tcp"] += 1
-    assert len(spis) == 2, f"AH seen on SPIs {sorted(spis)}: both directions expected"
+    assert len(spis) >= 2, f"AH seen on SPIs {sorted(spis)}: both directions expected"
+    seen["spis"] = len(spis)
     return seen
 
 
@@ -241,3 +249,63 @@ def test_ah_between_two_keymgrs(ahlab: Lab, mode: str, fam: int, ah: str) -> Non
     print(check.summary())
     assert check.ok, check.problems
     assert check.messages >= 4 and check.encrypted >= 2, check.summary()
+
+
+def test_ah_child_rekey_between_two_keymgrs(ahlab: Lab) -> None:
+    """keymgr A rekeys its AH Child SA (with PFS) after 4 s: CREATE_CHILD_SA with REKEY_SA for
+    protocol AH, the new AH pair installed make-before-break, the old one deleted; traffic
+    before and after is AH with valid ICVs on the old and then the new SPIs."""
+    lb = ahlab
+    psk_file = lb.workdir / "psk"
+    fd = os.open(psk_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"0x{secrets.token_hex(32)}\n")
+    keys_a = lb.workdir / "keys-a.txt"
+    ah = "sha256-x25519"
+    procs: list[subprocess.Popen[bytes]] = []
+    cap = lb.capture(lb.a, "ah-rekey")
+    try:
+        log_b = _keymgr(lb, procs, "b", 4, psk_file, mode="tunnel", child={"ah_proposals": [ah]})
+        _wait(log_b, "punt stream connected", procs[0], 20)
+        rekeying = {"ah_proposals": [ah], "rekey_time": 4, "life_time": 60, "rand_time": 0}
+        log_a = _keymgr(
+            lb,
+            procs,
+            "a",
+            4,
+            psk_file,
+            mode="tunnel",
+            child=rekeying,
+            extra_args=("--export-keys", str(keys_a)),
+        )
+        _wait(log_a, "child installed", procs[1], 20)
+        a_addr, b_addr = SIDE_A.inner(4, Mode.TUNNEL), SIDE_B.inner(4, Mode.TUNNEL)
+        first = {s.direction: s.spi for s in lb.a.dp().list_sas()}
+        assert lb.ping(lb.a, b_addr, src=a_addr, count=2).ok
+        text_a = _wait(log_a, '"child rekeyed"', procs[1], 20)
+        (rec,) = [json.loads(x) for x in text_a.splitlines() if '"child rekeyed"' in x][:1]
+        assert (rec["protocol"], rec["esp"], rec["started_by"]) == ("ah", ah, "us"), rec
+        _wait(log_b, '"child rekeyed"', procs[0], 5)
+        # make-before-break, then the old pair goes with its Delete
+        deadline = time.monotonic() + 10
+        now_sas: list[SaStatus] = []
+        while time.monotonic() < deadline:
+            now_sas = lb.a.dp().list_sas()
+            if len(now_sas) == 2 and first[Direction.INBOUND] not in {s.spi for s in now_sas}:
+                break
+            time.sleep(0.2)
+        assert len(now_sas) == 2 and all(s.protocol == IpProto.AH for s in now_sas), now_sas
+        assert {s.spi for s in now_sas}.isdisjoint(first.values()), (now_sas, first)
+        ping = lb.ping(lb.a, b_addr, src=a_addr, count=3)
+        assert ping.ok, f"{ping.output}\n{lb.diagnostics()}"
+    finally:
+        path = cap.stop()
+        _stop(procs)
+    scapy_sas = _ah_sas(keys_a, esn=False, tunnel=True)
+    assert len(scapy_sas) >= 4, keys_a.read_text().count("esp_sa")
+    seen = _verify_ah(path, scapy_sas)
+    assert seen["spis"] >= 4 and seen["icmp"] >= 10, seen  # old and new pair both carried pings
+    print(f"scapy: {seen['ah']} AH packets on {seen['spis']} SPIs, every ICV verified")
+    check = ts.check_ike_capture(path, keys_a)
+    print(check.summary())
+    assert check.ok and check.encrypted >= 6, check.summary()  # AUTH, CREATE_CHILD_SA, Delete

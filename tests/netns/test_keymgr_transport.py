@@ -63,11 +63,12 @@ def _keymgr(
     psk_file: pathlib.Path,
     *,
     mode: str = "transport",
-    child: dict[str, list[str]] | None = None,
+    child: dict[str, object] | None = None,
     extra_args: tuple[str, ...] = (),
 ) -> pathlib.Path:
     """Start keymgr for lab side ``side`` (a initiates, b responds); ``child`` replaces the
-    Child SA proposals (e.g. ``{"ah_proposals": [...]}``), ``extra_args`` go to keymgr."""
+    Child SA proposals (e.g. ``{"ah_proposals": [...]}``, other connection fields may come
+    along), ``extra_args`` go to keymgr."""
     me, peer = (SIDE_A, SIDE_B) if side == "a" else (SIDE_B, SIDE_A)
     plen = 32 if fam == 4 else 128
     sa_mode = Mode.TRANSPORT if mode == "transport" else Mode.TUNNEL
