@@ -3,13 +3,13 @@
 Shared by both roles (:mod:`services.core.ike.exchange`, :mod:`services.core.ike.responder`),
 which hand every datagram received after IKE_AUTH to :meth:`InfoSession.handle`.
 
-Peer requests (each IKE SA keeps its own message-ID window and response cache, §2.1; a
-retransmit of the last request gets the cached response, anything else outside the window is
-dropped as :class:`InfoDrop`):
-
 The Child SAs are ESP or AH, the protocol of the configured Child SA suites (``esp_suites``,
 RFC 7296 §3.3.1): REKEY_SA, our Deletes and the proposals of our rekeys carry that protocol,
 and a peer's rekey naming another protocol gets CHILD_SA_NOT_FOUND.
+
+Peer requests (each IKE SA keeps its own message-ID window and response cache, §2.1; a
+retransmit of the last request gets the cached response, anything else outside the window is
+dropped as :class:`InfoDrop`):
 
 * INFORMATIONAL: empty (liveness) -> empty response; Delete of ESP/AH SPIs naming the peer's
   outbound SPI of one of our Child SAs -> a Delete of our inbound SPI (none when we are deleting
