@@ -89,7 +89,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from services.core.events import Acquire, HardExpire, SoftExpire
+from services.core.events import Acquire, ExpiryKind, HardExpire, LeaseLow, SoftExpire
 from services.core.iana import Integ, IpProto
 from services.core.ike.authn import LocalAuth, PeerAuth
 from services.core.ike.constants import ExchangeType
@@ -124,6 +124,14 @@ from services.keymgr import events as ev
 from services.keymgr.config import Connection
 from services.keymgr.credentials import authentication
 from services.keymgr.events import ChildSaView, EventBus, IkeSaView, KeyExporter, KeymgrEvent
+from services.keymgr.leases import (
+    DEFAULT_BLOCK,
+    LeaseKey,
+    LeaseStore,
+    LeaseStoreError,
+    first_lease,
+    next_lease,
+)
 
 log = logging.getLogger("keymgr")
 
@@ -175,6 +183,7 @@ class _Apply:
     started: float
     error: BaseException | None = None
     done: bool = False
+    leases_freed: tuple[LeaseKey, ...] = ()  # outbound SAs deleted: their marks go once done
 
 
 @dataclass
@@ -258,8 +267,15 @@ class Keymgr:
         events: EventBus | None = None,
         key_export: KeyExporter | None = None,
         jitter: Callable[[float], float] | None = None,
+        leases: LeaseStore | None = None,
+        seq_lease_block: int = DEFAULT_BLOCK,
     ) -> None:
         self.client = client
+        # sequence-number leases of outbound SAs (None: whole sequence space, no durable marks)
+        self.leases = leases
+        self.seq_lease_block = seq_lease_block
+        first_lease(seq_lease_block, False)  # ValueError for a block below 1
+        self.lease_extensions = 0  # leases extended on the worker's LeaseLow
         self.clock = clock
         # RFC 7296 §2.6 COOKIEs for the responder role (its secret is never logged)
         self.cookies = CookieGuard(now=clock(), threshold=cookie_threshold, period=cookie_period)
@@ -365,6 +381,12 @@ class Keymgr:
         reader.start()
         log.info("punt stream connected", extra={"target": self.client.target})
         self._watch_events()
+        if self.leases is not None and len(self.leases):
+            # SAs of an earlier run: never resumed with a guessed counter; new SAs are
+            # negotiated instead, and the old marks stay in the store
+            log.warning(
+                "sequence leases of an earlier run not resumed", extra={"sas": len(self.leases)}
+            )
         try:
             now = self.clock()
             for s in self.sessions:
@@ -832,6 +854,7 @@ class Keymgr:
                 cur_in.reqid,
                 initiator=initiator,
                 encap=cur_in.encap is not None,
+                seq_lease_block=self._lease_block,
             )
         except ValueError as e:
             _log_failure("rekeyed child install failed", ike, e)
@@ -1166,6 +1189,57 @@ class Keymgr:
                         self._initiate(s, now)
             elif isinstance(e, (SoftExpire, HardExpire)):
                 self._expired(e, now)
+            elif isinstance(e, LeaseLow):
+                self._lease_low(e, now)
+
+    @property
+    def _lease_block(self) -> int:
+        """The first lease of new outbound SAs (0: leases off, no store)."""
+        return self.seq_lease_block if self.leases is not None else 0
+
+    def _outbound_sa(self, key: LeaseKey) -> SaConfig | None:
+        """Our installed (or retiring) outbound SA named ``key``."""
+        for _c, (_in, out) in self._children.values():
+            if _lease_key(out) == key:
+                return out
+        for pairs in self._retiring.values():
+            for _in, out in pairs:
+                if _lease_key(out) == key:
+                    return out
+        return None
+
+    def _lease_low(self, e: LeaseLow, now: float) -> None:
+        """The worker used 3/4 of an outbound SA's sequence-number lease: record the next
+        mark durably, then extend the lease by one block (UpdateSA). At the end of the
+        sequence space, or when the mark cannot be made durable, rekey the Child SA instead."""
+        if self.leases is None:
+            return
+        key = LeaseKey(e.sa.spi, e.sa.dst, e.sa.protocol)
+        mark = self.leases.get(key)
+        sa = self._outbound_sa(key)
+        if mark is None or sa is None:
+            return  # not ours, or deleted meanwhile
+        extra = {"spi_out": f"{sa.spi:08x}", "next_seq": e.next_seq, "lease_end": mark}
+        new_end = next_lease(max(mark, e.lease_end), self.seq_lease_block, sa.esn)
+        if new_end is None:
+            log.info("sequence space nearly used up: rekeying", extra=extra)
+            self._expired(SoftExpire(e.sa, ExpiryKind.SEQUENCE), now)
+            return
+        try:
+            self.leases.record(key, new_end)
+        except LeaseStoreError as err:
+            log.error("sequence lease not extended: rekeying", extra={**extra, "reason": str(err)})
+            self._expired(SoftExpire(e.sa, ExpiryKind.SEQUENCE), now)
+            return
+        try:
+            self.client.update_sa(
+                sa.spi, sa.dst, sa.protocol, Direction.OUTBOUND, seq_lease_end=new_end
+            )
+        except grpc.RpcError as err:
+            _log_failure("sequence lease extension failed", {"spi_out": f"{sa.spi:08x}"}, err)
+            return
+        self.lease_extensions += 1
+        log.info("sequence lease extended", extra={**extra, "new_lease_end": new_end})
 
     def _expired(self, e: SoftExpire | HardExpire, now: float) -> None:
         """A worker lifetime (bytes, packets or time) of one of our Child SAs ran out: soft ->
@@ -1360,7 +1434,9 @@ class Keymgr:
         )
         key = r.spi_i + r.spi_r
         try:
-            inbound, outbound, spd = child_sa_configs(c, r, reqid, initiator=initiator, encap=encap)
+            inbound, outbound, spd = child_sa_configs(
+                c, r, reqid, initiator=initiator, encap=encap, seq_lease_block=self._lease_block
+            )
         except ValueError as e:
             _log_failure("child install failed", {"conn": c.name}, e)
             then(False)
@@ -1455,6 +1531,19 @@ class Keymgr:
             op.done = True
             then(None)
             return
+        if self.leases is not None:
+            try:  # durable BEFORE the worker may use the lease
+                for sa in install:
+                    if sa.direction is Direction.OUTBOUND and sa.seq_lease_end:
+                        self.leases.record(_lease_key(sa), sa.seq_lease_end, new_sa=True)
+            except LeaseStoreError as e:
+                log.error("sequence lease not durable", extra={"reason": str(e)})
+                op.error = e
+                self._finish(op)
+                return
+            op.leases_freed = tuple(
+                _lease_key(sa) for sa in delete if sa.direction is Direction.OUTBOUND
+            )
         batch: tuple[list[SpdEntry], int] | None = None
         if entries is not None:
             self._spd_revision += 1
@@ -1505,6 +1594,11 @@ class Keymgr:
         st[2] = max(st[2], took)
         if op.error is not None and op.spd_before is not None:
             self._spd = op.spd_before  # nothing of the batch was applied
+        if op.error is None and op.leases_freed and self.leases is not None:
+            try:
+                self.leases.remove(*op.leases_freed)
+            except LeaseStoreError as e:  # a stale mark only wastes a line of the file
+                log.warning("sequence lease marks not removed", extra={"reason": str(e)})
         op.then(op.error)
 
     def _settle_op(self, op: _Apply) -> None:
@@ -1874,6 +1968,10 @@ def _log_failure(msg: str, extra: dict[str, str], err: BaseException) -> None:
 
 
 @functools.lru_cache(maxsize=256)
+def _lease_key(sa: SaConfig) -> LeaseKey:
+    return LeaseKey(sa.spi, sa.dst, sa.protocol)
+
+
 def _packed(addr: str) -> bytes:
     """The packed form of a textual IP address (the same few addresses on every datagram)."""
     return ipaddress.ip_address(addr).packed
@@ -1900,6 +1998,7 @@ def child_sa_configs(
     *,
     initiator: bool = True,
     encap: bool | None = None,
+    seq_lease_block: int = 0,
 ) -> tuple[SaConfig, SaConfig, SpdEntry]:
     """The inbound and outbound ESP SAs and the SPD entry for an established IKE SA.
 
@@ -1909,6 +2008,8 @@ def child_sa_configs(
     round (integrity keys likewise). Encryption keys carry the cipher's salt (RFC 4106 §8.1,
     RFC 7634 §2). The negotiated algorithms, ESN and mode (tunnel / transport) come from the
     Child SA result. ``encap`` (default: the result's ``nat_t``) selects ESP-in-UDP 4500/4500.
+    ``seq_lease_block`` > 0: the outbound SA may send sequence numbers [1, block] only (a
+    lease, extended on the worker's LeaseLow); 0: the whole sequence space.
     """
     child = r.child
     local = ipaddress.ip_address(c.local_addr).packed
@@ -1953,6 +2054,7 @@ def child_sa_configs(
         encr_key=key_out,
         integ_key=integ_out,
         selectors=(sel_out,),
+        seq_lease_end=first_lease(seq_lease_block, child.esn) if seq_lease_block else 0,
     )
     return inbound, outbound, connection_spd(c, reqid)
 
