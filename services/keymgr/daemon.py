@@ -1156,7 +1156,8 @@ class Keymgr:
 
     def _watch_events(self) -> None:
         """Subscribe to the worker's events: byte/packet soft and hard expiries of our Child
-        SAs and ACQUIREs for held connections. Without them keymgr still rekeys by time."""
+        SAs, LeaseLow of their outbound SAs and ACQUIREs for held connections. Without them
+        keymgr still rekeys by time (and an outbound SA stops at the end of its lease)."""
         try:
             events = self.client.events()
         except grpc.RpcError as e:
@@ -1168,6 +1169,8 @@ class Keymgr:
             try:
                 for item in events:
                     self._wev.put(item)
+                    # wake the main loop: a LeaseLow must be answered before the lease runs out
+                    self._rx.put(_Call(_nothing, Future()))
             except grpc.RpcError as e:
                 if not self._stop.is_set():
                     log.warning("worker event stream ended", extra={"code": str(e.code())})
@@ -1949,6 +1952,10 @@ class Keymgr:
                     )
                 )
         return out
+
+
+def _nothing(_now: float) -> None:
+    """A command that only wakes the main loop."""
 
 
 def _on_error(msg: str, extra: dict[str, str]) -> Callable[[BaseException | None], None]:
