@@ -1432,6 +1432,7 @@ class Keymgr:
                 "spi_i": r.spi_i.hex(),
                 "spi_r": r.spi_r.hex(),
                 "nat_t": encap,
+                "behind_nat": r.local_behind_nat,
                 "ike": r.suite.name,
             },
         )
@@ -2014,7 +2015,9 @@ def child_sa_configs(
     initiator inbound uses ``encr_r`` and outbound ``encr_i``; as responder the other way
     round (integrity keys likewise). Encryption keys carry the cipher's salt (RFC 4106 §8.1,
     RFC 7634 §2). The negotiated algorithms, ESN and mode (tunnel / transport) come from the
-    Child SA result. ``encap`` (default: the result's ``nat_t``) selects ESP-in-UDP 4500/4500.
+    Child SA result. ``encap`` (default: the result's ``nat_t``) selects ESP-in-UDP 4500/4500;
+    when NAT detection found us behind a NAT the outbound SA sends NAT keepalives every
+    ``c.keepalive`` seconds of silence.
     ``seq_lease_block`` > 0: the outbound SA may send sequence numbers [1, block] only (a
     lease, extended on the worker's LeaseLow); 0: the whole sequence space.
     """
@@ -2023,6 +2026,8 @@ def child_sa_configs(
     remote = ipaddress.ip_address(c.remote_addr).packed
     use_encap = r.nat_t if encap is None else encap
     encap_cfg = UdpEncap(NAT_T_PORT, NAT_T_PORT) if use_encap else None
+    # RFC 3948 §2.3: the peer behind the NAT keeps its mapping open, so only when we are
+    keepalive = c.keepalive if use_encap and r.local_behind_nat else 0.0
     k = child.keys
     (key_in, integ_in), (key_out, integ_out) = (
         ((k.encr_r, k.integ_r), (k.encr_i, k.integ_i))
@@ -2061,6 +2066,7 @@ def child_sa_configs(
         encr_key=key_out,
         integ_key=integ_out,
         selectors=(sel_out,),
+        encap=replace(encap_cfg, keepalive_interval=keepalive) if encap_cfg else None,
         seq_lease_end=first_lease(seq_lease_block, child.esn) if seq_lease_block else 0,
     )
     return inbound, outbound, connection_spd(c, reqid)

@@ -47,7 +47,7 @@ import hashlib
 import ipaddress
 import secrets
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -294,11 +294,28 @@ class IkeSaResult:
     child: ChildSaResult
     nat_t: bool  # IKE moved to UDP 4500
     suite: IkeSuite = DEFAULT_IKE  # the negotiated IKE suite
+    # NAT-D (RFC 7296 §2.23): the peer saw our address or port changed, i.e. WE are behind a
+    # NAT (and should send NAT keepalives, RFC 3948 §2.3); False when only the peer is
+    local_behind_nat: bool = False
 
 
 def nat_detection_hash(spi_i: bytes, spi_r: bytes, addr: bytes, port: int) -> bytes:
     """RFC 7296 §2.23: SHA-1(SPIi | SPIr | IP address | port); SPIr is zero in the request."""
     return hashlib.sha1(spi_i + spi_r + addr + struct.pack("!H", port)).digest()  # noqa: S324
+
+
+def nat_changed(
+    payloads: Iterable[Payload],
+    notify_type: int,
+    spi_i: bytes,
+    spi_r: bytes,
+    addr: bytes,
+    port: int,
+) -> bool:
+    """RFC 7296 §2.23: the NAT-D notifies of ``notify_type`` are there and none of them is the
+    hash of (``addr``, ``port``): a NAT rewrote that address or port on the way."""
+    hashes = [p.data for p in payloads if isinstance(p, Notify) and p.notify_type == notify_type]
+    return bool(hashes) and nat_detection_hash(spi_i, spi_r, addr, port) not in hashes
 
 
 def _nonzero(rand: Rand, n: int, minimum: int) -> bytes:
@@ -410,6 +427,7 @@ class Ikev2Initiator:
         self.failure_reason: str | None = None
         self.result: IkeSaResult | None = None
         self.port_float = False
+        self.local_behind_nat = False  # NAT-D: a NAT rewrote our address or port (§2.23)
         self._spi_i = _nonzero(rand, 8, 1)
         self._spi_r = bytes(8)
         self._ni = rand(NONCE_LEN)
@@ -699,6 +717,15 @@ class Ikev2Initiator:
             in (NotifyType.NAT_DETECTION_SOURCE_IP, NotifyType.NAT_DETECTION_DESTINATION_IP)
             for p in msg.payloads
         )
+        # the responder's NAT_DETECTION_DESTINATION_IP hashes the address and port it saw ours as
+        self.local_behind_nat = nat_changed(
+            msg.payloads,
+            NotifyType.NAT_DETECTION_DESTINATION_IP,
+            self._spi_i,
+            msg.spi_r,
+            _ipv4(self.config.local_addr),
+            self.config.local_port,
+        )
         return self._send_auth(now)
 
     def _send_auth(self, now: float) -> list[bytes]:
@@ -812,7 +839,13 @@ class Ikev2Initiator:
             mode=self.config.mode,
         )
         self.result = IkeSaResult(
-            self._spi_i, self._spi_r, self._keys, child, self.port_float, self._suite
+            self._spi_i,
+            self._spi_r,
+            self._keys,
+            child,
+            self.port_float,
+            self._suite,
+            local_behind_nat=self.local_behind_nat,
         )
         assert self._out is not None
         self._info = InfoSession(

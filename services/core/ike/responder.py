@@ -91,6 +91,7 @@ from services.core.ike.exchange import (
     fragmentation_notify,
     identity_of,
     ike_keys,
+    nat_changed,
     nat_detection_hash,
     peer_supports_fragmentation,
     sk_ciphers,
@@ -273,6 +274,7 @@ class Ikev2Responder:
         self.created_at = now
         self.last_activity = now
         self.nat_t = False  # NAT-D exchanged: IKE_AUTH is expected on UDP 4500
+        self.local_behind_nat = False  # NAT-D: a NAT rewrote our address or port (§2.23)
         self.dropped = 0
         self.invalid_ke_sent = 0  # INVALID_KE_PAYLOAD answers (stateless, §1.3)
         self.error_answers = 0  # UNSUPPORTED_CRITICAL_PAYLOAD / INVALID_MAJOR_VERSION / ... sent
@@ -510,6 +512,15 @@ class Ikev2Responder:
                 )
             )
             self.nat_t = True
+            # the initiator's NAT_DETECTION_DESTINATION_IP hashes where it sent to (SPIr 0)
+            self.local_behind_nat = nat_changed(
+                msg.payloads,
+                NotifyType.NAT_DETECTION_DESTINATION_IP,
+                msg.spi_i,
+                bytes(8),
+                here[0],
+                here[1],
+            )
         resp = encode_message(
             Message(msg.spi_i, spi_r, ExchangeType.IKE_SA_INIT, 0, tuple(payloads), response=True)
         )
@@ -659,7 +670,13 @@ class Ikev2Responder:
             ),
         )
         self.result = IkeSaResult(
-            self._spi_i, self._spi_r, self._keys, child, self.nat_t, self._suite
+            self._spi_i,
+            self._spi_r,
+            self._keys,
+            child,
+            self.nat_t,
+            self._suite,
+            local_behind_nat=self.local_behind_nat,
         )
         assert self._out is not None
         self._info = InfoSession(
