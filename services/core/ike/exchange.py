@@ -88,6 +88,7 @@ from services.core.ike.message import (
     decode_message,
     encode_message,
 )
+from services.core.ike.prf import PrfLike
 from services.core.ike.sk import (
     FragmentReassembler,
     SkCipher,
@@ -365,9 +366,9 @@ def ike_keys(
     suite: IkeSuite, ni: bytes, nr: bytes, g_ir: bytes, spi_i: bytes, spi_r: bytes
 ) -> IkeKeys:
     """SKEYSEED and the seven SK_* keys for ``suite`` (RFC 7296 §2.14)."""
-    seed = skeyseed(suite.prf, ni, nr, g_ir)
+    seed = skeyseed(suite.prf_alg, ni, nr, g_ir)
     return derive_ike_keys(
-        suite.prf,
+        suite.prf_alg,
         seed,
         ni,
         nr,
@@ -379,7 +380,7 @@ def ike_keys(
 
 
 def esp_child_keys(
-    suite: EspSuite, prf_id: int, sk_d: bytes, ni: bytes, nr: bytes, g_ir: bytes | None = None
+    suite: EspSuite, prf_id: PrfLike, sk_d: bytes, ni: bytes, nr: bytes, g_ir: bytes | None = None
 ) -> ChildKeys:
     """A Child SA's keys for ``suite`` (RFC 7296 §2.17): encryption (with salt), integrity."""
     return child_keys(
@@ -731,7 +732,7 @@ class Ikev2Initiator:
     def _send_auth(self, now: float) -> list[bytes]:
         assert self._keys is not None and self._out is not None and self._suite is not None
         cfg = self.config
-        prf_id = self._suite.prf
+        prf_id = self._suite.prf_alg
         assert self._local_id is not None  # identity_of with an address never gives None
         idi = IDi(self._local_id.id_type, self._local_id.data)
         octets = signed_octets(prf_id, self._msg1, self._nr, self._keys.sk_pi, idi.encode_body())
@@ -774,7 +775,7 @@ class Ikev2Initiator:
 
     def _on_auth(self, raw: bytes, now: float) -> list[bytes]:
         assert self._keys is not None and self._in is not None and self._suite is not None
-        prf_id = self._suite.prf
+        prf_id = self._suite.prf_alg
         try:
             # an SK message, or RFC 7383 fragments (SKF) reassembled once all are in
             if self._fragment:

@@ -548,7 +548,7 @@ class Ikev2Responder:
     def _check_initiator(self, msg: Message, idi: IDi, auth: Auth, now: float) -> str | None:
         """Why the initiator is not authenticated (a reason for the log), or None."""
         assert self._keys is not None and self._suite is not None
-        prf_id = self._suite.prf
+        prf_id = self._suite.prf_alg
         peer = Identity(idi.id_type, idi.data)
         if self._remote_id is not None and not self._remote_id.matches(peer):
             return f"initiator identity {peer} is not the configured {self._remote_id}"
@@ -568,7 +568,7 @@ class Ikev2Responder:
 
     def _on_auth(self, raw: bytes, now: float) -> list[bytes]:
         assert self._keys is not None and self._in is not None and self._suite is not None
-        prf_id = self._suite.prf
+        prf_id = self._suite.prf_alg
         # SkError / IkeDecodeError -> dropped (§2.21.2); SKF fragments only if negotiated.
         # Malformed inner payloads behind a good ICV are answered (§2.5, §2.21.2, §3.10.1).
         try:
