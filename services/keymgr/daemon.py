@@ -2049,6 +2049,7 @@ def child_sa_configs(
         integ_key=integ_in,
         esn=child.esn,
         encap=encap_cfg,
+        allow_legacy=c.allow_legacy,  # the worker refuses HMAC-SHA1-96 / 3DES without it
         reqid=reqid,
         selectors=(sel_in,),
         lifetime=Lifetime(

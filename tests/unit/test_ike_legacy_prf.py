@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import json
 import pathlib
+from dataclasses import replace
 
 import pytest
 from cryptography.hazmat.primitives import hashes, hmac
 
+from services.core.engine import Dataplane
 from services.core.iana import Encr, Integ
 from services.core.ike.authn import KEY_PAD, PskAuth, signed_octets
 from services.core.ike.exchange import State, ike_keys
 from services.core.ike.prf import Prf
 from services.core.ike.responder import ResponderState
 from services.core.ike.suites import SuiteError, choose_ike, ike_proposals, parse_ike
-from services.keymgr.config import ConfigError, config_from_json
+from services.keymgr.config import ConfigError, Connection, config_from_json
+from services.keymgr.daemon import child_sa_configs
 from tests.unit.test_ike_keys import KDF_CASES
 from tests.unit.test_ike_suites import V4, _configs, _shuttle
 
@@ -110,3 +113,30 @@ def test_keymgr_config_refuses_sha1_without_allow_legacy(tmp_path: pathlib.Path)
 
 def _doc(conn: dict[str, object]) -> str:
     return json.dumps({"connections": [conn]})
+
+
+def test_keymgr_installs_legacy_esp_with_allow_legacy(tmp_path: pathlib.Path) -> None:
+    """A legacy ESP suite reaches the worker marked allow_legacy (the worker refuses
+    HMAC-SHA1-96 otherwise) and the engine builds both SAs."""
+    ini, resp = _configs(V4, [SUITE], [SUITE], ["aes128-sha1"], ["aes128-sha1"], legacy=True)
+    _shuttle(ini, resp, V4)
+    assert ini.result is not None
+    c = Connection(
+        "c",
+        V4[0],
+        V4[1],
+        tmp_path / "psk",
+        f"{V4[2]}/32",
+        f"{V4[3]}/32",
+        ike_proposals=(SUITE,),
+        esp_proposals=("aes128-sha1",),
+        allow_legacy=True,
+    )
+    inbound, outbound, _spd = child_sa_configs(c, ini.result, 1, initiator=True)
+    assert inbound.allow_legacy and outbound.allow_legacy
+    assert outbound.integ_id == Integ.HMAC_SHA1_96
+    dp = Dataplane()
+    dp.install_sa(inbound, 0.0)
+    dp.install_sa(outbound, 0.0)
+    with pytest.raises(ValueError, match="legacy"):
+        Dataplane().install_sa(replace(outbound, allow_legacy=False), 0.0)
