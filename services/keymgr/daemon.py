@@ -184,6 +184,7 @@ class _Apply:
     error: BaseException | None = None
     done: bool = False
     leases_freed: tuple[LeaseKey, ...] = ()  # outbound SAs deleted: their marks go once done
+    leases_granted: tuple[LeaseKey, ...] = ()  # outbound SAs installed: marks go if refused
 
 
 @dataclass
@@ -1548,6 +1549,11 @@ class Keymgr:
             op.leases_freed = tuple(
                 _lease_key(sa) for sa in delete if sa.direction is Direction.OUTBOUND
             )
+            op.leases_granted = tuple(
+                _lease_key(sa)
+                for sa in install
+                if sa.direction is Direction.OUTBOUND and sa.seq_lease_end
+            )
         batch: tuple[list[SpdEntry], int] | None = None
         if entries is not None:
             self._spd_revision += 1
@@ -1598,9 +1604,10 @@ class Keymgr:
         st[2] = max(st[2], took)
         if op.error is not None and op.spd_before is not None:
             self._spd = op.spd_before  # nothing of the batch was applied
-        if op.error is None and op.leases_freed and self.leases is not None:
-            try:
-                self.leases.remove(*op.leases_freed)
+        gone = op.leases_freed if op.error is None else op.leases_granted
+        if gone and self.leases is not None:
+            try:  # deleted SAs, or SAs the worker refused to install
+                self.leases.remove(*gone)
             except LeaseStoreError as e:  # a stale mark only wastes a line of the file
                 log.warning("sequence lease marks not removed", extra={"reason": str(e)})
         op.then(op.error)

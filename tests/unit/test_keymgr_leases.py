@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import secrets
+from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
 
@@ -26,7 +27,7 @@ from services.core.ike.exchange import Ikev2Initiator, State
 from services.core.ike.message import decode_header
 from services.core.ike.suites import parse_esp
 from services.core.sa import MAX_SEQ_32, MAX_SEQ_64, Direction
-from services.dataplane.client import WorkerEvent
+from services.dataplane.client import ApplyFuture, WorkerEvent
 from services.keymgr.config import Connection
 from services.keymgr.daemon import Keymgr
 from services.keymgr.leases import (
@@ -300,3 +301,28 @@ def test_without_store_no_lease(tmp_path: pathlib.Path) -> None:
     ini = _initiator(psk)
     _talk(km, km._stream, ini, 0.0, ini.start(0.0))  # type: ignore[arg-type]
     assert [sa.seq_lease_end for sa in client.sas] == [0, 0]
+
+
+def test_refused_install_leaves_no_mark(tmp_path: pathlib.Path) -> None:
+    psk = secrets.token_bytes(32)
+    f = tmp_path / "psk"
+    f.write_bytes(b"0x" + psk.hex().encode())
+    conn = Connection("c", A, B, f, NET_A, NET_B, remote_id=B, start_action="respond")
+    state = tmp_path / "state"
+
+    class Refusing(LeaseClient):
+        def apply_sas_async(self, install: Any = (), delete: Any = (), spd: Any = None) -> Any:
+            self.disk_at_install.append(_on_disk(self.state))
+            fut: Future[Any] = Future()
+            fut.set_exception(RuntimeError("refused"))
+            return ApplyFuture(fut)
+
+    client = Refusing(state)
+    store = LeaseStore.open(state)
+    km = Keymgr(client, (conn,), leases=store, seq_lease_block=256)  # type: ignore[arg-type]
+    stream = FakeStream()
+    km._stream = stream  # type: ignore[assignment]
+    ini = _initiator(psk)
+    _talk(km, stream, ini, 0.0, ini.start(0.0))
+    assert [len(d) for d in client.disk_at_install][:1] == [1]  # durable before the call
+    assert len(store) == 0 and _on_disk(state) == {}
