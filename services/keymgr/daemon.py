@@ -68,6 +68,12 @@ starts), so rotated secrets and certificates are used;
 an authentication failure is logged with the core's reason (untrusted CA, revoked, identity
 not in the certificate, wrong PSK, ...).
 
+Sequence-number leases (with a :class:`~services.keymgr.leases.LeaseStore`): every outbound SA
+is installed with the lease [1, ``seq_lease_block``] and extended by one block on the worker's
+LeaseLow, each new high-water mark made durable before the worker gets it; at the end of the
+sequence space, or when the store fails, the Child SA is rekeyed instead. When NAT detection
+found us behind a NAT, outbound ESP-in-UDP SAs carry the connection's NAT keepalive interval.
+
 Scope: one IKE SA per connection. Keys are never logged: only SPIs appear in logs.
 """
 
