@@ -117,7 +117,8 @@ class Dataplane:
         self.drops: Counter[DropReason] = Counter()
         self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
         self.bypass_packets = 0
-        self.keepalives = 0
+        self.keepalives = 0  # NAT keepalives received
+        self.keepalives_sent = 0  # NAT keepalives built by nat_keepalives()
         self._acquire_at: dict[int, float] = {}
         self._chains: dict[int, tuple[AnySa, ...]] = {}  # policy_id -> SA bundle
 
@@ -283,6 +284,7 @@ class Dataplane:
                     enc = sa.cfg.encap
                     assert enc is not None
                     out.append(Outbound(pkt, len(pkt) - 1, enc.dport))
+                    self.keepalives_sent += 1
         return out
 
     def status(self, sa: AnySa, now: float) -> SaStatus:

@@ -104,6 +104,7 @@ class WorkerStats:
     interfaces: tuple[str, ...] = ()
     local_addresses: tuple[str, ...] = ()
     internal_errors: int = 0
+    keepalives_sent: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -673,6 +674,7 @@ def stats_to_pb(s: WorkerStats) -> pb.GetStatsResponse:
         interfaces=list(s.interfaces),
         local_addresses=list(s.local_addresses),
         internal_errors=_u(s.internal_errors),
+        keepalives_sent=_u(s.keepalives_sent),
     )
 
 
@@ -691,6 +693,7 @@ def stats_from_pb(m: pb.GetStatsResponse) -> WorkerStats:
         interfaces=tuple(m.interfaces),
         local_addresses=tuple(m.local_addresses),
         internal_errors=m.internal_errors,
+        keepalives_sent=m.keepalives_sent,
     )
 
 

@@ -40,6 +40,7 @@ class WorkerCollector(Collector):
                 "tx_bytes": eng.tx_bytes,
                 "bypass_packets": eng.bypass_packets,
                 "keepalives": eng.keepalives,
+                "keepalives_sent": eng.keepalives_sent,
             }
             drops = {r.value: n for r, n in eng.drops.items()}
             revision = eng.spd.revision

@@ -279,6 +279,7 @@ class EngineHost:
                 interfaces=self.interfaces,
                 local_addresses=self.local_addresses,
                 internal_errors=self.io.internal_errors,
+                keepalives_sent=eng.keepalives_sent,
             )
         return s
 

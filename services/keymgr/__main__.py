@@ -20,6 +20,7 @@ from services.keymgr.api import ApiServer
 from services.keymgr.config import ConfigError, load_config
 from services.keymgr.daemon import Keymgr
 from services.keymgr.events import KeyExporter
+from services.keymgr.leases import DEFAULT_BLOCK, LeaseStore, LeaseStoreError
 from services.runtime.logging import configure_logging
 from services.runtime.tls import TlsConfigError
 
@@ -33,6 +34,13 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
     return value
 
 
@@ -121,6 +129,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "in Wireshark's ikev2_decryption_table / esp_sa formats; off by default",
     )
     p.add_argument(
+        "--state-dir",
+        type=pathlib.Path,
+        default=env("KEYMGR_STATE_DIR") or None,
+        metavar="DIR",
+        help="directory for durable state: the high-water marks of outbound sequence-number "
+        "leases; without it outbound SAs get the whole sequence space (no leases)",
+    )
+    p.add_argument(
+        "--seq-lease-block",
+        type=_positive_int,
+        default=env("KEYMGR_SEQ_LEASE_BLOCK", str(DEFAULT_BLOCK)),
+        help="sequence numbers per lease of an outbound SA (first lease and each extension)",
+    )
+    p.add_argument(
         "--log-level",
         default=env("KEYMGR_LOG_LEVEL", "info"),
         choices=("debug", "info", "warning", "error"),
@@ -148,12 +170,24 @@ def main(argv: list[str] | None = None) -> int:
             log.error("cannot open the key export file", extra={"reason": e.strerror})
             client.close()
             return 2
+    leases = None
+    if args.state_dir is not None:
+        try:
+            leases = LeaseStore.open(args.state_dir)
+        except (LeaseStoreError, OSError) as e:
+            log.error("cannot open the state directory", extra={"reason": str(e)})
+            client.close()
+            return 2
+    else:
+        log.warning("no --state-dir: outbound SAs get no sequence-number leases")
     km = Keymgr(
         client,
         cfg.connections,
         cookie_threshold=args.cookie_threshold,
         cookie_period=args.cookie_period,
         key_export=exporter,
+        leases=leases,
+        seq_lease_block=args.seq_lease_block,
     )
     api = None
     if args.api_listen:

@@ -49,6 +49,10 @@ up to 10 % earlier at random), ``dpd_delay`` (liveness check after that much sil
 peer, default off), ``dpd_action`` (``clear``, ``restart``, ``hold`` or ``trap``: what happens
 when the peer is found dead, default ``clear``), ``retransmit_timeout`` / ``retransmit_tries``
 (first retransmission after 1 s, doubled each time, 5 sends before the peer is dead).
+
+``keepalive`` (seconds, default 20 as in strongSwan, 0 = off, at most 3600): when NAT detection
+finds US behind a NAT, the outbound ESP-in-UDP SAs are installed with this NAT keepalive
+interval (RFC 3948 §2.3, §4); the worker sends a keepalive after that much silence on the SA.
 """
 
 from __future__ import annotations
@@ -146,6 +150,10 @@ def _proposals(value: object, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+DEFAULT_KEEPALIVE = 20.0  # RFC 3948 §4 suggests 20 s (strongSwan's default too)
+MAX_KEEPALIVE = 3600.0  # what the worker accepts
+
+
 def _seconds(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{what}: expected a number of seconds")
@@ -189,6 +197,7 @@ class Connection:
     ca_files: tuple[pathlib.Path, ...] = ()
     crl_files: tuple[pathlib.Path, ...] = ()
     fragment_size: int = DEFAULT_FRAGMENT_SIZE
+    keepalive: float = DEFAULT_KEEPALIVE  # NAT keepalives when we are behind a NAT; 0 = off
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -310,6 +319,9 @@ class Connection:
             raise ConfigError(f"{w} life_time must exceed rekey_time")
         if self.child_rand_time > self.rekey_time:
             raise ConfigError(f"{w} rand_time must not exceed rekey_time")
+        _seconds(self.keepalive, f"{w} keepalive")
+        if self.keepalive > MAX_KEEPALIVE:
+            raise ConfigError(f"{w} keepalive must be at most {MAX_KEEPALIVE:g} seconds")
         if not isinstance(self.dpd_action, str) or self.dpd_action not in DPD_ACTIONS:
             raise ConfigError(f"{w} dpd_action must be one of {DPD_ACTIONS}")
 
@@ -406,6 +418,7 @@ _LIFETIME_FIELDS = {
     "dpd_action",
     "retransmit_timeout",
     "retransmit_tries",
+    "keepalive",
 }
 
 

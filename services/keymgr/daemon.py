@@ -68,6 +68,12 @@ starts), so rotated secrets and certificates are used;
 an authentication failure is logged with the core's reason (untrusted CA, revoked, identity
 not in the certificate, wrong PSK, ...).
 
+Sequence-number leases (with a :class:`~services.keymgr.leases.LeaseStore`): every outbound SA
+is installed with the lease [1, ``seq_lease_block``] and extended by one block on the worker's
+LeaseLow, each new high-water mark made durable before the worker gets it; at the end of the
+sequence space, or when the store fails, the Child SA is rekeyed instead. When NAT detection
+found us behind a NAT, outbound ESP-in-UDP SAs carry the connection's NAT keepalive interval.
+
 Scope: one IKE SA per connection. Keys are never logged: only SPIs appear in logs.
 """
 
@@ -89,7 +95,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from services.core.events import Acquire, HardExpire, SoftExpire
+from services.core.events import Acquire, ExpiryKind, HardExpire, LeaseLow, SoftExpire
 from services.core.iana import Integ, IpProto
 from services.core.ike.authn import LocalAuth, PeerAuth
 from services.core.ike.constants import ExchangeType
@@ -125,6 +131,14 @@ from services.keymgr import events as ev
 from services.keymgr.config import Connection
 from services.keymgr.credentials import authentication
 from services.keymgr.events import ChildSaView, EventBus, IkeSaView, KeyExporter, KeymgrEvent
+from services.keymgr.leases import (
+    DEFAULT_BLOCK,
+    LeaseKey,
+    LeaseStore,
+    LeaseStoreError,
+    first_lease,
+    next_lease,
+)
 
 log = logging.getLogger("keymgr")
 
@@ -176,6 +190,8 @@ class _Apply:
     started: float
     error: BaseException | None = None
     done: bool = False
+    leases_freed: tuple[LeaseKey, ...] = ()  # outbound SAs deleted: their marks go once done
+    leases_granted: tuple[LeaseKey, ...] = ()  # outbound SAs installed: marks go if refused
 
 
 @dataclass
@@ -259,8 +275,15 @@ class Keymgr:
         events: EventBus | None = None,
         key_export: KeyExporter | None = None,
         jitter: Callable[[float], float] | None = None,
+        leases: LeaseStore | None = None,
+        seq_lease_block: int = DEFAULT_BLOCK,
     ) -> None:
         self.client = client
+        # sequence-number leases of outbound SAs (None: whole sequence space, no durable marks)
+        self.leases = leases
+        self.seq_lease_block = seq_lease_block
+        first_lease(seq_lease_block, False)  # ValueError for a block below 1
+        self.lease_extensions = 0  # leases extended on the worker's LeaseLow
         self.clock = clock
         # RFC 7296 §2.6 COOKIEs for the responder role (its secret is never logged)
         self.cookies = CookieGuard(now=clock(), threshold=cookie_threshold, period=cookie_period)
@@ -366,6 +389,12 @@ class Keymgr:
         reader.start()
         log.info("punt stream connected", extra={"target": self.client.target})
         self._watch_events()
+        if self.leases is not None and len(self.leases):
+            # SAs of an earlier run: never resumed with a guessed counter; new SAs are
+            # negotiated instead, and the old marks stay in the store
+            log.warning(
+                "sequence leases of an earlier run not resumed", extra={"sas": len(self.leases)}
+            )
         try:
             now = self.clock()
             for s in self.sessions:
@@ -833,6 +862,7 @@ class Keymgr:
                 cur_in.reqid,
                 initiator=initiator,
                 encap=cur_in.encap is not None,
+                seq_lease_block=self._lease_block,
             )
         except ValueError as e:
             _log_failure("rekeyed child install failed", ike, e)
@@ -1135,7 +1165,8 @@ class Keymgr:
 
     def _watch_events(self) -> None:
         """Subscribe to the worker's events: byte/packet soft and hard expiries of our Child
-        SAs and ACQUIREs for held connections. Without them keymgr still rekeys by time."""
+        SAs, LeaseLow of their outbound SAs and ACQUIREs for held connections. Without them
+        keymgr still rekeys by time (and an outbound SA stops at the end of its lease)."""
         try:
             events = self.client.events()
         except grpc.RpcError as e:
@@ -1147,6 +1178,8 @@ class Keymgr:
             try:
                 for item in events:
                     self._wev.put(item)
+                    # wake the main loop: a LeaseLow must be answered before the lease runs out
+                    self._rx.put(_Call(_nothing, Future()))
             except grpc.RpcError as e:
                 if not self._stop.is_set():
                     log.warning("worker event stream ended", extra={"code": str(e.code())})
@@ -1168,6 +1201,57 @@ class Keymgr:
                         self._initiate(s, now)
             elif isinstance(e, (SoftExpire, HardExpire)):
                 self._expired(e, now)
+            elif isinstance(e, LeaseLow):
+                self._lease_low(e, now)
+
+    @property
+    def _lease_block(self) -> int:
+        """The first lease of new outbound SAs (0: leases off, no store)."""
+        return self.seq_lease_block if self.leases is not None else 0
+
+    def _outbound_sa(self, key: LeaseKey) -> SaConfig | None:
+        """Our installed (or retiring) outbound SA named ``key``."""
+        for _c, (_in, out) in self._children.values():
+            if _lease_key(out) == key:
+                return out
+        for pairs in self._retiring.values():
+            for _in, out in pairs:
+                if _lease_key(out) == key:
+                    return out
+        return None
+
+    def _lease_low(self, e: LeaseLow, now: float) -> None:
+        """The worker used 3/4 of an outbound SA's sequence-number lease: record the next
+        mark durably, then extend the lease by one block (UpdateSA). At the end of the
+        sequence space, or when the mark cannot be made durable, rekey the Child SA instead."""
+        if self.leases is None:
+            return
+        key = LeaseKey(e.sa.spi, e.sa.dst, e.sa.protocol)
+        mark = self.leases.get(key)
+        sa = self._outbound_sa(key)
+        if mark is None or sa is None:
+            return  # not ours, or deleted meanwhile
+        extra = {"spi_out": f"{sa.spi:08x}", "next_seq": e.next_seq, "lease_end": mark}
+        new_end = next_lease(max(mark, e.lease_end), self.seq_lease_block, sa.esn)
+        if new_end is None:
+            log.info("sequence space nearly used up: rekeying", extra=extra)
+            self._expired(SoftExpire(e.sa, ExpiryKind.SEQUENCE), now)
+            return
+        try:
+            self.leases.record(key, new_end)
+        except LeaseStoreError as err:
+            log.error("sequence lease not extended: rekeying", extra={**extra, "reason": str(err)})
+            self._expired(SoftExpire(e.sa, ExpiryKind.SEQUENCE), now)
+            return
+        try:
+            self.client.update_sa(
+                sa.spi, sa.dst, sa.protocol, Direction.OUTBOUND, seq_lease_end=new_end
+            )
+        except grpc.RpcError as err:
+            _log_failure("sequence lease extension failed", {"spi_out": f"{sa.spi:08x}"}, err)
+            return
+        self.lease_extensions += 1
+        log.info("sequence lease extended", extra={**extra, "new_lease_end": new_end})
 
     def _expired(self, e: SoftExpire | HardExpire, now: float) -> None:
         """A worker lifetime (bytes, packets or time) of one of our Child SAs ran out: soft ->
@@ -1357,12 +1441,15 @@ class Keymgr:
                 "spi_i": r.spi_i.hex(),
                 "spi_r": r.spi_r.hex(),
                 "nat_t": encap,
+                "behind_nat": r.local_behind_nat,
                 "ike": r.suite.name,
             },
         )
         key = r.spi_i + r.spi_r
         try:
-            inbound, outbound, spd = child_sa_configs(c, r, reqid, initiator=initiator, encap=encap)
+            inbound, outbound, spd = child_sa_configs(
+                c, r, reqid, initiator=initiator, encap=encap, seq_lease_block=self._lease_block
+            )
         except ValueError as e:
             # our own reason (no key material), e.g. an AH Child SA across NAT
             _log_failure("child install failed", {"conn": c.name, "reason": str(e)}, e)
@@ -1461,6 +1548,24 @@ class Keymgr:
             op.done = True
             then(None)
             return
+        if self.leases is not None:
+            try:  # durable BEFORE the worker may use the lease
+                for sa in install:
+                    if sa.direction is Direction.OUTBOUND and sa.seq_lease_end:
+                        self.leases.record(_lease_key(sa), sa.seq_lease_end, new_sa=True)
+            except LeaseStoreError as e:
+                log.error("sequence lease not durable", extra={"reason": str(e)})
+                op.error = e
+                self._finish(op)
+                return
+            op.leases_freed = tuple(
+                _lease_key(sa) for sa in delete if sa.direction is Direction.OUTBOUND
+            )
+            op.leases_granted = tuple(
+                _lease_key(sa)
+                for sa in install
+                if sa.direction is Direction.OUTBOUND and sa.seq_lease_end
+            )
         batch: tuple[list[SpdEntry], int] | None = None
         if entries is not None:
             self._spd_revision += 1
@@ -1511,6 +1616,12 @@ class Keymgr:
         st[2] = max(st[2], took)
         if op.error is not None and op.spd_before is not None:
             self._spd = op.spd_before  # nothing of the batch was applied
+        gone = op.leases_freed if op.error is None else op.leases_granted
+        if gone and self.leases is not None:
+            try:  # deleted SAs, or SAs the worker refused to install
+                self.leases.remove(*gone)
+            except LeaseStoreError as e:  # a stale mark only wastes a line of the file
+                log.warning("sequence lease marks not removed", extra={"reason": str(e)})
         op.then(op.error)
 
     def _settle_op(self, op: _Apply) -> None:
@@ -1864,6 +1975,10 @@ class Keymgr:
         return out
 
 
+def _nothing(_now: float) -> None:
+    """A command that only wakes the main loop."""
+
+
 def _on_error(msg: str, extra: dict[str, str]) -> Callable[[BaseException | None], None]:
     """A continuation for _apply that only logs a failure."""
 
@@ -1881,6 +1996,10 @@ def _log_failure(msg: str, extra: dict[str, str], err: BaseException) -> None:
 
 
 @functools.lru_cache(maxsize=256)
+def _lease_key(sa: SaConfig) -> LeaseKey:
+    return LeaseKey(sa.spi, sa.dst, sa.protocol)
+
+
 def _packed(addr: str) -> bytes:
     """The packed form of a textual IP address (the same few addresses on every datagram)."""
     return ipaddress.ip_address(addr).packed
@@ -1907,6 +2026,7 @@ def child_sa_configs(
     *,
     initiator: bool = True,
     encap: bool | None = None,
+    seq_lease_block: int = 0,
 ) -> tuple[SaConfig, SaConfig, SpdEntry]:
     """The inbound and outbound ESP or AH SAs and the SPD entry for an established IKE SA.
 
@@ -1915,10 +2035,13 @@ def child_sa_configs(
     initiator inbound uses ``encr_r`` and outbound ``encr_i``; as responder the other way
     round (integrity keys likewise). Encryption keys carry the cipher's salt (RFC 4106 §8.1,
     RFC 7634 §2). The negotiated algorithms, ESN and mode (tunnel / transport) come from the
-    Child SA result. ``encap`` (default: the result's ``nat_t``) selects ESP-in-UDP 4500/4500.
-    An AH Child SA (RFC 4302; integrity keys only) is never UDP-encapsulated (RFC 3948 covers
-    ESP only) and is refused (ValueError) when NAT was detected: AH authenticates the
-    addresses a NAT rewrites.
+    Child SA result. ``encap`` (default: the result's ``nat_t``) selects ESP-in-UDP 4500/4500;
+    when NAT detection found us behind a NAT the outbound SA sends NAT keepalives every
+    ``c.keepalive`` seconds of silence. An AH Child SA (RFC 4302; integrity keys only) is never
+    UDP-encapsulated (RFC 3948 covers ESP only) and is refused (ValueError) when NAT was
+    detected: AH authenticates the addresses a NAT rewrites.
+    ``seq_lease_block`` > 0: the outbound SA may send sequence numbers [1, block] only (a
+    lease, extended on the worker's LeaseLow); 0: the whole sequence space.
     """
     child = r.child
     if child.ah and r.nat_detected:
@@ -1927,6 +2050,8 @@ def child_sa_configs(
     remote = ipaddress.ip_address(c.remote_addr).packed
     use_encap = (r.nat_t if encap is None else encap) and not child.ah
     encap_cfg = UdpEncap(NAT_T_PORT, NAT_T_PORT) if use_encap else None
+    # RFC 3948 §2.3: the peer behind the NAT keeps its mapping open, so only when we are
+    keepalive = c.keepalive if use_encap and r.local_behind_nat else 0.0
     k = child.keys
     (key_in, integ_in), (key_out, integ_out) = (
         ((k.encr_r, k.integ_r), (k.encr_i, k.integ_i))
@@ -1948,6 +2073,7 @@ def child_sa_configs(
         integ_key=integ_in,
         esn=child.esn,
         encap=encap_cfg,
+        allow_legacy=c.allow_legacy,  # the worker refuses HMAC-SHA1-96 / 3DES without it
         reqid=reqid,
         selectors=(sel_in,),
         lifetime=Lifetime(
@@ -1965,6 +2091,8 @@ def child_sa_configs(
         encr_key=key_out,
         integ_key=integ_out,
         selectors=(sel_out,),
+        encap=replace(encap_cfg, keepalive_interval=keepalive) if encap_cfg else None,
+        seq_lease_end=first_lease(seq_lease_block, child.esn) if seq_lease_block else 0,
     )
     return inbound, outbound, connection_spd(c, reqid)
 

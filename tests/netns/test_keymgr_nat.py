@@ -13,6 +13,9 @@ Topology (three namespaces per test, random names)::
   charon (identity 192.0.2.2) at 192.0.2.0, the NAT's address, which its connection names as
   the peer's address.
 
+keymgr's log names who is behind the NAT (``behind_nat`` true only in the first case): only
+then are NAT keepalives asked for; a third case captures them at charon's side.
+
 Each case asserts: IKE SA ESTABLISHED and Child SA INSTALLED on charon with the NAT's address
 as the peer's, ping through the tunnel and a 1 MiB TCP stream whose SHA-256 is equal at both
 ends, the masquerade rule's counter moved, and keymgr's log holds no PSK. Everything created
@@ -21,8 +24,12 @@ is removed also on failure.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
 import re
 import secrets
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,6 +37,7 @@ from collections.abc import Iterator
 import pytest
 
 from scripts import bench_strongswan as bsw
+from tests.netns import tshark as ts
 from tests.netns.nstools import tcp_sha256
 from tests.netns.test_keymgr_responder_strongswan import ResponderLab
 from tests.netns.test_keymgr_strongswan import KeymgrLab, open_lab
@@ -198,6 +206,7 @@ def test_keymgr_behind_nat_initiates_to_strongswan(natlab: KeymgrLab) -> None:
     assert pair.masquerade_packets() > 0
     log_text = (natlab.workdir / "keymgr.log").read_text(errors="replace")
     assert '"nat_t": true' in log_text.replace('"nat_t":true', '"nat_t": true'), log_text
+    assert re.search(r'"behind_nat": ?true', log_text), log_text  # NAT-D: we are behind it
     assert natlab.psk not in log_text.lower()
 
 
@@ -220,4 +229,53 @@ def test_strongswan_behind_nat_initiates_to_keymgr(rnatlab: KeymgrLab) -> None:
     _traffic(lab, pair.ns_b, bsw.INNER_B, pair.ns_a, bsw.INNER_A)
     assert pair.masquerade_packets() > 0
     log_text = (lab.workdir / "keymgr.log").read_text(errors="replace")
+    assert re.search(r'"behind_nat": ?false', log_text), log_text  # only the peer is: no keepalives
     assert lab.psk not in log_text.lower()
+
+
+def test_keymgr_behind_nat_sends_nat_keepalives(natlab: KeymgrLab) -> None:
+    """keymgr finds itself behind the NAT (NAT-D), so its outbound SA carries ``keepalive: 1``:
+    while the tunnel is idle, the worker's NAT keepalives (RFC 3948 §2.3, one 0xFF octet on
+    UDP 4500) reach charon's side from the NAT's address about once a second, as many as the
+    worker counts in ``keepalives_sent``."""
+    if not ts.available():
+        pytest.skip("tshark is needed")
+    pair = natlab.bench
+    assert isinstance(pair, NatPair)
+    natlab.start_responder()
+    natlab.start_worker()
+    keymgr = natlab.start_keymgr({"keepalive": 1})
+    _wait_installed(natlab, keymgr)
+    log_text = (natlab.workdir / "keymgr.log").read_text(errors="replace")
+    assert re.search(r'"behind_nat": ?true', log_text), log_text
+    pcap = natlab.workdir / "keepalive-b.pcap"
+    argv = ["ip", "netns", "exec", pair.ns_b, "tcpdump", "-i", "veth0", "-U", "-n"]
+    argv += ["--immediate-mode", "-w", str(pcap), "udp port 4500"]
+    err = natlab.workdir / "tcpdump-b.log"
+    with err.open("wb") as out:
+        cap = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=out, start_new_session=True)
+    pair.procs.append(cap)  # killed by cleanup on failure
+    deadline = time.monotonic() + 10
+    while "listening on" not in err.read_text(errors="replace"):
+        assert cap.poll() is None and time.monotonic() < deadline, err.read_text()
+        time.sleep(0.1)
+    assert natlab.client is not None
+    sent_before = natlab.client.stats().keepalives_sent
+    time.sleep(6.5)  # idle tunnel
+    sent = natlab.client.stats().keepalives_sent - sent_before
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(cap.pid, signal.SIGINT)
+    cap.wait(timeout=10)
+    rows = ts.run_fields(
+        pcap,
+        ["frame.time_relative", "ip.src", "udp.srcport", "udp.length"],
+        display_filter="udpencap.nat_keepalive",
+    )
+    times = [float(r["frame.time_relative"][0]) for r in rows]
+    print(f"NAT keepalives at charon's side: {len(rows)}, at {[round(t, 2) for t in times]}")
+    print(f"our worker counted {sent} NAT keepalives sent meanwhile")
+    assert abs(sent - len(rows)) <= 1, (sent, len(rows))  # the ones captured are the worker's
+    assert all(r["ip.src"] == [R_B] and r["udp.length"] == ["9"] for r in rows), rows
+    assert len(rows) >= 4, rows
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(0.7 <= g <= 2.3 for g in gaps), gaps

@@ -200,9 +200,12 @@ class KeymgrLab:
             time.sleep(0.05)
 
     def _keymgr_argv(self, argv: list[str]) -> list[str]:
-        """Start the capture before the first keymgr and add ``--export-keys``."""
+        """Start the capture before the first keymgr and add ``--export-keys`` (and a
+        ``--state-dir`` in the lab's directory, so sequence-number leases are on)."""
         if self._ike_capture is None:
             self._start_ike_capture()
+        if "--state-dir" not in argv:
+            argv = [*argv, "--state-dir", str(self.workdir / "keymgr-state")]
         if "--export-keys" in argv:
             self._keys_file = pathlib.Path(argv[argv.index("--export-keys") + 1])
             return argv

@@ -46,6 +46,7 @@ def test_keepalive_only_after_an_idle_interval_and_scapy_parses_it(
     assert dp.nat_keepalives(110.0) == []  # 10 s after install: not yet
     (ka,) = dp.nat_keepalives(120.0)
     assert dp.nat_keepalives(125.0) == []  # the keepalive restarted the interval
+    assert dp.keepalives_sent == 1 and dp.keepalives == 0  # sent, not received
     pkt = (IP if len(addrs[0]) == 4 else IPv6)(ka.packet)
     udp = pkt[UDP]
     assert (udp.sport, udp.dport) == (4500, 4501) and bytes(udp.payload) == b"\xff"

@@ -30,7 +30,7 @@ from cryptography.x509.oid import NameOID
 
 from services.core.ike.constants import AuthMethod, IdType, NotifyType
 from services.core.ike.message import Auth, Cert, CertReq, Notify, Payload
-from services.core.ike.prf import prf
+from services.core.ike.prf import PrfLike, prf
 
 __all__ = [
     "KEY_PAD",
@@ -286,7 +286,7 @@ class Identity:
 
 
 def signed_octets(
-    prf_alg: int, real_message: bytes, nonce: bytes, sk_p: bytes, id_body: bytes
+    prf_alg: PrfLike, real_message: bytes, nonce: bytes, sk_p: bytes, id_body: bytes
 ) -> bytes:
     """RFC 7296 §2.15: RealMessage | peer's Nonce | prf(SK_p, ID'), the octets AUTH covers."""
     return real_message + nonce + prf(prf_alg, sk_p, id_body)
@@ -312,7 +312,7 @@ def peer_hash_algorithms(payloads: tuple[Payload, ...]) -> frozenset[int]:
 class LocalAuth(Protocol):
     """How we prove our identity in IKE_AUTH."""
 
-    def auth_payload(self, octets: bytes, prf_alg: int, peer_hashes: frozenset[int]) -> Auth:
+    def auth_payload(self, octets: bytes, prf_alg: PrfLike, peer_hashes: frozenset[int]) -> Auth:
         """Our AUTH over ``octets``; ``peer_hashes`` are the peer's RFC 7427 hash algorithms."""
         ...
 
@@ -328,7 +328,7 @@ class PeerAuth(Protocol):
         self,
         auth: Auth,
         octets: bytes,
-        prf_alg: int,
+        prf_alg: PrfLike,
         peer_id: Identity,
         certs: tuple[Cert, ...],
         now: float,
@@ -356,10 +356,10 @@ class PskAuth:
         if not self.psk:
             raise ValueError("empty pre-shared key")
 
-    def mac(self, octets: bytes, prf_alg: int) -> bytes:
+    def mac(self, octets: bytes, prf_alg: PrfLike) -> bytes:
         return prf(prf_alg, prf(prf_alg, self.psk, KEY_PAD), octets)
 
-    def auth_payload(self, octets: bytes, prf_alg: int, peer_hashes: frozenset[int]) -> Auth:
+    def auth_payload(self, octets: bytes, prf_alg: PrfLike, peer_hashes: frozenset[int]) -> Auth:
         return Auth(AuthMethod.SHARED_KEY_MIC, self.mac(octets, prf_alg))
 
     def cert_payloads(self) -> tuple[Cert, ...]:
@@ -369,7 +369,7 @@ class PskAuth:
         self,
         auth: Auth,
         octets: bytes,
-        prf_alg: int,
+        prf_alg: PrfLike,
         peer_id: Identity,
         certs: tuple[Cert, ...],
         now: float,

@@ -57,6 +57,7 @@ from services.core.ike.authn import (
 )
 from services.core.ike.constants import AuthMethod, CertEncoding, IdType
 from services.core.ike.message import Auth, Cert, CertReq
+from services.core.ike.prf import PrfLike
 
 __all__ = [
     "ALGORITHM_IDENTIFIERS",
@@ -306,7 +307,7 @@ class CertLocalAuth:
             order.insert(0, preferred)
         return next((h for h in order if h in peer_hashes), None)
 
-    def auth_payload(self, octets: bytes, prf_alg: int, peer_hashes: frozenset[int]) -> Auth:
+    def auth_payload(self, octets: bytes, prf_alg: PrfLike, peer_hashes: frozenset[int]) -> Auth:
         key = self.private_key
         kind = _kind(key)
         h = self._pick_hash(peer_hashes) if peer_hashes else None
@@ -411,7 +412,7 @@ class CertPeerAuth:
         self,
         auth: Auth,
         octets: bytes,
-        prf_alg: int,
+        prf_alg: PrfLike,
         peer_id: Identity,
         certs: tuple[Cert, ...],
         now: float,

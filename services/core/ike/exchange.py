@@ -55,7 +55,7 @@ import hashlib
 import ipaddress
 import secrets
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -98,6 +98,7 @@ from services.core.ike.message import (
     decode_message,
     encode_message,
 )
+from services.core.ike.prf import PrfLike
 from services.core.ike.sk import (
     FragmentReassembler,
     SkCipher,
@@ -202,23 +203,22 @@ AH_NAT_REASON = (
 )
 
 
-def nat_detected(
+def nat_detection(
     payloads: tuple[Payload, ...],
     spi_i: bytes,
     spi_r: bytes,
     source: tuple[bytes, int],
     destination: tuple[bytes, int],
-) -> bool:
-    """RFC 7296 §2.23: the peer's NAT_DETECTION_SOURCE_IP / _DESTINATION_IP notifies do not
-    hash to ``source`` (the peer's address and port as we see them) / ``destination`` (ours).
-    False when the peer sent no NAT-D notifies (it does not do NAT detection)."""
-    src = [p.data for p in payloads if isinstance(p, Notify) and p.notify_type == _NATD_SRC]
-    dst = [p.data for p in payloads if isinstance(p, Notify) and p.notify_type == _NATD_DST]
-    if not src or not dst:
-        return False
-    want_src = nat_detection_hash(spi_i, spi_r, *source)
-    want_dst = nat_detection_hash(spi_i, spi_r, *destination)
-    return want_src not in src or want_dst not in dst
+) -> tuple[bool, bool]:
+    """RFC 7296 §2.23: (any NAT between us, WE are behind it) from the peer's NAT-D notifies.
+
+    ``source`` is the peer's address and port as we see them, ``destination`` ours. A NAT is
+    detected when the peer's NAT_DETECTION_SOURCE_IP or _DESTINATION_IP hashes differ from
+    them; we are behind it (and send NAT keepalives, RFC 3948 §2.3) when the DESTINATION hash
+    differs. (False, False) when the peer sent no NAT-D notifies."""
+    ours = nat_changed(payloads, _NATD_DST, spi_i, spi_r, *destination)
+    theirs = nat_changed(payloads, _NATD_SRC, spi_i, spi_r, *source)
+    return ours or theirs, ours
 
 
 ANY_ID = "%any"  # configured remote identity: accept whatever the authenticated peer claims
@@ -352,11 +352,28 @@ class IkeSaResult:
     nat_t: bool  # IKE moved to UDP 4500
     suite: IkeSuite = DEFAULT_IKE  # the negotiated IKE suite
     nat_detected: bool = False  # the NAT-D hashes did not match (RFC 7296 §2.23)
+    # NAT-D (RFC 7296 §2.23): the peer saw our address or port changed, i.e. WE are behind a
+    # NAT (and should send NAT keepalives, RFC 3948 §2.3); False when only the peer is
+    local_behind_nat: bool = False
 
 
 def nat_detection_hash(spi_i: bytes, spi_r: bytes, addr: bytes, port: int) -> bytes:
     """RFC 7296 §2.23: SHA-1(SPIi | SPIr | IP address | port); SPIr is zero in the request."""
     return hashlib.sha1(spi_i + spi_r + addr + struct.pack("!H", port)).digest()  # noqa: S324
+
+
+def nat_changed(
+    payloads: Iterable[Payload],
+    notify_type: int,
+    spi_i: bytes,
+    spi_r: bytes,
+    addr: bytes,
+    port: int,
+) -> bool:
+    """RFC 7296 §2.23: the NAT-D notifies of ``notify_type`` are there and none of them is the
+    hash of (``addr``, ``port``): a NAT rewrote that address or port on the way."""
+    hashes = [p.data for p in payloads if isinstance(p, Notify) and p.notify_type == notify_type]
+    return bool(hashes) and nat_detection_hash(spi_i, spi_r, addr, port) not in hashes
 
 
 def _nonzero(rand: Rand, n: int, minimum: int) -> bytes:
@@ -406,9 +423,9 @@ def ike_keys(
     suite: IkeSuite, ni: bytes, nr: bytes, g_ir: bytes, spi_i: bytes, spi_r: bytes
 ) -> IkeKeys:
     """SKEYSEED and the seven SK_* keys for ``suite`` (RFC 7296 §2.14)."""
-    seed = skeyseed(suite.prf, ni, nr, g_ir)
+    seed = skeyseed(suite.prf_alg, ni, nr, g_ir)
     return derive_ike_keys(
-        suite.prf,
+        suite.prf_alg,
         seed,
         ni,
         nr,
@@ -420,7 +437,7 @@ def ike_keys(
 
 
 def esp_child_keys(
-    suite: EspSuite, prf_id: int, sk_d: bytes, ni: bytes, nr: bytes, g_ir: bytes | None = None
+    suite: EspSuite, prf_id: PrfLike, sk_d: bytes, ni: bytes, nr: bytes, g_ir: bytes | None = None
 ) -> ChildKeys:
     """A Child SA's keys for ``suite`` (RFC 7296 §2.17): encryption (with salt), integrity."""
     return child_keys(
@@ -469,6 +486,7 @@ class Ikev2Initiator:
         self.result: IkeSaResult | None = None
         self.port_float = False
         self.nat_detected = False  # the responder's NAT-D hashes differ from our addresses
+        self.local_behind_nat = False  # NAT-D: a NAT rewrote our address or port (§2.23)
         self._spi_i = _nonzero(rand, 8, 1)
         self._spi_r = bytes(8)
         self._ni = rand(NONCE_LEN)
@@ -759,7 +777,7 @@ class Ikev2Initiator:
             for p in msg.payloads
         )
         cfg = self.config
-        self.nat_detected = nat_detected(
+        self.nat_detected, self.local_behind_nat = nat_detection(
             msg.payloads,
             self._spi_i,
             self._spi_r,
@@ -771,7 +789,7 @@ class Ikev2Initiator:
     def _send_auth(self, now: float) -> list[bytes]:
         assert self._keys is not None and self._out is not None and self._suite is not None
         cfg = self.config
-        prf_id = self._suite.prf
+        prf_id = self._suite.prf_alg
         assert self._local_id is not None  # identity_of with an address never gives None
         idi = IDi(self._local_id.id_type, self._local_id.data)
         octets = signed_octets(prf_id, self._msg1, self._nr, self._keys.sk_pi, idi.encode_body())
@@ -825,7 +843,7 @@ class Ikev2Initiator:
 
     def _on_auth(self, raw: bytes, now: float) -> list[bytes]:
         assert self._keys is not None and self._in is not None and self._suite is not None
-        prf_id = self._suite.prf
+        prf_id = self._suite.prf_alg
         try:
             # an SK message, or RFC 7383 fragments (SKF) reassembled once all are in
             if self._fragment:
@@ -903,6 +921,7 @@ class Ikev2Initiator:
             self.port_float,
             self._suite,
             nat_detected=self.nat_detected,
+            local_behind_nat=self.local_behind_nat,
         )
         assert self._out is not None
         self._info = InfoSession(

@@ -96,6 +96,7 @@ from services.core.ike.message import (
     decode_header,
     error_notify,
 )
+from services.core.ike.prf import PrfLike
 from services.core.ike.sk import (
     FragmentReassembler,
     SkCipher,
@@ -183,7 +184,7 @@ class _IkeSa:
     cin: SkCipher = field(repr=False)
     cout: SkCipher = field(repr=False)
     sk_d: bytes = field(repr=False)
-    prf_id: int
+    prf_id: PrfLike
     our_mid: int
     peer_mid: int
     last_mid: int | None = None
@@ -260,7 +261,7 @@ class InfoSession:
         peer_ts: tuple[TrafficSelector, ...] = (),
         our_ts: tuple[TrafficSelector, ...] = (),
         rand: Callable[[int], bytes] = secrets.token_bytes,
-        prf_id: int = DEFAULT_IKE.prf,
+        prf_id: PrfLike = DEFAULT_IKE.prf,
         dpd_delay: float = 0.0,
         retransmit_timeout: float = RETRANSMIT_TIMEOUT,
         retransmit_tries: int = RETRANSMIT_TRIES,
@@ -274,7 +275,7 @@ class InfoSession:
         if not ike_suites or not esp_suites:
             raise ValueError("ike_suites and esp_suites must not be empty")
         if ike_suite is not None:
-            prf_id = ike_suite.prf
+            prf_id = ike_suite.prf_alg
         self._sa = _IkeSa(
             spi_i,
             spi_r,
@@ -937,7 +938,7 @@ class InfoSession:
 
         seed = rekey_skeyseed(self._sa.prf_id, self._sa.sk_d, g_ir, ni, nr)
         keys = derive_ike_keys(
-            suite.prf,
+            suite.prf_alg,
             seed,
             ni,
             nr,
@@ -954,7 +955,7 @@ class InfoSession:
             cin,
             cout,
             keys.sk_d,
-            suite.prf,
+            suite.prf_alg,
             0,
             0,
             nonces=(ni, nr),

@@ -45,6 +45,8 @@ PRF: dict[int, PrfAlgorithm] = {
     )
 }
 
+PrfLike = int | PrfAlgorithm  # a transform ID (legacy refused) or a resolved algorithm
+
 PRF_PLUS_MAX_BLOCKS = 255  # the counter octet of prf+ runs 0x01..0xff (RFC 7296 §2.13)
 
 

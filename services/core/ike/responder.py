@@ -96,7 +96,7 @@ from services.core.ike.exchange import (
     fragmentation_notify,
     identity_of,
     ike_keys,
-    nat_detected,
+    nat_detection,
     nat_detection_hash,
     peer_supports_fragmentation,
     sk_ciphers,
@@ -280,6 +280,7 @@ class Ikev2Responder:
         self.last_activity = now
         self.nat_t = False  # NAT-D exchanged: IKE_AUTH is expected on UDP 4500
         self.nat_detected = False  # the initiator's NAT-D hashes differ from what we see
+        self.local_behind_nat = False  # NAT-D: a NAT rewrote our address or port (§2.23)
         self.dropped = 0
         self.invalid_ke_sent = 0  # INVALID_KE_PAYLOAD answers (stateless, §1.3)
         self.error_answers = 0  # UNSUPPORTED_CRITICAL_PAYLOAD / INVALID_MAJOR_VERSION / ... sent
@@ -517,7 +518,7 @@ class Ikev2Responder:
                 )
             )
             self.nat_t = True
-            self.nat_detected = nat_detected(
+            self.nat_detected, self.local_behind_nat = nat_detection(
                 msg.payloads, msg.spi_i, _ZERO_SPI, (there[0], there[1]), (here[0], here[1])
             )
         resp = encode_message(
@@ -547,7 +548,7 @@ class Ikev2Responder:
     def _check_initiator(self, msg: Message, idi: IDi, auth: Auth, now: float) -> str | None:
         """Why the initiator is not authenticated (a reason for the log), or None."""
         assert self._keys is not None and self._suite is not None
-        prf_id = self._suite.prf
+        prf_id = self._suite.prf_alg
         peer = Identity(idi.id_type, idi.data)
         if self._remote_id is not None and not self._remote_id.matches(peer):
             return f"initiator identity {peer} is not the configured {self._remote_id}"
@@ -567,7 +568,7 @@ class Ikev2Responder:
 
     def _on_auth(self, raw: bytes, now: float) -> list[bytes]:
         assert self._keys is not None and self._in is not None and self._suite is not None
-        prf_id = self._suite.prf
+        prf_id = self._suite.prf_alg
         # SkError / IkeDecodeError -> dropped (§2.21.2); SKF fragments only if negotiated.
         # Malformed inner payloads behind a good ICV are answered (§2.5, §2.21.2, §3.10.1).
         try:
@@ -679,6 +680,7 @@ class Ikev2Responder:
             self.nat_t,
             self._suite,
             nat_detected=self.nat_detected,
+            local_behind_nat=self.local_behind_nat,
         )
         assert self._out is not None
         self._info = InfoSession(

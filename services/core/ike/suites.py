@@ -19,9 +19,10 @@ choosing and matching Child SA proposals is one implementation with the protocol
 parameter (:func:`esp_proposals`, :func:`choose_esp`, :func:`match_esp`).
 
 One string is one suite (one value per type). A non-AEAD IKE suite without a PRF token takes
-the PRF of its integrity algorithm (as strongSwan does). SHA-1 (``sha1``), MODP-1024
-(``modp1024``) and 3DES (``3des``) parse only with ``allow_legacy``; the PRF HMAC-SHA1 is
-refused even then (IKE authentication here takes SHA-2 PRFs only).
+the PRF of its integrity algorithm (as strongSwan does). SHA-1 (``sha1``: INTEG
+HMAC-SHA1-96, RFC 2404, and with it the PRF HMAC-SHA1, RFC 2104; or ``prfsha1``), MODP-1024
+(``modp1024``) and 3DES (``3des``) parse only with ``allow_legacy`` (RFC 8247 §2.2, §2.3:
+SHA-1 is MUST NOT / SHOULD NOT for new deployments).
 
 Proposals are built one per suite, numbered from 1 (§3.3.1). The responder takes the first of
 *its own* suites that the initiator offers (strongSwan's default), see :func:`choose_ike` and
@@ -40,7 +41,7 @@ from services.core.ike.constants import Esn, ProtocolId, TransformType
 from services.core.ike.dh import GROUPS, DhGroupId
 from services.core.ike.dh import group as dh_group
 from services.core.ike.message import Proposal, Transform, TransformAttribute
-from services.core.ike.prf import Prf, prf_algorithm
+from services.core.ike.prf import Prf, PrfAlgorithm, prf_algorithm
 
 __all__ = [
     "DEFAULT_ESP",
@@ -215,8 +216,14 @@ class IkeSuite:
         return _integ_key_len(self.integ, self.allow_legacy)
 
     @property
+    def prf_alg(self) -> PrfAlgorithm:
+        """The PRF, resolved as the suite allows (HMAC-SHA1 only with ``allow_legacy``): what
+        every computation with this IKE SA's PRF takes."""
+        return prf_algorithm(self.prf, allow_legacy=self.allow_legacy)
+
+    @property
     def prf_key_len(self) -> int:
-        return prf_algorithm(self.prf, allow_legacy=self.allow_legacy).key_len
+        return self.prf_alg.key_len
 
     def transforms(self) -> tuple[Transform, ...]:
         out = [_encr_transform(self.encr, self.key_bits)]
@@ -385,12 +392,6 @@ def parse_ike(text: str, *, allow_legacy: bool = False) -> IkeSuite:
                 f"IKE proposal {_show(text)}: a combined-mode cipher needs a PRF (e.g. prfsha256)"
             )
         prf = _PRF_OF_INTEG[Integ(integ)]
-    if prf == Prf.HMAC_SHA1:
-        # The AUTH computation (services.core.ike.authn) takes non-legacy PRFs only.
-        raise SuiteError(
-            f"IKE proposal {_show(text)}: PRF HMAC-SHA1 is not supported, even as legacy "
-            "(name a SHA-2 PRF, e.g. prfsha256)"
-        )
     if "DH" not in slots:
         raise SuiteError(f"IKE proposal {_show(text)}: no DH group (e.g. x25519, ecp256, modp3072)")
     suite = IkeSuite(encr, bits, integ, prf, slots["DH"], allow_legacy)
