@@ -63,6 +63,7 @@ class KeymgrEvent:
     old_spi_in: str = ""
     old_spi_out: str = ""
     reason: str = ""
+    child: str = ""  # the configured Child SA's name (child_up, child_down, rekeyed, ...)
 
 
 class EventBus:
@@ -157,6 +158,7 @@ class ChildSaView:
     remote_ts: tuple[str, ...]
     reqid: int
     install_time: float
+    name: str = ""  # the configured Child SA's name
 
 
 def algorithm_name(encr_id: int, key_bits: int) -> str:
