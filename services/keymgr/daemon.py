@@ -453,18 +453,19 @@ class Keymgr:
         c = s.conn
         try:
             mine, theirs = self._authentication(c)
+            first = c.child(c.child_names[0])  # the child that goes in IKE_AUTH
             cfg = InitiatorConfig(
                 local_addr=c.local_addr,
                 remote_addr=c.remote_addr,
                 local_auth=mine,
                 peer_auth=theirs,
-                ts_local=c.ts_range("local"),
-                ts_remote=c.ts_range("remote"),
+                ts_local=first.ts_range("local"),
+                ts_remote=first.ts_range("remote"),
                 local_id=c.local_id,
                 remote_id=c.remote_id,
                 ike_suites=c.ike_suites,
-                esp_suites=c.esp_suites,
-                mode=c.sa_mode,
+                esp_suites=first.esp_suites,
+                mode=first.sa_mode,
                 fragment_size=c.fragment_size,
             )
         except ValueError as e:
@@ -654,19 +655,22 @@ class Keymgr:
                 return
             try:
                 mine, theirs = self._authentication(c)
+                first = c.child(c.child_names[0])
                 cfg = ResponderConfig(
                     local_addr=c.local_addr,
                     local_auth=mine,
                     peer_auth=theirs,
-                    ts_local=c.ts_range("local"),
-                    ts_remote=c.ts_range("remote"),
+                    ts_local=first.ts_range("local"),
+                    ts_remote=first.ts_range("remote"),
                     local_id=c.local_id,
                     remote_id=c.remote_id or c.remote_addr,
                     remote_addr=c.remote_addr,
                     ike_suites=c.ike_suites,
-                    esp_suites=c.esp_suites,
-                    mode=c.sa_mode,
+                    esp_suites=first.esp_suites,
+                    mode=first.sa_mode,
                     fragment_size=c.fragment_size,
+                    # IKE_AUTH may ask for another configured child (RFC 7296 §2.9)
+                    children=tuple(child_policy(c, n) for n in c.child_names[1:]),
                 )
             except ValueError as e:
                 log.error("cannot answer IKE_SA_INIT", extra={"conn": c.name, "reason": str(e)})
@@ -734,9 +738,13 @@ class Keymgr:
                 reply(out)
                 if rs.responder.info is not None:
                     send = functools.partial(self._send_responder, rs)
-                    self._track(c, r, "responder", rs.responder.info, send, now, responder=rs)
+                    self._track(
+                        c, r, "responder", rs.responder.info, send, now, responder=rs, first=child
+                    )
 
-            self._install(c, r, rs.reqid, initiator=False, encap=encap, then=installed)
+            child = rs.responder.child_name or c.child_names[0]
+            reqid = self._child_ids.get((c.name, child), (rs.reqid, ""))[0]
+            self._install(c, r, reqid, initiator=False, encap=encap, then=installed, child=child)
         elif before is ResponderState.ESTABLISHED:
             r = rs.responder.result
             assert r is not None
@@ -1169,14 +1177,16 @@ class Keymgr:
         *,
         session: Session | None = None,
         responder: ResponderSession | None = None,
+        first: str = "",
     ) -> None:
-        """Start the lifetime and liveness clocks of a freshly established IKE SA."""
+        """Start the lifetime and liveness clocks of a freshly established IKE SA; ``first``
+        names the child IKE_AUTH created (default: the connection's first)."""
         info.dpd_delay = c.dpd_delay
         info.retransmit_timeout = c.retransmit_timeout
         info.retransmit_tries = c.retransmit_tries
         st = IkeSaState(c, r.spi_i + r.spi_r, role, r, info, send, session, responder)
         self._ikes[st.key] = st
-        first = c.child_names[0]
+        first = first or c.child_names[0]
         # RFC 7296 §1.3.1: the children the peer may create, and the names of ours
         info.configure_children(tuple(child_policy(c, n) for n in c.child_names), first=first)
         self._schedule_child(st, r.child.spi_in, now, first)
@@ -1592,9 +1602,11 @@ class Keymgr:
         initiator: bool,
         encap: bool,
         then: Callable[[bool], None],
+        child: str = "",
     ) -> None:
         """Install an established IKE SA's Child SA pair and, unless it is installed already
-        and unchanged, the connection's SPD entry, in one ApplySAs call (see _apply).
+        and unchanged, its child's SPD entry, in one ApplySAs call (see _apply). ``child``:
+        the configured child IKE_AUTH created (default: the connection's first).
 
         The one installation path for both roles; ``then(ok)`` runs when the worker answered,
         with False (logged) when it refused.
@@ -1612,7 +1624,7 @@ class Keymgr:
             },
         )
         key = r.spi_i + r.spi_r
-        name = c.child_names[0]  # the child negotiated in IKE_AUTH
+        name = child or c.child_names[0]  # the child negotiated in IKE_AUTH
         view = c.child(name)
         spd_key = self._child_ids.get((c.name, name), (reqid, c.name))[1]
         try:
@@ -1637,7 +1649,7 @@ class Keymgr:
                 self._spd_repair(c, spd_key, spd)
                 then(False)
                 return
-            self._installed(c, r, reqid, role, encap, (inbound, outbound))
+            self._installed(c, r, reqid, role, encap, (inbound, outbound), name)
             then(True)
 
         self._apply(key, done, install=(inbound, outbound), spd=(spd_key, spd))
@@ -1650,12 +1662,13 @@ class Keymgr:
         role: str,
         encap: bool,
         sas: tuple[SaConfig, SaConfig],
+        child: str,
     ) -> None:
         log.info(
             "child installed",
             extra={
                 "conn": c.name,
-                "child": c.child_names[0],
+                "child": child,
                 "role": role,
                 "spi_in": r.child.spi_in.hex(),
                 "spi_out": r.child.spi_out.hex(),
@@ -1666,7 +1679,7 @@ class Keymgr:
                 "spd_revision": self._spd_revision,
             },
         )
-        self._up(c, r, role, encap, sas)
+        self._up(c, r, role, encap, sas, child)
 
     def _spd_repair(self, c: Connection, spd_key: str, spd: SpdEntry) -> None:
         """After a refused install of a child of connection ``c``: its SPD entry (``spd_key``)
@@ -1842,7 +1855,13 @@ class Keymgr:
         )
 
     def _up(
-        self, c: Connection, r: IkeSaResult, role: str, encap: bool, sas: tuple[SaConfig, SaConfig]
+        self,
+        c: Connection,
+        r: IkeSaResult,
+        role: str,
+        encap: bool,
+        sas: tuple[SaConfig, SaConfig],
+        child: str = "",
     ) -> None:
         """Record a newly established IKE SA, export its keys if asked, publish up/child_up."""
         if self.key_export is not None:
@@ -1869,7 +1888,7 @@ class Keymgr:
             rec,
             spi_in=r.child.spi_in.hex(),
             spi_out=r.child.spi_out.hex(),
-            child=c.child_names[0],
+            child=child or c.child_names[0],
         )
 
     def _emit(self, kind: str, c: Connection, rec: IkeRecord | None, **kw: str) -> None:

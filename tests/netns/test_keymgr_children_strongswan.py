@@ -13,9 +13,10 @@ its TUN). charon's connection has the two children "bench" and "net2"; keymgr's 
   transfer (SHA-256 compared by both ends) go through each child. ``ctl --terminate to-b
   --child net2`` sends our INFORMATIONAL Delete of that child: charon lists "net2" gone and
   the IKE SA and "bench" still there; traffic of child 1 still flows, child 2's does not.
-* charon initiates "bench", then ``swanctl --initiate --child net2`` on the same IKE SA:
-  keymgr as responder answers the CREATE_CHILD_SA and installs it; ping from B through both;
-  terminating "net2" through keymgr's API leaves charon with "bench" only.
+* charon initiates "bench", then ``swanctl --initiate --child net2`` on the same IKE SA (and
+  the other way round: "net2" in IKE_AUTH, which keymgr matches to its second child, then
+  "bench"): keymgr as responder answers the CREATE_CHILD_SA and installs it; ping and TCP
+  through both; terminating "net2" through keymgr's API leaves charon with "bench" only.
 
 Each lab captures IKE on the link and keymgr exports its keys: at cleanup tshark must parse
 and decrypt every captured IKEv2 message (CREATE_CHILD_SA and INFORMATIONAL included).
@@ -186,8 +187,9 @@ def test_keymgr_initiates_two_children_and_terminates_one(clab: ChildrenLab) -> 
     assert "  net1: INSTALLED" in listing.stdout and "net2" not in listing.stdout
 
 
+@pytest.mark.parametrize("first", [bsw.CONN, "net2"])
 def test_strongswan_starts_child_two_and_keymgr_terminates_it(
-    crlab: ChildrenResponderLab,
+    crlab: ChildrenResponderLab, first: str
 ) -> None:
     crlab.add_child2()
     crlab.start_initiator_charon()
@@ -196,10 +198,11 @@ def test_strongswan_starts_child_two_and_keymgr_terminates_it(
         extra={"children": KEYMGR_CHILDREN}, extra_args=["--api-listen", crlab.api_sock]
     )
     crlab.wait_punt_connected(keymgr)
-    init = crlab.initiate()
-    assert init.returncode == 0, f"{init.stdout}{init.stderr}\n{crlab.logs()}"
-    init2 = crlab.initiate("net2")
-    assert init2.returncode == 0, f"{init2.stdout}{init2.stderr}\n{crlab.logs()}"
+    # the first child in IKE_AUTH (keymgr matches it against each configured child), the
+    # other by CREATE_CHILD_SA on the same IKE SA
+    for child in (first, "net2" if first == bsw.CONN else bsw.CONN):
+        init = crlab.initiate(child)
+        assert init.returncode == 0, f"{init.stdout}{init.stderr}\n{crlab.logs()}"
     sas = _wait_b(
         crlab,
         lambda t: _child_line(t, bsw.CONN) and _child_line(t, "net2"),

@@ -10,6 +10,7 @@ checked against an independent prf+ over hashlib/hmac and X25519 from the crypto
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -31,12 +32,13 @@ from services.core.ike.message import (
     TSi,
     TSr,
 )
-from services.core.ike.responder import Ikev2Responder
+from services.core.ike.responder import Ikev2Responder, ResponderConfig
 from services.core.ike.sk import decrypt_message, encrypt_message
 from services.core.ike.suites import parse_esp_list
 from services.core.sa import Mode
 from tests.unit.test_ike_informational import _ciphers, _established
 from tests.unit.test_ike_rekey import NI, PEER_SPI, _offer, _prf_plus, _request
+from tests.unit.test_ike_responder import _counter_rand, _ini_config, _resp_config, _run
 
 # the initiator's second Child SA: 10.1.0.0/24 (its side) <-> 10.2.0.0/24 (the responder's)
 INI_B = ChildPolicy.of_ranges("b", ("10.1.0.0", "10.1.0.255"), ("10.2.0.0", "10.2.0.255"))
@@ -364,3 +366,33 @@ def test_window_of_one_queues_create_child_behind_a_rekey() -> None:
     kinds = [e.kind for e in ini.take_events()]
     assert "child_rekeyed" in kinds and "child_created" in kinds
     assert sorted(a.child_name(c[0]) for c in a.children) == ["a", "b"]
+
+
+def test_ike_auth_may_ask_for_another_configured_child() -> None:
+    """RFC 7296 §2.9: the responder matches IKE_AUTH's selectors against its top-level child
+    first, then its other configured children; the chosen one's suites and name are used."""
+    suites = parse_esp_list(["aes128gcm16"])
+    c = ChildPolicy("c", RESP_C.our_ts, RESP_C.peer_ts, suites)
+    resp_cfg: ResponderConfig = replace(_resp_config(), children=(RESP_B, c))
+    ini_cfg = replace(
+        _ini_config(),
+        ts_local=("10.3.0.9", "10.3.0.9"),
+        ts_remote=("10.4.0.0", "10.4.0.255"),
+        esp_suites=parse_esp_list(["aes256gcm16", "aes128gcm16"]),
+    )
+    ini = Ikev2Initiator(ini_cfg, now=0.0, rand=_counter_rand(b"i"))
+    resp = Ikev2Responder(resp_cfg, now=0.0, rand=_counter_rand(b"r"))
+    _run(ini, resp)
+    assert resp.result is not None and ini.result is not None, resp.failure_reason
+    assert resp.child_name == "c"
+    child = resp.result.child
+    assert child.key_bits == 128  # "c"'s suite, not the top-level aes256gcm16
+    assert child.ts_i == (_sel("10.3.0.9", "10.3.0.9"),)
+    assert child.ts_r == (_sel("10.4.0.0", "10.4.0.255"),)
+    # selectors that fit nothing configured: TS_UNACCEPTABLE, as before
+    ini2 = Ikev2Initiator(
+        replace(ini_cfg, ts_local=("10.9.0.1", "10.9.0.1")), now=0.0, rand=_counter_rand(b"j")
+    )
+    resp2 = Ikev2Responder(resp_cfg, now=0.0, rand=_counter_rand(b"s"))
+    _run(ini2, resp2)
+    assert resp2.result is None and "TS_UNACCEPTABLE" in (resp2.failure_reason or "")

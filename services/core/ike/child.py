@@ -26,6 +26,16 @@ def range_selector(first: str, last: str) -> TrafficSelector:
     return TrafficSelector(0, 0, 65535, lo, hi)
 
 
+def hull(sels: tuple[TrafficSelector, ...]) -> tuple[bytes, bytes] | None:
+    """The address range spanning the selectors of the first one's family (IPv4 or IPv6),
+    None for no selectors."""
+    if not sels:
+        return None
+    n = len(sels[0].start_address)
+    same = [s for s in sels if len(s.start_address) == n]
+    return min(s.start_address for s in same), max(s.end_address for s in same)
+
+
 @dataclass(frozen=True)
 class ChildPolicy:
     """One configured Child SA of an IKE SA (RFC 7296 §1.3.1, §2.9).

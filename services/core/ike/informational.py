@@ -77,6 +77,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from services.core.algorithms import AlgorithmError
 from services.core.ike.child import ChildPolicy, narrow
+from services.core.ike.child import hull as _hull
 from services.core.ike.constants import (
     ExchangeType,
     NotifyType,
@@ -176,15 +177,6 @@ class InfoEvent:
     ike_keys: IkeKeys | None = field(default=None, repr=False)  # ike_rekeyed: the new SA's
     ike_suite: IkeSuite | None = None  # ike_rekeyed: the new SA's algorithms
     name: str = ""  # the Child SA's configured name (child events)
-
-
-def _hull(sels: tuple[TrafficSelector, ...]) -> tuple[bytes, bytes] | None:
-    """The address range spanning the selectors of the first one's family (IPv4 or IPv6)."""
-    if not sels:
-        return None
-    n = len(sels[0].start_address)
-    same = [s for s in sels if len(s.start_address) == n]
-    return min(s.start_address for s in same), max(s.end_address for s in same)
 
 
 @dataclass(eq=False)
