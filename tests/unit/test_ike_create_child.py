@@ -396,3 +396,35 @@ def test_ike_auth_may_ask_for_another_configured_child() -> None:
     resp2 = Ikev2Responder(resp_cfg, now=0.0, rand=_counter_rand(b"s"))
     _run(ini2, resp2)
     assert resp2.result is None and "TS_UNACCEPTABLE" in (resp2.failure_reason or "")
+
+
+def test_an_unusable_answer_is_deleted_not_installed() -> None:
+    """The peer answers our CREATE_CHILD_SA with selectors outside ours: child_failed, and
+    the Child SA the peer created is deleted at once (RFC 7296 §1.3.1)."""
+    ini, _resp, a, _b = _pair()
+    (req,) = a.create_child(1.0, INI_B)
+    r = ini.result
+    assert r is not None
+    i2r, r2i = _ciphers(r)
+    msg = decrypt_message(req, i2r)
+    offered = next(p for p in msg.payloads if isinstance(p, SA)).proposals[0]
+    their_spi = b"\x0b\x0b\x0b\x0b"
+    answer = (
+        SA((Proposal(1, ProtocolId.ESP, offered.transforms, their_spi),)),
+        Nonce(NI),
+        TSi((_sel("10.9.0.0", "10.9.0.255"),)),  # not inside 10.1.0.0/24
+        TSr(INI_B.peer_ts),
+    )
+    reply = Message(
+        r.spi_i, r.spi_r, ExchangeType.CREATE_CHILD_SA, msg.message_id, answer,
+        initiator=False, response=True,
+    )  # fmt: skip
+    (data,) = encrypt_message(reply, r2i)
+    (delete,) = ini.receive(data, 1.0)
+    (ev,) = ini.take_events()
+    assert ev.kind == "child_failed" and "outside ours" in ev.reason and ev.name == "b"
+    d = decrypt_message(delete, i2r)
+    assert d.exchange_type == ExchangeType.INFORMATIONAL
+    assert len(d.payloads) == 1 and isinstance(d.payloads[0], Delete)
+    assert len(a.children) == 2  # until the peer answers the Delete
+    assert a.children[1][1] == their_spi and d.payloads[0].spis == (a.children[1][0],)

@@ -831,7 +831,20 @@ class InfoSession:
                 self._child_created(req, payloads)
         except (AlgorithmError, ValueError) as e:
             self.events.append(self._failed(req, f"{req.kind}: {e}"))
+            if req.kind == "create_child":
+                self._delete_unusable(req, payloads)
         return []
+
+    def _delete_unusable(self, req: _Request, payloads: tuple[Payload, ...]) -> None:
+        """The peer created a Child SA we cannot use (another mode, selectors outside ours,
+        ...): it is deleted (§1.3.1: "MUST delete"), never reported as created."""
+        sa = _one(payloads, SA)
+        if sa is None or len(sa.proposals) != 1 or len(sa.proposals[0].spi) != 4:
+            return
+        pair = (req.new_spi, sa.proposals[0].spi)
+        if pair[0] and pair not in self.children:
+            self.children.append(pair)
+            self.delete_child_queued(pair, front=True)
 
     def _failed(self, req: _Request, reason: str) -> InfoEvent:
         if req.kind == "create_child":
