@@ -221,3 +221,64 @@ def test_strongswan_starts_child_two_and_keymgr_terminates_it(
     print(sas)
     assert _child_line(sas, bsw.CONN) and "ESTABLISHED" in sas, sas
     _ping_ok(crlab.ping_from_b(), crlab)
+
+
+def _spis(sas: str, name: str) -> list[str]:
+    """charon's inbound SPIs of child ``name`` (one per installed Child SA)."""
+    out: list[str] = []
+    blocks = re.split(r"\n(?=\s{2}\S+: #\d+, reqid)", sas)
+    for b in blocks:
+        if re.match(rf"\s+{name}: #\d+, reqid \d+, INSTALLED", b):
+            m = re.search(r"\bin\s+([0-9a-f]{8})", b)
+            if m:
+                out.append(m.group(1))
+    return out
+
+
+def test_trap_child_comes_up_on_traffic_and_rekeys_alone(clab: ChildrenLab) -> None:
+    """net1 start, net2 trap with a short rekey_time: net2's PROTECT entry waits for traffic,
+    whose ACQUIRE makes keymgr send CREATE_CHILD_SA on the IKE SA that is up; then keymgr
+    rekeys net2 on its own timer while net1 keeps its SAs."""
+    clab.add_child2()
+    clab.start_responder()
+    clab.start_worker()
+    children = [
+        KEYMGR_CHILDREN[0],
+        {
+            **KEYMGR_CHILDREN[1],
+            "start_action": "trap",
+            "rekey_time": 6,
+            "life_time": 30,
+            "rand_time": 1,
+        },
+    ]
+    keymgr = clab.start_keymgr(extra={"children": children})
+    sas = _wait_b(clab, lambda t: _child_line(t, bsw.CONN), "net1 installed", keymgr)
+    time.sleep(1.0)
+    sas = clab.list_sas_b()
+    assert not _child_line(sas, "net2"), f"net2 created before any traffic\n{sas}"
+    net1 = _spis(sas, bsw.CONN)
+    ok = False
+    deadline = time.monotonic() + 20
+    while not ok and time.monotonic() < deadline:
+        ok = clab.ping((A2, B2)).returncode == 0  # the first packets trigger the ACQUIRE
+    log_text = clab.log("keymgr.log", 400)
+    assert ok, clab.logs()
+    assert "acquire: child" in log_text and "child initiating" in log_text, log_text
+    sas = clab.list_sas_b()
+    print(sas)
+    assert sas.count("ESTABLISHED") == 1 and _child_line(sas, "net2"), sas
+    first_net2 = _spis(sas, "net2")
+    assert len(first_net2) == 1, sas
+    # keymgr rekeys net2 (rekey_time 6 s, up to rand_time earlier): new SPIs, the old deleted
+    sas = _wait_b(
+        clab,
+        lambda t: len(_spis(t, "net2")) == 1 and _spis(t, "net2") != first_net2,
+        "net2 rekeyed",
+        keymgr,
+    )
+    print(sas)
+    assert _spis(sas, bsw.CONN) == net1, sas  # net1 untouched
+    assert "child rekeyed" in clab.log("keymgr.log", 400)
+    _ping_ok(clab.ping((A2, B2)), clab)
+    _ping_ok(clab.ping(), clab)
