@@ -328,7 +328,8 @@ class Keymgr:
                     self._child_ids[(c.name, child)] = (i + 1, c.name)
                 else:
                     extra += 1
-                    self._child_ids[(c.name, child)] = (extra, f"{c.name}/{child}")
+                    # names are printable: a newline cannot make two keys equal
+                    self._child_ids[(c.name, child)] = (extra, f"{c.name}\n{child}")
         # installed Child SAs per (IKE SA key SPIi | SPIr, child name)
         self._children: dict[tuple[bytes, str], _Child] = {}
         # Child SAs replaced by a rekey, kept until the peer deletes them (make-before-break)

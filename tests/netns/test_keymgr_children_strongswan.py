@@ -235,10 +235,12 @@ def _spis(sas: str, name: str) -> list[str]:
     return out
 
 
-def test_trap_child_comes_up_on_traffic_and_rekeys_alone(clab: ChildrenLab) -> None:
-    """net1 start, net2 trap with a short rekey_time: net2's PROTECT entry waits for traffic,
-    whose ACQUIRE makes keymgr send CREATE_CHILD_SA on the IKE SA that is up; then keymgr
-    rekeys net2 on its own timer while net1 keeps its SAs."""
+@pytest.mark.parametrize("ike_up", [True, False], ids=["ike-up", "ike-trapped-too"])
+def test_trap_child_comes_up_on_traffic_and_rekeys_alone(clab: ChildrenLab, ike_up: bool) -> None:
+    """net2 trap with a short rekey_time: its PROTECT entry waits for traffic, whose ACQUIRE
+    makes keymgr send CREATE_CHILD_SA on the IKE SA (up already with net1 start; or, with the
+    connection trapped too, initiated first with net1 in IKE_AUTH); then keymgr rekeys net2
+    on its own timer while net1 keeps its SAs."""
     clab.add_child2()
     clab.start_responder()
     clab.start_worker()
@@ -252,12 +254,21 @@ def test_trap_child_comes_up_on_traffic_and_rekeys_alone(clab: ChildrenLab) -> N
             "rand_time": 1,
         },
     ]
-    keymgr = clab.start_keymgr(extra={"children": children})
-    sas = _wait_b(clab, lambda t: _child_line(t, bsw.CONN), "net1 installed", keymgr)
+    extra: dict[str, object] = {"children": children}
+    if not ike_up:
+        extra["start_action"] = "trap"  # net1 inherits it
+    keymgr = clab.start_keymgr(extra=extra)
+    if ike_up:
+        _wait_b(clab, lambda t: _child_line(t, bsw.CONN), "net1 installed", keymgr)
+    else:
+        deadline = time.monotonic() + WAIT
+        while clab.log("keymgr.log", 200).count("trap installed") < 2:
+            assert keymgr.poll() is None and time.monotonic() < deadline, clab.logs()
+            time.sleep(0.1)
     time.sleep(1.0)
     sas = clab.list_sas_b()
     assert not _child_line(sas, "net2"), f"net2 created before any traffic\n{sas}"
-    net1 = _spis(sas, bsw.CONN)
+    assert ("ESTABLISHED" in sas) is ike_up, sas
     ok = False
     deadline = time.monotonic() + 20
     while not ok and time.monotonic() < deadline:
@@ -270,6 +281,8 @@ def test_trap_child_comes_up_on_traffic_and_rekeys_alone(clab: ChildrenLab) -> N
     assert sas.count("ESTABLISHED") == 1 and _child_line(sas, "net2"), sas
     first_net2 = _spis(sas, "net2")
     assert len(first_net2) == 1, sas
+    net1 = _spis(sas, bsw.CONN)
+    assert len(net1) == 1, sas
     # keymgr rekeys net2 (rekey_time 6 s, up to rand_time earlier): new SPIs, the old deleted
     sas = _wait_b(
         clab,
