@@ -14,6 +14,8 @@ from dataclasses import replace
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from services.core.ike.child import ChildPolicy
 from services.core.ike.constants import ExchangeType, NotifyType, ProtocolId, TransformType
@@ -428,3 +430,63 @@ def test_an_unusable_answer_is_deleted_not_installed() -> None:
     assert len(d.payloads) == 1 and isinstance(d.payloads[0], Delete)
     assert len(a.children) == 2  # until the peer answers the Delete
     assert a.children[1][1] == their_spi and d.payloads[0].spis == (a.children[1][0],)
+
+
+# -- hostile requests for new Child SAs ---------------------------------------------------------
+
+
+@st.composite
+def _selector(draw: st.DrawFn) -> TrafficSelector:
+    n = draw(st.sampled_from([4, 4, 16]))
+    a = draw(st.binary(min_size=n, max_size=n))
+    b = draw(st.binary(min_size=n, max_size=n))
+    lo, hi = draw(st.integers(0, 65535)), draw(st.integers(0, 65535))
+    return TrafficSelector(draw(st.integers(0, 255)), lo, hi, a, b)
+
+
+@st.composite
+def _new_child_request(draw: st.DrawFn) -> tuple[object, ...]:
+    spi = draw(st.binary(min_size=4, max_size=4))
+    base = draw(st.sampled_from([_offer(None), _offer(31), _offer(19)]))
+    props = (Proposal(1, ProtocolId.ESP, base.transforms, spi),)
+    out: list[object] = []
+    if draw(st.booleans()):
+        out.append(Notify(NotifyType.USE_TRANSPORT_MODE))
+    if draw(st.integers(0, 5)):
+        out.append(SA(props))
+    if draw(st.integers(0, 5)):
+        out.append(Nonce(draw(st.binary(min_size=0, max_size=64))))
+    if draw(st.booleans()):
+        gid = draw(st.sampled_from([31, 19, 14, 2, 999]))
+        out.append(KE(gid, draw(st.binary(min_size=0, max_size=80))))
+    inside = (TSi((_sel("10.1.0.1", "10.1.0.1"),)), TSr((_sel("10.2.0.1", "10.2.0.1"),)))
+    if draw(st.booleans()):
+        out += inside
+    else:
+        out += [
+            TSi(tuple(draw(st.lists(_selector(), max_size=3)))),
+            TSr(tuple(draw(st.lists(_selector(), max_size=3)))),
+        ]
+    return tuple(out)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_new_child_request(), min_size=1, max_size=12))
+def test_hostile_new_child_requests_are_answered_and_bounded(
+    reqs: list[tuple[object, ...]],
+) -> None:
+    _ini, resp, r = _established()
+    _info(resp).configure_children((RESP_B, RESP_C), first="a")
+    i2r, r2i = _ciphers(r)
+    for mid, payloads in enumerate(reqs, start=2):
+        req = _request(r, i2r, mid, payloads, from_initiator=True)  # type: ignore[arg-type]
+        out = resp.receive(req, 0.0)
+        assert out, "every authentic request is answered"
+        for d in out:
+            ans = decrypt_message(d, r2i)
+            assert ans.response and ans.message_id == mid
+        assert len(_info(resp).children) <= MAX_CHILD_SAS
+    for e in resp.take_events():
+        assert e.kind == "child_created" and e.name in ("b", "c") and e.child is not None
+        assert e.child.keys.encr_i.hex() not in repr(e)
+    assert resp.state.value == "established"
