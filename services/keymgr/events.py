@@ -109,6 +109,8 @@ def failure_hint(reason: str | None) -> str:
         return f"{text}: the peer accepts none of our algorithms; compare the proposals"
     if "TS_UNACCEPTABLE" in text:
         return f"{text}: the peer rejects our traffic selectors; compare local_ts/remote_ts"
+    if "NO_ADDITIONAL_SAS" in text:
+        return f"{text}: the peer takes no further Child SA on this IKE SA; check its children"
     if "INVALID_KE_PAYLOAD" in text:
         return f"{text}: the peer wants another Diffie-Hellman group"
     if "no response" in text or "timeout" in text.lower():

@@ -220,7 +220,10 @@ def test_responder_children_created_listed_terminated_and_initiated(lab: Lab) ->
         w.close()
 
 
-def test_initiator_creates_its_start_children_after_ike_auth(lab: Lab) -> None:
+def _dial_ike_auth(lab: Lab, policies: tuple[ChildPolicy, ...] | None) -> Ikev2Responder:
+    """Answer keymgr's IKE_SA_INIT and IKE_AUTH of connection "dial" with our responder
+    (whose children, when given, are configured as soon as its IKE SA is up) and carry on
+    until keymgr is quiet."""
     cfg = ResponderConfig(
         local_addr=C,
         psk=lab.psk,
@@ -233,8 +236,6 @@ def test_initiator_creates_its_start_children_after_ike_auth(lab: Lab) -> None:
     assert first.remote_addr == C and decode_header(first.data).message_id == 0
     rp = (bytes(4), 500)
     out = peer.receive(first.data, time.monotonic(), remote=rp, local=rp)
-    # IKE_AUTH, then keymgr's CREATE_CHILD_SA for net2: the peer's children are configured
-    # as soon as its IKE SA is up (before that request arrives)
     configured = False
     for _ in range(6):
         port = NAT_T_PORT if peer.nat_t else 500
@@ -245,13 +246,34 @@ def test_initiator_creates_its_start_children_after_ike_auth(lab: Lab) -> None:
         except queue.Empty:
             break
         out = peer.receive(r.data, time.monotonic(), remote=(bytes(4), r.local_port), local=rp)
-        if peer.state is ResponderState.ESTABLISHED and not configured:
-            _info(peer).configure_children(_peer_policies(), first="net1")
+        if peer.state is ResponderState.ESTABLISHED and not configured and policies:
+            _info(peer).configure_children(policies, first="net1")
             configured = True
     assert peer.state is ResponderState.ESTABLISHED
+    lab.shuttle(peer, C, out)
+    return peer
+
+
+def test_initiator_creates_its_start_children_after_ike_auth(lab: Lab) -> None:
+    peer = _dial_ike_auth(lab, _peer_policies())
     (created,) = [e for e in peer.take_events() if e.kind == "child_created"]
     assert created.name == "net2" and created.child is not None
     wait_for(lambda: len(_children(lab, "dial")) == 2, "both children of dial")
     by = {c.name: c for c in _children(lab, "dial")}
     assert by["net2"].spi_out == created.child.spi_in.hex()
     assert list(by["net2"].remote_ts) == [NET2[1]]
+
+
+def test_a_refused_child_is_reported_and_the_ike_sa_lives_on(lab: Lab) -> None:
+    w = Watcher(lab.stub)
+    try:
+        peer = _dial_ike_auth(lab, None)  # the peer has no further children: refused
+        failed = w.until(pb.KEYMGR_EVENT_KIND_NEGOTIATION_FAILED)[-1]
+        assert failed.child == "net2" and failed.connection == "dial"
+        assert "NO_ADDITIONAL_SAS" in failed.reason and "no further Child SA" in failed.reason
+        assert [c.name for c in _children(lab, "dial")] == ["net1"]
+        assert peer.state is ResponderState.ESTABLISHED and len(_info(peer).children) == 1
+        sas = lab.stub.ListIkeSas(pb.ListIkeSasRequest(connection="dial"), timeout=WAIT)
+        assert [s.state for s in sas.ike_sas] == ["established"]
+    finally:
+        w.close()
