@@ -1005,16 +1005,16 @@ class Keymgr:
     def _ckey(
         self, key: bytes, name: str, spi_in: bytes = b"", spi_out: bytes = b""
     ) -> tuple[bytes, str] | None:
-        """The installed child of IKE SA ``key`` named ``name``, else the one whose current
-        pair is (spi_in, spi_out), else its only child."""
-        if name and (key, name) in self._children:
-            return (key, name)
+        """The installed child of IKE SA ``key`` whose current pair is (spi_in, spi_out),
+        else the one named ``name``, else its only child."""
         mine = [k for k in self._children if k[0] == key]
         want = (int.from_bytes(spi_in, "big"), int.from_bytes(spi_out, "big"))
         for k in mine:
             pair = self._children[k].pair
             if (pair[0].spi, pair[1].spi) == want:
                 return k
+        if name and (key, name) in self._children:
+            return (key, name)
         return mine[0] if len(mine) == 1 else None
 
     def _rekey_installed(
