@@ -9,8 +9,8 @@ produced its snapshot. WatchEvents subscribes to keymgr's event bus (drop-oldest
 
 Status codes: a malformed request (missing target, a name that cannot be a connection name)
 -> INVALID_ARGUMENT; an unknown connection or IKE SA -> NOT_FOUND; initiating a connection that
-only responds -> FAILED_PRECONDITION; deleting a single Child SA -> UNIMPLEMENTED (the core has
-no Child SA Delete of our own yet: terminate its IKE SA); keymgr stopping or its loop not
+only responds -> FAILED_PRECONDITION; an unknown child or Child SA -> NOT_FOUND; keymgr
+stopping or its loop not
 answering in time -> UNAVAILABLE; anything unexpected -> INTERNAL (logged by type only). No
 response or event carries key material.
 """
@@ -143,6 +143,7 @@ def event_to_pb(e: KeymgrEvent) -> pb.KeymgrEvent:
         old_spi_in=e.old_spi_in,
         old_spi_out=e.old_spi_out,
         reason=e.reason,
+        child=e.child,
     )
 
 
@@ -166,6 +167,7 @@ def child_sa_to_pb(v: ChildSaView, counters: Counters | None) -> pb.ChildSaInfo:
         remote_ts=list(v.remote_ts),
         reqid=v.reqid,
         install_time=v.install_time,
+        name=v.name,
     )
     if counters is not None:
         cin = counters.get((v.spi_in, Direction.INBOUND))
@@ -204,8 +206,9 @@ class KeyManagerService(pb_grpc.KeyManagerServicer):
         self, request: pb.InitiateRequest, context: grpc.ServicerContext
     ) -> pb.InitiateResponse:
         name = check_name(request.connection)
-        started, detail = self._call(lambda now: self.km.initiate(name, now))
-        log.info("operator initiate", extra={"conn": name, "started": started})
+        child = check_name(request.child, required=False)
+        started, detail = self._call(lambda now: self.km.initiate(name, now, child))
+        log.info("operator initiate", extra={"conn": name, "child": child, "started": started})
         return pb.InitiateResponse(started=started, detail=detail)
 
     @_unary("Terminate")
@@ -222,15 +225,23 @@ class KeyManagerService(pb_grpc.KeyManagerServicer):
                 raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "ike_sa_id 0 names no IKE SA")
             sent, detail = self._call(lambda now: self.km.terminate(now, ike_sa_id=sa_id))
         elif which == "child_sa":
-            spi = request.child_sa.spi_in
-            known = self._call(lambda _now: any(v.spi_in == spi for v in self.km.child_sa_views()))
-            if not known:
-                raise Abort(grpc.StatusCode.NOT_FOUND, f"no Child SA with inbound SPI {spi:08x}")
-            raise Abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                "deleting a single Child SA is not supported yet; terminate its IKE SA "
-                "(ike_sa_id from ListChildSas)",
-            )
+            ref = request.child_sa
+            if ref.connection or ref.child:
+                name = check_name(ref.connection)
+                child = check_name(ref.child)
+                n, detail = self._call(
+                    lambda now: self.km.terminate_child(now, name=name, child=child)
+                )
+            elif ref.spi_in:
+                spi = ref.spi_in
+                n, detail = self._call(lambda now: self.km.terminate_child(now, spi_in=spi))
+            else:
+                raise Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "child_sa needs spi_in, or connection and child",
+                )
+            log.info("operator terminate", extra={"target": which, "child_sas": n})
+            return pb.TerminateResponse(ike_sas=0, child_sas=n, detail=detail)
         else:
             raise Abort(
                 grpc.StatusCode.INVALID_ARGUMENT,

@@ -53,6 +53,14 @@ when the peer is found dead, default ``clear``), ``retransmit_timeout`` / ``retr
 ``keepalive`` (seconds, default 20 as in strongSwan, 0 = off, at most 3600): when NAT detection
 finds US behind a NAT, the outbound ESP-in-UDP SAs are installed with this NAT keepalive
 interval (RFC 3948 §2.3, §4); the worker sends a keepalive after that much silence on the SA.
+Child SAs: without ``children`` a connection has one Child SA named after it, made of
+``local_ts`` / ``remote_ts`` / ``esp_proposals`` / ``mode`` / ``start_action`` and the CHILD SA
+lifetimes. ``children`` is a list of objects ``{"name", "local_ts", "remote_ts",
+"esp_proposals", "mode", "start_action", "rekey_time", "life_time", "rand_time",
+"rekey_bytes", "rekey_packets"}`` (:class:`ChildConfig`); each field but ``name`` is optional
+and inherits the connection's value (top-level ``local_ts`` / ``remote_ts`` then default to the
+first child's). The first child is negotiated in IKE_AUTH, the others with CREATE_CHILD_SA
+(RFC 7296 §1.3.1). Child names are unique within a connection.
 """
 
 from __future__ import annotations
@@ -62,7 +70,7 @@ import json
 import math
 import pathlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from services.core.ike.authn import Identity
@@ -93,6 +101,7 @@ AUTH_METHODS = ("psk", "pubkey")
 MAX_FILES = 32  # entries of ca_files / crl_files
 DEFAULT_FRAGMENT_SIZE = 1280  # strongSwan's charon.fragment_size
 MIN_FRAGMENT_SIZE = 576  # RFC 7383 §2.5.1: IPv4 hosts must accept 576-octet packets
+MAX_CHILDREN = 8  # configured Child SAs per connection (the core's MAX_CHILD_SAS live ones)
 
 
 ESP_AND_AH = (
@@ -162,9 +171,40 @@ def _seconds(value: object, what: str) -> float:
     return float(value)
 
 
+def _name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{what} must be a non-empty string")
+    if len(value) > MAX_NAME_LEN or not value.isprintable():
+        raise ConfigError(f"{what} must be at most {MAX_NAME_LEN} printable characters")
+    return value
+
+
+@dataclass(frozen=True)
+class ChildConfig:
+    """One Child SA of a connection (one prefix per side). Fields left None inherit the
+    connection's values (:attr:`Connection.child_configs` resolves them)."""
+
+    name: str
+    local_ts: str | None = None
+    remote_ts: str | None = None
+    esp_proposals: tuple[str, ...] | None = None
+    mode: str | None = None
+    start_action: str | None = None
+    rekey_time: float | None = None
+    life_time: float | None = None
+    rand_time: float | None = None
+    rekey_bytes: int | None = None
+    rekey_packets: int | None = None
+
+
+_CHILD_FIELDS = {f.name for f in fields(ChildConfig)}
+
+
 @dataclass(frozen=True)
 class Connection:
-    """One IKEv2 connection with one Child SA (one prefix per side; see the module docstring)."""
+    """One IKEv2 connection: its IKE SA and one or more Child SAs (one prefix per side each;
+    see the module docstring). The top-level Child SA fields describe the only Child SA when
+    ``children`` is empty, and are the defaults of ``children`` otherwise."""
 
     name: str
     local_addr: str
@@ -198,15 +238,75 @@ class Connection:
     crl_files: tuple[pathlib.Path, ...] = ()
     fragment_size: int = DEFAULT_FRAGMENT_SIZE
     keepalive: float = DEFAULT_KEEPALIVE  # NAT keepalives when we are behind a NAT; 0 = off
+    children: tuple[ChildConfig, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ConfigError("connection name must be a non-empty string")
-        if len(self.name) > MAX_NAME_LEN or not self.name.isprintable():
-            raise ConfigError(
-                f"connection name must be at most {MAX_NAME_LEN} printable characters"
-            )
+        _name(self.name, "connection name")
         w = f"connection {self.name!r}"
+        self._check(w)
+        if not isinstance(self.children, tuple) or not all(
+            isinstance(ch, ChildConfig) for ch in self.children
+        ):
+            raise ConfigError(f"{w} children must be a tuple of ChildConfig")
+        if len(self.children) > MAX_CHILDREN:
+            raise ConfigError(f"{w} children: at most {MAX_CHILDREN} Child SAs")
+        seen: set[str] = set()
+        for i, ch in enumerate(self.children):
+            _name(ch.name, f"{w} children[{i}].name")
+            if ch.name in seen:
+                raise ConfigError(f"{w} children[{i}].name: duplicate child name {ch.name!r}")
+            seen.add(ch.name)
+            if ch.esp_proposals is not None:
+                _proposals(ch.esp_proposals, f"{w} children[{i}].esp_proposals")
+            try:
+                self._child_view(ch)  # validated like a connection of its own
+            except ConfigError as e:
+                why = str(e).removeprefix(w).lstrip(": ")
+                raise ConfigError(f"{w} children[{i}] ({ch.name!r}): {why}") from None
+
+    def _child_view(self, ch: ChildConfig) -> Connection:
+        """This connection with child ``ch``'s fields (inherited ones as they are)."""
+        over = {k: getattr(ch, k) for k in _CHILD_FIELDS - {"name"} if getattr(ch, k) is not None}
+        return replace(self, children=(), **over)
+
+    @property
+    def child_configs(self) -> tuple[ChildConfig, ...]:
+        """Every Child SA with its fields resolved (the first is negotiated in IKE_AUTH)."""
+        chosen = self.children or (ChildConfig(self.name),)
+        out: list[ChildConfig] = []
+        for ch in chosen:
+            v = self._child_view(ch)
+            out.append(
+                ChildConfig(
+                    ch.name,
+                    v.local_ts,
+                    v.remote_ts,
+                    v.esp_proposals,
+                    v.mode,
+                    v.start_action,
+                    v.rekey_time,
+                    v.child_life_time,
+                    v.child_rand_time,
+                    v.rekey_bytes,
+                    v.rekey_packets,
+                )
+            )
+        return tuple(out)
+
+    def child(self, name: str) -> Connection:
+        """This connection as seen by its Child SA ``name``: the child's selectors, ESP
+        proposals, mode, start_action and lifetimes in place of the top-level ones (no
+        ``children``). LookupError if it has no such child."""
+        for ch in self.children or (ChildConfig(self.name),):
+            if ch.name == name:
+                return self._child_view(ch)
+        raise LookupError(f"connection {self.name!r} has no child {name!r}")
+
+    @property
+    def child_names(self) -> tuple[str, ...]:
+        return tuple(ch.name for ch in self.children) or (self.name,)
+
+    def _check(self, w: str) -> None:
         if self.auth not in AUTH_METHODS:
             raise ConfigError(f"{w} auth must be one of {AUTH_METHODS}")
         if self.auth == "psk" and not isinstance(self.psk_file, pathlib.Path):
@@ -443,13 +543,19 @@ def connection_from_dict(d: Mapping[str, Any], *, base: pathlib.Path | None = No
     """Build a Connection from a JSON object; relative psk_file paths resolve against ``base``."""
     if not isinstance(d, Mapping):
         raise ConfigError("each connection must be a JSON object")
-    unknown = set(d) - _FIELDS - _LIFETIME_FIELDS
+    unknown = set(d) - _FIELDS - _LIFETIME_FIELDS - {"children"}
     if unknown:
         shown = ", ".join(_show(k) for k in sorted(unknown)[:5])
         raise ConfigError(f"unknown connection field(s): {shown}")
     auth = d.get("auth", "psk")
     if auth not in AUTH_METHODS:
         raise ConfigError(f"connection auth must be one of {AUTH_METHODS}")
+    children = _children(d.get("children"), d.get("name")) if "children" in d else ()
+    d = dict(d)
+    if children:  # the top-level selectors default to the first child's
+        for k in ("local_ts", "remote_ts"):
+            if k not in d and getattr(children[0], k) is not None:
+                d[k] = getattr(children[0], k)
     required = {"name", "local_addr", "remote_addr", "local_ts", "remote_ts"}
     required |= {"psk_file"} if auth == "psk" else {"cert_file", "key_file", "ca_files"}
     missing = required - set(d)
@@ -493,7 +599,33 @@ def connection_from_dict(d: Mapping[str, Any], *, base: pathlib.Path | None = No
         ca_files=cas,
         crl_files=crls,
         fragment_size=d.get("fragment_size", DEFAULT_FRAGMENT_SIZE),
+        children=children,
     )
+
+
+def _children(value: object, conn: object) -> tuple[ChildConfig, ...]:
+    """The ``children`` list of a connection object (see the module docstring)."""
+    w = f"connection {_show(conn)} children"
+    if not isinstance(value, list) or not value or len(value) > MAX_CHILDREN:
+        raise ConfigError(f"{w} must be a list of 1..{MAX_CHILDREN} child objects")
+    out: list[ChildConfig] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{w}[{i}] must be a JSON object")
+        unknown = set(item) - _CHILD_FIELDS
+        if unknown:
+            shown = ", ".join(_show(k) for k in sorted(unknown)[:5])
+            raise ConfigError(f"{w}[{i}]: unknown field(s): {shown}")
+        if "name" not in item:
+            raise ConfigError(f"{w}[{i}] lacks field 'name'")
+        kw: dict[str, Any] = {k: item[k] for k in _CHILD_FIELDS if k in item}
+        if "esp_proposals" in kw:
+            kw["esp_proposals"] = _proposals(kw["esp_proposals"], f"{w}[{i}].esp_proposals")
+        for k in ("local_ts", "remote_ts", "mode", "start_action"):
+            if k in kw and not isinstance(kw[k], str):
+                raise ConfigError(f"{w}[{i}].{k} must be a string")
+        out.append(ChildConfig(**kw))
+    return tuple(out)
 
 
 def load_config(path: pathlib.Path, *, check_psk: bool = True) -> KeymgrConfig:

@@ -7,6 +7,8 @@
     ... --initiate site-b            # send IKE_SA_INIT for a configured connection
     ... --terminate site-b           # Delete every IKE SA of the connection
     ... --terminate-id 3             # Delete one IKE SA (id from --list-sas)
+    ... --initiate site-b --child net2   # create one child (CREATE_CHILD_SA if the IKE SA is up)
+    ... --terminate site-b --child net2  # Delete that child's Child SAs only
     ... --events                     # print SA events until Ctrl-C (or --count N)
 
 Exit status: 0 on success, 1 when keymgr answered with an error (its status and message are
@@ -62,6 +64,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     cmd.add_argument("--terminate-id", metavar="ID", type=int, help="delete one IKE SA")
     cmd.add_argument("--events", action="store_true", help="stream SA events")
     p.add_argument("--count", type=int, default=0, help="--events: stop after N events")
+    p.add_argument(
+        "--child", metavar="CHILD", default="", help="--initiate / --terminate: only this child"
+    )
     return p.parse_args(argv)
 
 
@@ -92,7 +97,7 @@ def format_sas(ike: Sequence[pb.IkeSaInfo], children: Sequence[pb.ChildSaInfo]) 
             if c.ike_sa_id != s.id or not s.id:
                 continue
             lines.append(
-                f"  {c.connection}: {c.state.upper()}, {c.mode.upper()}"
+                f"  {c.name or c.connection}: {c.state.upper()}, {c.mode.upper()}"
                 f"{'-in-UDP' if c.udp_encap else ''}, reqid {c.reqid}, "
                 f"{c.protocol.upper()}:"
                 + "/".join(
@@ -111,7 +116,10 @@ def format_sas(ike: Sequence[pb.IkeSaInfo], children: Sequence[pb.ChildSaInfo]) 
             lines.append(f"    remote {' '.join(c.remote_ts)}")
     orphans = [c for c in children if c.ike_sa_id not in {s.id for s in ike if s.id}]
     for c in orphans:
-        lines.append(f"{c.connection}: child {c.spi_in}/{c.spi_out} {c.state.upper()}")
+        lines.append(
+            f"{c.connection}: child {c.name + ' ' if c.name else ''}"
+            f"{c.spi_in}/{c.spi_out} {c.state.upper()}"
+        )
     return "\n".join(lines) if lines else "no SAs"
 
 
@@ -122,6 +130,8 @@ def format_event(e: pb.KeymgrEvent) -> str:
         parts.append(f"#{e.ike_sa_id}")
     if e.spi_i:
         parts.append(f"ike {e.spi_i}_i {e.spi_r}_r")
+    if e.child:
+        parts.append(f"child {e.child}")
     if e.spi_in:
         parts.append(f"child in {e.spi_in} out {e.spi_out}")
     if e.old_spi_in:
@@ -143,8 +153,13 @@ def run(args: argparse.Namespace) -> int:
             children = stub.ListChildSas(pb.ListChildSasRequest(), timeout=t).child_sas
             print(format_sas(ike, children))
         elif args.initiate is not None:
-            r = stub.Initiate(pb.InitiateRequest(connection=args.initiate), timeout=t)
-            print(f"{args.initiate}: {r.detail}")
+            req = pb.InitiateRequest(connection=args.initiate, child=args.child)
+            r = stub.Initiate(req, timeout=t)
+            print(f"{args.initiate}{'/' + args.child if args.child else ''}: {r.detail}")
+        elif args.terminate is not None and args.child:
+            ref = pb.ChildSaRef(connection=args.terminate, child=args.child)
+            r = stub.Terminate(pb.TerminateRequest(child_sa=ref), timeout=t)
+            print(f"{args.terminate}/{args.child}: {r.detail}")
         elif args.terminate is not None:
             r = stub.Terminate(pb.TerminateRequest(connection=args.terminate), timeout=t)
             print(f"{args.terminate}: {r.detail}")

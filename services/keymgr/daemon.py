@@ -73,6 +73,13 @@ is installed with the lease [1, ``seq_lease_block``] and extended by one block o
 LeaseLow, each new high-water mark made durable before the worker gets it; at the end of the
 sequence space, or when the store fails, the Child SA is rekeyed instead. When NAT detection
 found us behind a NAT, outbound ESP-in-UDP SAs carry the connection's NAT keepalive interval.
+Child SAs (RFC 7296 §1.3.1): a connection's first child (``Connection.child_names``) is
+negotiated in IKE_AUTH; once the IKE SA is up, an initiator creates its other children with
+``start_action`` start by CREATE_CHILD_SA, and a child with ``trap`` gets its PROTECT entry
+without SAs, whose ACQUIRE creates it (initiating the IKE SA first when there is none). The
+peer may create any configured child (:meth:`InfoSession.configure_children`). Every child
+has its own reqid, SPD entry (the first child's is keyed by the connection's name, as before),
+SAs, lifetimes and events; the operator can create and delete one child by name.
 
 Scope: one IKE SA per connection. Keys are never logged: only SPIs appear in logs.
 """
@@ -98,6 +105,7 @@ import grpc
 from services.core.events import Acquire, ExpiryKind, HardExpire, LeaseLow, SoftExpire
 from services.core.iana import Integ, IpProto
 from services.core.ike.authn import LocalAuth, PeerAuth
+from services.core.ike.child import ChildPolicy
 from services.core.ike.constants import ExchangeType
 from services.core.ike.cookies import DEFAULT_PERIOD, DEFAULT_THRESHOLD, CookieGuard
 from services.core.ike.dh import DhGroupId
@@ -213,6 +221,18 @@ class IkeRecord:
 
 
 @dataclass
+class _Child:
+    """One installed Child SA of an IKE SA: the child's view of its connection
+    (:meth:`Connection.child`), its name, the key of its SPD entry, and the installed pair."""
+
+    conn: Connection
+    name: str
+    spd_key: str
+    pair: tuple[SaConfig, SaConfig]
+    installed_at: float  # seconds since the epoch
+
+
+@dataclass
 class Session:
     """One connection's IKE SA attempt and what was installed for it."""
 
@@ -225,6 +245,7 @@ class Session:
     spis: dict[str, str] = field(default_factory=dict)
     held: bool = False  # dpd_action hold/trap: initiate again on the worker's ACQUIRE
     installing: bool = False  # the Child SA's ApplySAs is in flight
+    want: set[str] = field(default_factory=set)  # children to create once the IKE SA is up
 
 
 @dataclass
@@ -320,10 +341,22 @@ class Keymgr:
         self._stop = threading.Event()
         self._stream: PuntStream | None = None
         self._spd_revision = 0
-        # installed Child SAs per IKE SA (key: SPIi | SPIr): connection and (inbound, outbound)
-        self._children: dict[bytes, tuple[Connection, tuple[SaConfig, SaConfig]]] = {}
+        # (connection, child) -> (reqid, SPD entry key): a connection's first child keeps the
+        # connection's reqid and its name as SPD key; further children follow all of those
+        self._child_ids: dict[tuple[str, str], tuple[int, str]] = {}
+        extra = len(connections)
+        for i, c in enumerate(connections):
+            for j, child in enumerate(c.child_names):
+                if j == 0:
+                    self._child_ids[(c.name, child)] = (i + 1, c.name)
+                else:
+                    extra += 1
+                    # names are printable: a newline cannot make two keys equal
+                    self._child_ids[(c.name, child)] = (extra, f"{c.name}\n{child}")
+        # installed Child SAs per (IKE SA key SPIi | SPIr, child name)
+        self._children: dict[tuple[bytes, str], _Child] = {}
         # Child SAs replaced by a rekey, kept until the peer deletes them (make-before-break)
-        self._retiring: dict[bytes, list[tuple[SaConfig, SaConfig]]] = {}
+        self._retiring: dict[tuple[bytes, str], list[tuple[SaConfig, SaConfig]]] = {}
         self.failed = False  # the punt stream broke (worker gone): the caller should exit non-zero
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -402,6 +435,9 @@ class Keymgr:
                     self._trap(s, now)
                 else:
                     self._initiate(s, now)
+                for child in s.conn.child_names[1:]:
+                    if s.conn.child(child).start_action == "trap":
+                        self._trap_child(s, child)
             while not self._stop.is_set():
                 try:
                     d = self._rx.get(timeout=self._wait())
@@ -447,18 +483,19 @@ class Keymgr:
         c = s.conn
         try:
             mine, theirs = self._authentication(c)
+            first = c.child(c.child_names[0])  # the child that goes in IKE_AUTH
             cfg = InitiatorConfig(
                 local_addr=c.local_addr,
                 remote_addr=c.remote_addr,
                 local_auth=mine,
                 peer_auth=theirs,
-                ts_local=c.ts_range("local"),
-                ts_remote=c.ts_range("remote"),
+                ts_local=first.ts_range("local"),
+                ts_remote=first.ts_range("remote"),
                 local_id=c.local_id,
                 remote_id=c.remote_id,
                 ike_suites=c.ike_suites,
-                esp_suites=c.child_suites,
-                mode=c.sa_mode,
+                esp_suites=first.child_suites,
+                mode=first.sa_mode,
                 fragment_size=c.fragment_size,
             )
         except ValueError as e:
@@ -648,19 +685,22 @@ class Keymgr:
                 return
             try:
                 mine, theirs = self._authentication(c)
+                first = c.child(c.child_names[0])
                 cfg = ResponderConfig(
                     local_addr=c.local_addr,
                     local_auth=mine,
                     peer_auth=theirs,
-                    ts_local=c.ts_range("local"),
-                    ts_remote=c.ts_range("remote"),
+                    ts_local=first.ts_range("local"),
+                    ts_remote=first.ts_range("remote"),
                     local_id=c.local_id,
                     remote_id=c.remote_id or c.remote_addr,
                     remote_addr=c.remote_addr,
                     ike_suites=c.ike_suites,
-                    esp_suites=c.child_suites,
-                    mode=c.sa_mode,
+                    esp_suites=first.child_suites,
+                    mode=first.sa_mode,
                     fragment_size=c.fragment_size,
+                    # IKE_AUTH may ask for another configured child (RFC 7296 §2.9)
+                    children=tuple(child_policy(c, n) for n in c.child_names[1:]),
                 )
             except ValueError as e:
                 log.error("cannot answer IKE_SA_INIT", extra={"conn": c.name, "reason": str(e)})
@@ -728,9 +768,13 @@ class Keymgr:
                 reply(out)
                 if rs.responder.info is not None:
                     send = functools.partial(self._send_responder, rs)
-                    self._track(c, r, "responder", rs.responder.info, send, now, responder=rs)
+                    self._track(
+                        c, r, "responder", rs.responder.info, send, now, responder=rs, first=child
+                    )
 
-            self._install(c, r, rs.reqid, initiator=False, encap=encap, then=installed)
+            child = rs.responder.child_name or c.child_names[0]
+            reqid = self._child_ids.get((c.name, child), (rs.reqid, ""))[0]
+            self._install(c, r, reqid, initiator=False, encap=encap, then=installed, child=child)
         elif before is ResponderState.ESTABLISHED:
             r = rs.responder.result
             assert r is not None
@@ -778,11 +822,24 @@ class Keymgr:
                 if not self._remove_retired(key, e.spi_in, e.spi_out):
                     self._remove_current(key, e.spi_in, e.spi_out)
             elif e.kind == "child_rekeyed" and e.child is not None:
-                self._rekeyed(r, e.spi_in, e.spi_out, e.child, ike, initiator=e.initiated)
+                self._rekeyed(
+                    r, e.spi_in, e.spi_out, e.child, ike, initiator=e.initiated, name=e.name
+                )
                 if st is not None:
                     st.child_rekey_at.pop(e.spi_in, None)
                     st.child_hard_at.pop(e.spi_in, None)
-                    self._schedule_child(st, e.child.spi_in, now)
+                    self._schedule_child(st, e.child.spi_in, now, e.name)
+            elif e.kind == "child_created" and e.child is not None and st is not None:
+                self._child_created(st, e.name, e.child, ike, now, initiator=e.initiated)
+            elif e.kind == "child_failed":
+                log.warning("child failed", extra={**ike, "child": e.name, "reason": e.reason})
+                self._emit(
+                    ev.NEGOTIATION_FAILED,
+                    c,
+                    self.records.get(key),
+                    child=e.name,
+                    reason=ev.failure_hint(e.reason.removeprefix("create_child: ")),
+                )
             elif e.kind == "ike_rekeyed":
                 new_i, new_r = e.ike_spis
                 if self.key_export is not None and e.ike_keys is not None and e.ike_suite:
@@ -844,17 +901,20 @@ class Keymgr:
         ike: dict[str, str],
         *,
         initiator: bool = False,
+        name: str = "",
     ) -> None:
         """A Child SA was rekeyed (RFC 7296 §2.8): install the new pair under the same reqid
         (the worker sends on the newest outbound SA of a reqid) and keep the old pair until the
         Delete of it completes (make-before-break). ``initiator``: we started the
-        CREATE_CHILD_SA, so our outbound key is ``encr_i`` (§2.17); else our inbound one."""
+        CREATE_CHILD_SA, so our outbound key is ``encr_i`` (§2.17); else our inbound one.
+        ``name``: the configured child (default: the IKE SA's only one)."""
         key = r.spi_i + r.spi_r
         self._settle(key)
-        entry = self._children.get(key)
-        if entry is None:
+        ckey = self._ckey(key, name, old_in, old_out)
+        entry = self._children.get(ckey) if ckey is not None else None
+        if entry is None or ckey is None:
             return
-        c, (cur_in, cur_out) = entry
+        c, (cur_in, cur_out) = entry.conn, entry.pair
         try:
             inbound, outbound, _spd = child_sa_configs(
                 c,
@@ -867,13 +927,14 @@ class Keymgr:
         except ValueError as e:
             _log_failure("rekeyed child install failed", ike, e)
             return
+        found = ckey
 
         def done(err: BaseException | None) -> None:
             if err is not None:
                 _log_failure("rekeyed child install failed", ike, err)
                 return
             self._rekey_installed(
-                key,
+                found,
                 c,
                 (cur_in, cur_out),
                 (inbound, outbound),
@@ -886,9 +947,109 @@ class Keymgr:
 
         self._apply(key, done, install=(inbound, outbound))
 
+    def _child_created(
+        self,
+        st: IkeSaState,
+        name: str,
+        child: ChildSaResult,
+        ike: dict[str, str],
+        now: float,
+        *,
+        initiator: bool,
+    ) -> None:
+        """A new Child SA of configured child ``name`` (RFC 7296 §1.3.1, either side started
+        it): install its pair under the child's reqid with its SPD entry, in one ApplySAs call.
+        ``initiator``: we started the CREATE_CHILD_SA (our outbound key is ``encr_i``). A pair
+        of the same child already installed on this IKE SA retires (as after a rekey)."""
+        c = st.conn
+        key = st.key
+        try:
+            view = c.child(name)
+        except LookupError:
+            log.warning("child of no configured name", extra={**ike, "child": name})
+            st.send(st.info.delete_child(now, child.spi_in))
+            return
+        reqid, spd_key = self._child_ids[(c.name, name)]
+        rec = self.records.get(key)
+        first = next((ch for k, ch in self._children.items() if k[0] == key), None)
+        if first is not None:
+            encap = first.pair[0].encap is not None
+        else:
+            encap = rec.port == NAT_T_PORT if rec is not None else st.result.nat_t
+        try:
+            inbound, outbound, spd = child_sa_configs(
+                view, replace(st.result, child=child), reqid, initiator=initiator, encap=encap
+            )
+        except ValueError as e:
+            _log_failure("child install failed", {**ike, "child": name}, e)
+            st.send(st.info.delete_child(now, child.spi_in))
+            return
+        ckey = (key, name)
+        before = self._children.get(ckey)
+        entry = _Child(view, name, spd_key, (inbound, outbound), time.time())
+        self._children[ckey] = entry
+        if before is not None:
+            self._retiring.setdefault(ckey, []).append(before.pair)
+        self._schedule_child(st, child.spi_in, now, name)
+
+        def done(err: BaseException | None) -> None:
+            if err is not None:
+                if self._children.get(ckey) is entry:
+                    if before is not None:
+                        self._retiring.get(ckey, []).remove(before.pair)
+                        self._children[ckey] = before
+                    else:
+                        del self._children[ckey]
+                _log_failure("child install failed", {**ike, "child": name}, err)
+                self._spd_repair(c, spd_key, spd)
+                if key in self._ikes:
+                    st.send(st.info.delete_child(self.clock(), child.spi_in))
+                return
+            log.info(
+                "child installed",
+                extra={
+                    **ike,
+                    "child": name,
+                    "spi_in": child.spi_in.hex(),
+                    "spi_out": child.spi_out.hex(),
+                    "reqid": reqid,
+                    "esp": child.suite_name,
+                    "mode": child.mode.name.lower(),
+                    "started_by": "us" if initiator else "peer",
+                    "spd_revision": self._spd_revision,
+                },
+            )
+            if self.key_export is not None:
+                self.key_export.child_sas((inbound, outbound))
+            self._emit(
+                ev.CHILD_UP,
+                c,
+                self.records.get(key),
+                spi_in=child.spi_in.hex(),
+                spi_out=child.spi_out.hex(),
+                child=name,
+            )
+
+        self._apply(key, done, install=(inbound, outbound), spd=(spd_key, spd))
+
+    def _ckey(
+        self, key: bytes, name: str, spi_in: bytes = b"", spi_out: bytes = b""
+    ) -> tuple[bytes, str] | None:
+        """The installed child of IKE SA ``key`` whose current pair is (spi_in, spi_out),
+        else the one named ``name``, else its only child."""
+        mine = [k for k in self._children if k[0] == key]
+        want = (int.from_bytes(spi_in, "big"), int.from_bytes(spi_out, "big"))
+        for k in mine:
+            pair = self._children[k].pair
+            if (pair[0].spi, pair[1].spi) == want:
+                return k
+        if name and (key, name) in self._children:
+            return (key, name)
+        return mine[0] if len(mine) == 1 else None
+
     def _rekey_installed(
         self,
-        key: bytes,
+        ckey: tuple[bytes, str],
         c: Connection,
         old: tuple[SaConfig, SaConfig],
         new: tuple[SaConfig, SaConfig],
@@ -901,8 +1062,12 @@ class Keymgr:
     ) -> None:
         """The worker installed the rekeyed pair ``new``: ``old`` retires."""
         (cur_in, cur_out), (inbound, outbound) = old, new
-        self._children[key] = (c, (inbound, outbound))
-        self._retiring.setdefault(key, []).append((cur_in, cur_out))
+        key, name = ckey
+        entry = self._children.get(ckey)
+        if entry is not None:
+            entry.pair = (inbound, outbound)
+            entry.installed_at = time.time()
+        self._retiring.setdefault(ckey, []).append((cur_in, cur_out))
         if self.key_export is not None:
             self.key_export.child_sas((inbound, outbound))
         rec = self.records.get(key)
@@ -916,11 +1081,13 @@ class Keymgr:
             spi_out=child.spi_out.hex(),
             old_spi_in=old_in.hex(),
             old_spi_out=old_out.hex(),
+            child=name,
         )
         log.info(
             "child rekeyed",
             extra={
                 **ike,
+                "child": name,
                 "old_spi_in": old_in.hex(),
                 "old_spi_out": old_out.hex(),
                 "spi_in": child.spi_in.hex(),
@@ -936,43 +1103,58 @@ class Keymgr:
     def _remove_retired(self, key: bytes, spi_in: bytes, spi_out: bytes) -> bool:
         """Delete a Child SA pair replaced by a rekey; False if (spi_in, spi_out) is none."""
         self._settle(key)
-        pairs = self._retiring.get(key, [])
         want = (int.from_bytes(spi_in, "big"), int.from_bytes(spi_out, "big"))
-        for pair in pairs:
-            if (pair[0].spi, pair[1].spi) != want:
+        for ckey, pairs in self._retiring.items():
+            if ckey[0] != key:
                 continue
-            pairs.remove(pair)
-            rec = self.records.get(key)
+            for pair in pairs:
+                if (pair[0].spi, pair[1].spi) != want:
+                    continue
+                pairs.remove(pair)
+                rec = self.records.get(key)
+                name = ckey[1]
 
-            def done(err: BaseException | None, rec: IkeRecord | None = rec) -> None:
-                if err is not None:
-                    _log_failure("old child removal failed", {}, err)
-                else:
-                    log.info(
-                        "old child removed",
-                        extra={"spi_in": spi_in.hex(), "spi_out": spi_out.hex()},
-                    )
-                if rec is not None:
-                    self._emit(
-                        ev.CHILD_DOWN,
-                        rec.conn,
-                        rec,
-                        spi_in=spi_in.hex(),
-                        spi_out=spi_out.hex(),
-                        reason="replaced by a rekey",
-                    )
+                def done(
+                    err: BaseException | None, rec: IkeRecord | None = rec, name: str = name
+                ) -> None:
+                    if err is not None:
+                        _log_failure("old child removal failed", {}, err)
+                    else:
+                        log.info(
+                            "old child removed",
+                            extra={"spi_in": spi_in.hex(), "spi_out": spi_out.hex()},
+                        )
+                    if rec is not None:
+                        self._emit(
+                            ev.CHILD_DOWN,
+                            rec.conn,
+                            rec,
+                            spi_in=spi_in.hex(),
+                            spi_out=spi_out.hex(),
+                            reason="replaced by a rekey",
+                            child=name,
+                        )
 
-            self._apply(key, done, delete=pair)
-            return True
+                self._apply(key, done, delete=pair)
+                return True
         return False
 
     def _remove_children(self, key: bytes, reason: str = "") -> None:
-        """Delete an IKE SA's Child SAs (and any pair still retiring after a rekey) from the
-        worker and withdraw the connection's SPD entry (replace_spd with a higher revision)
-        unless another IKE SA of the connection still has a Child SA installed."""
+        """Delete every Child SA of an IKE SA (and any pair still retiring after a rekey)
+        from the worker, each child's SPD entry withdrawn unless another IKE SA still has a
+        Child SA installed under it."""
+        ckeys = [k for k in (*self._children, *self._retiring) if k[0] == key]
+        for ckey in dict.fromkeys(ckeys):
+            self._remove_child(ckey, reason)
+
+    def _remove_child(self, ckey: tuple[bytes, str], reason: str = "") -> None:
+        """Delete one child of an IKE SA (and its pairs still retiring after a rekey) from the
+        worker and withdraw its SPD entry (replace_spd with a higher revision) unless another
+        IKE SA of the connection still has that child installed."""
+        key = ckey[0]
         self._settle(key)
-        old = tuple(sa for pair in self._retiring.pop(key, []) for sa in pair)
-        entry = self._children.pop(key, None)
+        old = tuple(sa for pair in self._retiring.pop(ckey, []) for sa in pair)
+        entry = self._children.pop(ckey, None)
         if entry is None:
             if old:
                 self._apply(
@@ -981,10 +1163,10 @@ class Keymgr:
                     delete=old,
                 )
             return
-        c, sas = entry
+        c, sas = entry.conn, entry.pair
         # Another IKE SA of the same connection (a responder answers many) still has its Child
-        # SA installed under the connection's entry: withdrawing it would cut that traffic off.
-        still_used = any(other.name == c.name for other, _ in self._children.values())
+        # SA installed under the child's entry: withdrawing it would cut that traffic off.
+        still_used = any(ch.spd_key == entry.spd_key for ch in self._children.values())
         rec = self.records.get(key)
 
         def done(err: BaseException | None) -> None:
@@ -995,6 +1177,7 @@ class Keymgr:
                 "child removed",
                 extra={
                     "conn": c.name,
+                    "child": entry.name,
                     "spi_in": sas[0].spi.to_bytes(4, "big").hex(),
                     "spi_out": sas[1].spi.to_bytes(4, "big").hex(),
                     "spd_revision": self._spd_revision,
@@ -1007,9 +1190,10 @@ class Keymgr:
                 spi_in=f"{sas[0].spi:08x}",
                 spi_out=f"{sas[1].spi:08x}",
                 reason=reason,
+                child=entry.name,
             )
 
-        spd = None if still_used else (c.name, None)
+        spd = None if still_used else (entry.spd_key, None)
         self._apply(key, done, delete=(*old, *sas), spd=spd)
 
     # --- lifetimes, rekeying and dead peers (RFC 7296 §1.3.2, §1.3.3, §2.4, §2.8) ------------
@@ -1025,22 +1209,53 @@ class Keymgr:
         *,
         session: Session | None = None,
         responder: ResponderSession | None = None,
+        first: str = "",
     ) -> None:
-        """Start the lifetime and liveness clocks of a freshly established IKE SA."""
+        """Start the lifetime and liveness clocks of a freshly established IKE SA; ``first``
+        names the child IKE_AUTH created (default: the connection's first)."""
         info.dpd_delay = c.dpd_delay
         info.retransmit_timeout = c.retransmit_timeout
         info.retransmit_tries = c.retransmit_tries
         st = IkeSaState(c, r.spi_i + r.spi_r, role, r, info, send, session, responder)
         self._ikes[st.key] = st
-        self._schedule_child(st, r.child.spi_in, now)
+        first = first or c.child_names[0]
+        # RFC 7296 §1.3.1: the children the peer may create, and the names of ours
+        info.configure_children(tuple(child_policy(c, n) for n in c.child_names), first=first)
+        self._schedule_child(st, r.child.spi_in, now, first)
         self._schedule_ike(st, now)
         info.on_timer(now)  # the liveness clock starts now
+        if session is not None:
+            # our further children: start ones now, trap ones on ACQUIRE, asked-for ones now
+            want = {n for n in c.child_names[1:] if c.child(n).start_action == "start"}
+            want |= session.want
+            session.want = set()
+            for n in c.child_names[1:]:
+                if n in want:
+                    self._create_child(st, n, now)
+
+    def _create_child(self, st: IkeSaState, name: str, now: float) -> bool:
+        """Send (or queue) a CREATE_CHILD_SA for child ``name`` on IKE SA ``st`` (§1.3.1)."""
+        policy = next((p for p in st.info.policies if p.name == name), None)
+        if policy is None or st.info.closed:
+            return False
+        log.info(
+            "child initiating",
+            extra={"conn": st.conn.name, "child": name, "spi_i": st.info.spis[0].hex()},
+        )
+        out = st.info.create_child(now, policy)
+        if out:
+            st.send(out)
+        return True
 
     def _untrack(self, key: bytes) -> IkeSaState | None:
         return self._ikes.pop(key, None)
 
-    def _schedule_child(self, st: IkeSaState, spi_in: bytes, now: float) -> None:
-        c = st.conn
+    def _schedule_child(self, st: IkeSaState, spi_in: bytes, now: float, name: str = "") -> None:
+        """The rekey and hard-expiry times of a new Child SA, from child ``name``'s lifetimes."""
+        try:
+            c = st.conn.child(name) if name else st.conn
+        except LookupError:
+            c = st.conn
         if c.rekey_time > 0:
             st.child_rekey_at[spi_in] = now + c.rekey_time - self.jitter(c.child_rand_time)
         if c.child_life_time > 0:
@@ -1131,26 +1346,67 @@ class Keymgr:
 
         self._apply(None, done, spd=(s.conn.name, s.spd))
 
+    def _trap_child(self, s: Session, child: str) -> None:
+        """start_action trap of a further child: its PROTECT entry without SAs; the worker's
+        ACQUIRE for its reqid creates it (_worker_events)."""
+        reqid, spd_key = self._child_ids[(s.conn.name, child)]
+        spd = connection_spd(s.conn.child(child), reqid)
+        extra = {"conn": s.conn.name, "child": child, "reqid": reqid}
+
+        def done(err: BaseException | None) -> None:
+            if err is not None:
+                _log_failure("trap policy install failed", extra, err)
+                return
+            log.info("trap installed", extra=extra)
+
+        self._apply(None, done, spd=(spd_key, spd))
+
+    def _states(self, name: str) -> list[IkeSaState]:
+        """The established IKE SAs of connection ``name`` (oldest first)."""
+        return [st for st in self._ikes.values() if st.conn.name == name and not st.info.closed]
+
+    def _want_child(self, s: Session, child: str, now: float) -> str:
+        """Create ``child`` of session ``s``: on its IKE SA if it is up, else after initiating
+        the IKE SA (the first child goes in IKE_AUTH, this one follows)."""
+        states = [st for st in self._states(s.conn.name) if st.session is s]
+        if states:
+            self._create_child(states[-1], child, now)
+            return "CREATE_CHILD_SA sent"
+        s.want.add(child)
+        ini = s.initiator
+        if ini is None or ini.state in (State.FAILED, State.CLOSED):
+            self._initiate(s, now)
+            if s.initiator is None:
+                return f"cannot start: see keymgr's log; retrying in {RETRY_AFTER_FAILURE}s"
+            return "IKE_SA_INIT sent; the child follows once the IKE SA is up"
+        return "the child follows once the IKE SA being negotiated is up"
+
     def _forget_responder(self, rs: ResponderSession) -> None:
         for spi in [k for k, v in self.responders.items() if v is rs]:
             del self.responders[spi]
 
     def _remove_current(self, key: bytes, spi_in: bytes, spi_out: bytes) -> None:
-        """Delete the IKE SA's current Child SA pair (spi_in, spi_out): a pair still installed
-        from a rekey takes over; without one the SPD entry is withdrawn too."""
+        """Delete a child's current Child SA pair (spi_in, spi_out): a pair still installed
+        from a rekey takes over; without one the child's SPD entry is withdrawn too."""
         self._settle(key)
-        entry = self._children.get(key)
-        if entry is None:
-            return
-        c, (cur_in, cur_out) = entry
         want = (int.from_bytes(spi_in, "big"), int.from_bytes(spi_out, "big"))
-        if (cur_in.spi, cur_out.spi) != want:
+        ckey = next(
+            (
+                k
+                for k, ch in self._children.items()
+                if k[0] == key and (ch.pair[0].spi, ch.pair[1].spi) == want
+            ),
+            None,
+        )
+        if ckey is None:
             return
-        older = self._retiring.get(key)
+        entry = self._children[ckey]
+        c, (cur_in, cur_out) = entry.conn, entry.pair
+        older = self._retiring.get(ckey)
         if not older:
-            self._remove_children(key)
+            self._remove_child(ckey)
             return
-        self._children[key] = (c, older.pop())
+        entry.pair = older.pop()
 
         def done(err: BaseException | None) -> None:
             if err is not None:
@@ -1199,6 +1455,13 @@ class Keymgr:
                         log.info("acquire: initiating", extra={"conn": s.conn.name})
                         s.held = False
                         self._initiate(s, now)
+                    for child in s.conn.child_names[1:]:
+                        if self._child_ids[(s.conn.name, child)][0] != e.reqid:
+                            continue
+                        if any(k[1] == child for k in self._children if k[0] in self._ikes):
+                            continue  # installed meanwhile (a packet queued before that)
+                        log.info("acquire: child", extra={"conn": s.conn.name, "child": child})
+                        self._want_child(s, child, now)
             elif isinstance(e, (SoftExpire, HardExpire)):
                 self._expired(e, now)
             elif isinstance(e, LeaseLow):
@@ -1211,7 +1474,8 @@ class Keymgr:
 
     def _outbound_sa(self, key: LeaseKey) -> SaConfig | None:
         """Our installed (or retiring) outbound SA named ``key``."""
-        for _c, (_in, out) in self._children.values():
+        for ch in self._children.values():
+            out = ch.pair[1]
             if _lease_key(out) == key:
                 return out
         for pairs in self._retiring.values():
@@ -1320,7 +1584,7 @@ class Keymgr:
                 self._finish(d)
                 continue
             self._dispatch(d, self.clock())
-        for key in list(self._children):
+        for key in dict.fromkeys(k[0] for k in self._children):
             self._remove_children(key, "keymgr stopping")
         self._settle_all()
         for rec in list(self.records.values()):
@@ -1425,9 +1689,11 @@ class Keymgr:
         initiator: bool,
         encap: bool,
         then: Callable[[bool], None],
+        child: str = "",
     ) -> None:
         """Install an established IKE SA's Child SA pair and, unless it is installed already
-        and unchanged, the connection's SPD entry, in one ApplySAs call (see _apply).
+        and unchanged, its child's SPD entry, in one ApplySAs call (see _apply). ``child``:
+        the configured child IKE_AUTH created (default: the connection's first).
 
         The one installation path for both roles; ``then(ok)`` runs when the worker answered,
         with False (logged) when it refused.
@@ -1446,9 +1712,12 @@ class Keymgr:
             },
         )
         key = r.spi_i + r.spi_r
+        name = child or c.child_names[0]  # the child negotiated in IKE_AUTH
+        view = c.child(name)
+        spd_key = self._child_ids.get((c.name, name), (reqid, c.name))[1]
         try:
             inbound, outbound, spd = child_sa_configs(
-                c, r, reqid, initiator=initiator, encap=encap, seq_lease_block=self._lease_block
+                view, r, reqid, initiator=initiator, encap=encap, seq_lease_block=self._lease_block
             )
         except ValueError as e:
             # our own reason (no key material), e.g. an AH Child SA across NAT
@@ -1458,21 +1727,22 @@ class Keymgr:
             return
         # counted as installed while in flight, so no Delete of another IKE SA of the
         # connection withdraws the SPD entry meanwhile
-        self._children[key] = (c, (inbound, outbound))
+        ckey = (key, name)
+        self._children[ckey] = _Child(view, name, spd_key, (inbound, outbound), time.time())
 
         def done(err: BaseException | None) -> None:
             if err is not None:
-                entry = self._children.get(key)
-                if entry is not None and entry[1][0] is inbound:
-                    del self._children[key]
+                entry = self._children.get(ckey)
+                if entry is not None and entry.pair[0] is inbound:
+                    del self._children[ckey]
                 _log_failure("child install failed", {"conn": c.name}, err)
-                self._spd_repair(c, spd)
+                self._spd_repair(c, spd_key, spd)
                 then(False)
                 return
-            self._installed(c, r, reqid, role, encap, (inbound, outbound))
+            self._installed(c, r, reqid, role, encap, (inbound, outbound), name)
             then(True)
 
-        self._apply(key, done, install=(inbound, outbound), spd=(c.name, spd))
+        self._apply(key, done, install=(inbound, outbound), spd=(spd_key, spd))
 
     def _installed(
         self,
@@ -1482,12 +1752,14 @@ class Keymgr:
         role: str,
         encap: bool,
         sas: tuple[SaConfig, SaConfig],
+        child: str,
     ) -> None:
         proto = "ah" if r.child.ah else "esp"
         log.info(
             "child installed",
             extra={
                 "conn": c.name,
+                "child": child,
                 "role": role,
                 "spi_in": r.child.spi_in.hex(),
                 "spi_out": r.child.spi_out.hex(),
@@ -1499,20 +1771,20 @@ class Keymgr:
                 "spd_revision": self._spd_revision,
             },
         )
-        self._up(c, r, role, encap, sas)
+        self._up(c, r, role, encap, sas, child)
 
-    def _spd_repair(self, c: Connection, spd: SpdEntry) -> None:
-        """After a refused install of connection ``c``: its SPD entry is wanted exactly while
-        another Child SA of it is installed (or in flight, relying on the refused batch's
-        entry) or a held session keeps it; set or withdraw it accordingly."""
-        used = any(other.name == c.name for other, _ in self._children.values())
+    def _spd_repair(self, c: Connection, spd_key: str, spd: SpdEntry) -> None:
+        """After a refused install of a child of connection ``c``: its SPD entry (``spd_key``)
+        is wanted exactly while another Child SA of it is installed (or in flight, relying on
+        the refused batch's entry) or a held session keeps it; set or withdraw it."""
+        used = any(ch.spd_key == spd_key for ch in self._children.values())
         if used:
             self._apply(
-                None, _on_error("child install failed", {"conn": c.name}), spd=(c.name, spd)
+                None, _on_error("child install failed", {"conn": c.name}), spd=(spd_key, spd)
             )
         elif not any(s.held and s.conn.name == c.name for s in self.sessions):
             self._apply(
-                None, _on_error("child removal failed", {"conn": c.name}), spd=(c.name, None)
+                None, _on_error("child removal failed", {"conn": c.name}), spd=(spd_key, None)
             )
 
     # --- the worker's SAD and SPD: one ApplySAs call per change --------------------------------
@@ -1699,7 +1971,13 @@ class Keymgr:
         )
 
     def _up(
-        self, c: Connection, r: IkeSaResult, role: str, encap: bool, sas: tuple[SaConfig, SaConfig]
+        self,
+        c: Connection,
+        r: IkeSaResult,
+        role: str,
+        encap: bool,
+        sas: tuple[SaConfig, SaConfig],
+        child: str = "",
     ) -> None:
         """Record a newly established IKE SA, export its keys if asked, publish up/child_up."""
         if self.key_export is not None:
@@ -1720,7 +1998,14 @@ class Keymgr:
         )
         self.records[r.spi_i + r.spi_r] = rec
         self._emit(ev.UP, c, rec)
-        self._emit(ev.CHILD_UP, c, rec, spi_in=r.child.spi_in.hex(), spi_out=r.child.spi_out.hex())
+        self._emit(
+            ev.CHILD_UP,
+            c,
+            rec,
+            spi_in=r.child.spi_in.hex(),
+            spi_out=r.child.spi_out.hex(),
+            child=child or c.child_names[0],
+        )
 
     def _emit(self, kind: str, c: Connection, rec: IkeRecord | None, **kw: str) -> None:
         self.events.publish(
@@ -1790,11 +2075,26 @@ class Keymgr:
                 return c
         raise LookupError(f"no connection named {name!r}")
 
-    def initiate(self, name: str, now: float) -> tuple[bool, str]:
-        """Start connection ``name`` (main loop only). LookupError: unknown; ValueError: a
-        responder-only connection. (False, why) when it is up or being negotiated already."""
+    def initiate(self, name: str, now: float, child: str = "") -> tuple[bool, str]:
+        """Start connection ``name``, or only its child ``child`` (main loop only): a
+        CREATE_CHILD_SA on its IKE SA when one is up (RFC 7296 §1.3.1), else the IKE SA
+        first. LookupError:
+        unknown connection or child; ValueError: a responder-only connection without an IKE
+        SA. (False, why) when it is up or being negotiated already."""
         c = self.connection(name)
         session = next((s for s in self.sessions if s.conn is c), None)
+        if child:
+            c.child(child)  # LookupError for an unknown child
+            states = self._states(name)
+            if any((st.key, child) in self._children for st in states):
+                return False, f"child {child!r} already up"
+            if states:
+                if not self._create_child(states[-1], child, now):
+                    return False, "the IKE SA is closing"
+                return True, "CREATE_CHILD_SA sent"
+            if session is not None and child != c.child_names[0]:
+                detail = self._want_child(session, child, now)
+                return session.initiator is not None, detail
         if session is None:
             raise ValueError(
                 f"connection {name!r} only responds (start_action {c.start_action!r}); "
@@ -1809,6 +2109,45 @@ class Keymgr:
         if session.initiator is None:
             return False, f"cannot start: see keymgr's log; retrying in {RETRY_AFTER_FAILURE}s"
         return True, "IKE_SA_INIT sent"
+
+    def terminate_child(
+        self, now: float, *, name: str = "", child: str = "", spi_in: int | None = None
+    ) -> tuple[int, str]:
+        """Send an INFORMATIONAL Delete (RFC 7296 §1.4.1) of connection ``name``'s Child SAs
+        of child ``child``, or of the Child SA with our inbound SPI ``spi_in``; the IKE SA and
+        its other children stay (main loop only). LookupError when nothing matches."""
+        if spi_in is None:
+            self.connection(name).child(child)  # LookupError when unknown
+        sent = 0
+        for st in list(self._ikes.values()):
+            if st.info.closed:
+                continue
+            if spi_in is None:
+                if st.conn.name != name:
+                    continue
+                pairs = st.info.children_named(child)
+            else:
+                pairs = [p for p in st.info.children if int.from_bytes(p[0], "big") == spi_in]
+            out: list[bytes] = []
+            for pair in pairs:
+                log.info(
+                    "child deleting",
+                    extra={
+                        "conn": st.conn.name,
+                        "child": st.info.child_name(pair[0]),
+                        "spi_in": pair[0].hex(),
+                        "by": "operator",
+                    },
+                )
+                out += st.info.delete_child(now, pair[0])
+                sent += 1
+            if out:
+                st.send(out)
+        if spi_in is not None and not sent:
+            raise LookupError(f"no Child SA with inbound SPI {spi_in:08x}")
+        if not sent:
+            return 0, f"no Child SA of child {child!r} is up"
+        return sent, f"Delete sent for {sent} Child SA(s)"
 
     def terminate(
         self, now: float, *, name: str | None = None, ike_sa_id: int | None = None
@@ -1947,9 +2286,11 @@ class Keymgr:
     def child_sa_views(self) -> list[ChildSaView]:
         """The Child SAs installed in the worker (main loop)."""
         out: list[ChildSaView] = []
-        for key, (c, pair) in self._children.items():
+        for (key, name), ch in self._children.items():
+            c, pair = ch.conn, ch.pair
             rec = self.records.get(key)
-            states = [("installed", pair), *(("retiring", p) for p in self._retiring.get(key, []))]
+            retiring = self._retiring.get((key, name), [])
+            states = [("installed", pair), *(("retiring", p) for p in retiring)]
             for state, (inbound, outbound) in states:
                 out.append(
                     ChildSaView(
@@ -1969,7 +2310,8 @@ class Keymgr:
                         local_ts=(c.local_ts,),
                         remote_ts=(c.remote_ts,),
                         reqid=inbound.reqid,
-                        install_time=rec.child_installed_at if rec is not None else 0.0,
+                        install_time=ch.installed_at,
+                        name=name,
                     )
                 )
         return out
@@ -2107,4 +2449,13 @@ def connection_spd(c: Connection, reqid: int) -> SpdEntry:
         selector=Selector.make(c.local_ts, c.remote_ts),
         reqid=reqid,
         protocols=(int(IpProto.AH if c.ah else IpProto.ESP),),
+    )
+
+
+def child_policy(c: Connection, name: str) -> ChildPolicy:
+    """Child ``name`` of connection ``c`` as the IKE core negotiates it (selectors, ESP
+    suites, mode)."""
+    v = c.child(name)
+    return ChildPolicy.of_ranges(
+        name, v.ts_range("local"), v.ts_range("remote"), v.child_suites, v.sa_mode
     )

@@ -64,6 +64,7 @@ class KeymgrEvent:
     old_spi_in: str = ""
     old_spi_out: str = ""
     reason: str = ""
+    child: str = ""  # the configured Child SA's name (child_up, child_down, rekeyed, ...)
 
 
 class EventBus:
@@ -111,6 +112,8 @@ def failure_hint(reason: str | None) -> str:
         return f"{text}: the peer accepts none of our algorithms; compare the proposals"
     if "TS_UNACCEPTABLE" in text:
         return f"{text}: the peer rejects our traffic selectors; compare local_ts/remote_ts"
+    if "NO_ADDITIONAL_SAS" in text:
+        return f"{text}: the peer takes no further Child SA on this IKE SA; check its children"
     if "INVALID_KE_PAYLOAD" in text:
         return f"{text}: the peer wants another Diffie-Hellman group"
     if "no response" in text or "timeout" in text.lower():
@@ -161,6 +164,7 @@ class ChildSaView:
     reqid: int
     install_time: float
     protocol: str = "esp"  # "esp" or "ah"
+    name: str = ""  # the configured Child SA's name
 
 
 def algorithm_name(encr_id: int, key_bits: int) -> str:

@@ -23,7 +23,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -61,9 +61,10 @@ class ResponderLab(KeymgrLab):
         )
 
     def start_responder_keymgr(
-        self, extra: dict[str, object] | None = None
+        self, extra: dict[str, object] | None = None, extra_args: Sequence[str] = ()
     ) -> subprocess.Popen[bytes]:
-        """Start keymgr responding; ``extra`` adds connection fields (lifetimes, dpd, ...)."""
+        """Start keymgr responding; ``extra`` adds connection fields (lifetimes, dpd, ...),
+        ``extra_args`` command-line flags."""
         psk_file = self.workdir / "psk"
         fd = os.open(psk_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -74,7 +75,7 @@ class ResponderLab(KeymgrLab):
         argv = [sys.executable, "-m", "services.keymgr", "--config", str(cfg_file)]
         argv += ["--dataplane", f"unix:{self.sock}", "--tls-dir", str(self.pki)]
         argv += ["--server-name", WORKER_ID, "--client-name", CLIENT, "--log-level", "debug"]
-        return self._popen(argv, "keymgr.log")
+        return self._popen([*argv, *extra_args], "keymgr.log")
 
     def wait_punt_connected(self, keymgr: subprocess.Popen[bytes], timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
@@ -85,14 +86,16 @@ class ResponderLab(KeymgrLab):
             time.sleep(0.1)
         pytest.fail(f"keymgr did not connect its punt stream\n{self.logs()}")
 
-    def initiate(self) -> subprocess.CompletedProcess[str]:
-        cmd = ["swanctl", "--initiate", "--child", bsw.CONN, "--timeout", "20"]
+    def initiate(self, child: str = bsw.CONN) -> subprocess.CompletedProcess[str]:
+        cmd = ["swanctl", "--initiate", "--child", child, "--timeout", "20"]
         cmd += ["--uri", self.bench.vici("b")]
         return bsw._run(cmd, timeout=30, check=False)
 
-    def ping_from_b(self) -> subprocess.CompletedProcess[str]:
+    def ping_from_b(self, inner: tuple[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """3 pings from B's protected address to A's (``inner``: another (A, B) pair)."""
+        in_a, in_b = inner or self.case.inner
         cmd = ["ip", "netns", "exec", self.bench.ns_b, "ping", "-c", "3", "-i", "0.3", "-W", "2"]
-        cmd += ["-I", self.case.inner[1], self.case.inner[0]]
+        cmd += ["-I", in_b, in_a]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
 
 

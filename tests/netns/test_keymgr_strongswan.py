@@ -150,6 +150,7 @@ class KeymgrLab:
     _keymgrs: tuple[subprocess.Popen[bytes], ...] = ()
     _keys_file: pathlib.Path | None = None
     ike_summary: str = ""  # the check's summary line once cleanup() ran it
+    extra_routes: tuple[str, ...] = ()  # more prefixes the worker routes into its TUN
 
     @property
     def ike_pcap(self) -> pathlib.Path:
@@ -366,6 +367,8 @@ class KeymgrLab:
         argv += ["--tls-dir", str(self.pki), "--tls-cert-name", WORKER_ID]
         route = f"{self.case.inner[1]}/{self.case.host_len}"
         argv += ["--tun", "ipsec0", "--tun-mtu", "1380", "--route", route]
+        for extra in self.extra_routes:
+            argv += ["--route", extra]
         argv += ["--local-address", self.case.outer[0], "--fwmark", "0x1ee", "--table", "1450"]
         argv += ["--metrics-listen", ""]
         proc = self._popen(argv, "worker.log")
@@ -433,19 +436,25 @@ class KeymgrLab:
     def list_sas_b(self) -> str:
         return self.bench.swanctl("b", "--list-sas")
 
-    def ping(self) -> subprocess.CompletedProcess[str]:
+    def ping(self, inner: tuple[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """3 pings from A's protected address to B's (``inner``: another (A, B) pair)."""
+        src, dst = inner or self.case.inner
         cmd = ["ip", "netns", "exec", self.bench.ns_a, "ping", "-c", "3", "-i", "0.3", "-W", "2"]
-        cmd += ["-I", self.case.inner[0], self.case.inner[1]]
+        cmd += ["-I", src, dst]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
 
-    def tcp_transfer(self, from_a: bool, nbytes: int = 256 * 1024) -> tuple[dict, dict]:
+    def tcp_transfer(
+        self, from_a: bool, nbytes: int = 256 * 1024, inner: tuple[str, str] | None = None
+    ) -> tuple[dict, dict]:
         """``nbytes`` random octets over TCP between the protected addresses (A -> B when
-        ``from_a``), through the tunnel; returns (sender's report, receiver's report), each with
-        the SHA-256 its end computed (services.dataplane.lab tcp-send / tcp-recv)."""
+        ``from_a``; ``inner``: another (A, B) pair), through the tunnel; returns (sender's
+        report, receiver's report), each with the SHA-256 its end computed
+        (services.dataplane.lab tcp-send / tcp-recv)."""
+        in_a, in_b = inner or self.case.inner
         (ns_s, src), (ns_r, dst) = (
-            ((self.bench.ns_a, self.case.inner[0]), (self.bench.ns_b, self.case.inner[1]))
+            ((self.bench.ns_a, in_a), (self.bench.ns_b, in_b))
             if from_a
-            else ((self.bench.ns_b, self.case.inner[1]), (self.bench.ns_a, self.case.inner[0]))
+            else ((self.bench.ns_b, in_b), (self.bench.ns_a, in_a))
         )
         port = str(20000 + secrets.randbelow(20000))
         py = [sys.executable, "-m", "services.dataplane.lab"]

@@ -411,12 +411,13 @@ def test_responder_lifecycle_listed_streamed_and_terminated(api: Api) -> None:
         for k in (keys.encr_i, keys.encr_r, r.keys.sk_ei, r.keys.sk_er, r.keys.sk_d):
             assert k not in blobs and k.hex() not in text
 
-        # a single Child SA cannot be deleted yet: clear status, nothing happens
-        ref = pb.ChildSaRef(spi_in=int(ch.spi_in, 16))
+        # a child the connection does not have: clear status, nothing happens
+        ref = pb.ChildSaRef(connection="resp", child="nope")
         with pytest.raises(grpc.RpcError) as ei:
             api.stub.Terminate(pb.TerminateRequest(child_sa=ref), timeout=WAIT)
-        assert ei.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "terminate its IKE SA" in ei.value.details()
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "nope" in ei.value.details()
+        assert ch.name == "resp"  # the only child is named after the connection
 
         # Terminate by id: keymgr sends a Delete of the IKE SA; the peer answers it
         t = api.stub.Terminate(pb.TerminateRequest(ike_sa_id=sa.id), timeout=WAIT)

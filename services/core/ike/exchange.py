@@ -33,7 +33,8 @@ and a fragmented response is reassembled (:class:`~services.core.ike.sk.Fragment
 After IKE_AUTH the same limit applies to our CREATE_CHILD_SA and INFORMATIONAL messages and
 fragmented requests and responses are reassembled there too.
 
-Out of scope: EAP, new Child SAs beyond the first. An
+Out of scope: EAP. IKE_AUTH creates one Child SA; further ones are created afterwards with
+CREATE_CHILD_SA (:meth:`~services.core.ike.informational.InfoSession.create_child`). An
 error Notify from the responder (NO_PROPOSAL_CHOSEN, AUTHENTICATION_FAILED, ...) ends in
 :attr:`State.FAILED` with the Notify's name as ``failure_reason``. An IKE_SA_INIT response is
 unauthenticated and may be forged (§2.21.1: the recipient should not act on an error at once

@@ -26,7 +26,14 @@ dropped as :class:`InfoDrop`):
   and KE; the new IKE SA (SKEYSEED = prf(SK_d (old), g^ir (new) | Ni | Nr), §2.18, then the
   chosen suite's keys and ciphers) takes over the Child SAs, starts its message IDs at 0, and
   the peer is expected to delete the old one; ``ike_rekeyed``.
-* Other CREATE_CHILD_SA requests (a new Child SA) -> NO_ADDITIONAL_SAS.
+* CREATE_CHILD_SA without REKEY_SA and with an ESP proposal (§1.3.1): a new Child SA. The
+  first configured :class:`~services.core.ike.child.ChildPolicy` (:meth:`configure_children`)
+  whose ranges the peer's TSi / TSr intersect is taken and the selectors are narrowed to it
+  (§2.9); no such child -> TS_UNACCEPTABLE. Proposal, PFS, transport mode and keys (§2.17, Ni
+  | Nr and g^ir with a KE) are handled exactly as for a Child SA rekey (one implementation);
+  ``child_created`` names the policy. No children configured, or MAX_CHILD_SAS live Child SAs
+  already -> NO_ADDITIONAL_SAS; while our IKE SA rekey or Delete is outstanding ->
+  TEMPORARY_FAILURE.
 * A Child SA already replaced by a rekey (awaiting its Delete) is not rekeyed again:
   TEMPORARY_FAILURE (§2.25, as for a Child SA being closed); a rekey that would take the IKE SA
   above MAX_CHILD_SAS live Child SAs -> TEMPORARY_FAILURE too (the replaced ones are expected
@@ -38,7 +45,8 @@ dropped as :class:`InfoDrop`):
   CREATE_CHILD_SA request -> INVALID_SYNTAX. Integrity failures (SkError) stay silent drops.
 
 Our requests (:meth:`InfoSession.rekey_child`, :meth:`~InfoSession.rekey_ike`,
-:meth:`~InfoSession.delete_child`, :meth:`~InfoSession.delete_ike`, liveness checks) are queued
+:meth:`~InfoSession.create_child`, :meth:`~InfoSession.delete_child`,
+:meth:`~InfoSession.delete_ike`, liveness checks) are queued
 and sent one at a time (window size 1, §2.3), retransmitted with back-off from
 :meth:`~InfoSession.on_timer`; a request never answered after ``retransmit_tries`` sends ends the
 IKE SA with a ``dead`` event (§2.4). With ``dpd_delay`` > 0 an empty INFORMATIONAL is sent when
@@ -50,7 +58,13 @@ chosen suite. An INVALID_KE_PAYLOAD answer naming a group one of our suites take
 once in that group. A CHILD SA rekey of ours installs the new SA first
 (``child_rekeyed`` with ``initiated``) and then deletes the old one (``child_deleted`` once the
 peer answered); an IKE SA rekey of ours moves everything to the new IKE SA and deletes the old
-one on the old SA. A TEMPORARY_FAILURE answer is retried after a random delay.
+one on the old SA. A TEMPORARY_FAILURE answer is retried after a random delay. A new Child SA
+of ours (:meth:`~InfoSession.create_child`, §1.3.1): CREATE_CHILD_SA { [N(USE_TRANSPORT_MODE)],
+SA, Ni, [KEi], TSi, TSr } with the policy's suites and selectors, built and answered by the
+same code as a CHILD SA rekey without REKEY_SA; ``child_created`` (``initiated``) on success,
+``child_failed`` with the error notify's name otherwise (NO_PROPOSAL_CHOSEN, TS_UNACCEPTABLE,
+NO_ADDITIONAL_SAS, ...; INVALID_KE_PAYLOAD is retried once in the group asked for,
+TEMPORARY_FAILURE after a random delay).
 
 Simultaneous rekeys (§2.8.1 CHILD, §2.8.2 IKE): when the peer rekeyed the same SA while our
 rekey was outstanding, the exchange holding the lowest of the four nonces produced the
@@ -66,7 +80,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypeVar
 
 from services.core.algorithms import AlgorithmError
-from services.core.ike.child import narrow
+from services.core.ike.child import ChildPolicy, narrow
+from services.core.ike.child import hull as _hull
 from services.core.ike.constants import (
     ExchangeType,
     NotifyType,
@@ -140,8 +155,12 @@ class InfoEvent:
     """What an exchange did.
 
     ``kind``: ``liveness`` (a peer request changed nothing), ``child_deleted``,
-    ``child_rekeyed``, ``ike_rekeyed``, ``ike_deleted``, ``dead`` (a request of ours was never
-    answered; the IKE SA is closed) or ``rekey_failed`` (``reason`` names the error notify).
+    ``child_rekeyed``, ``child_created`` (a new Child SA: ``child``, ``spi_in`` / ``spi_out``
+    empty), ``ike_rekeyed``, ``ike_deleted``, ``dead`` (a request of ours was never
+    answered; the IKE SA is closed), ``rekey_failed`` or ``child_failed`` (our new Child SA
+    was refused; ``reason`` names the error notify). ``name``: the configured Child SA
+    (:class:`~services.core.ike.child.ChildPolicy`) the event is about ("" for the first Child
+    SA when :meth:`InfoSession.configure_children` did not name it).
     ``spi_in`` / ``spi_out`` name the Child SA (ours / the peer's) for ``child_deleted``, and
     the OLD Child SA for ``child_rekeyed``, whose ``child`` is the new one. ``initiated``: we
     started the CREATE_CHILD_SA; the new child's keys follow RFC 7296 §2.17 with the starter as
@@ -162,15 +181,7 @@ class InfoEvent:
     reason: str = ""
     ike_keys: IkeKeys | None = field(default=None, repr=False)  # ike_rekeyed: the new SA's
     ike_suite: IkeSuite | None = None  # ike_rekeyed: the new SA's algorithms
-
-
-def _hull(sels: tuple[TrafficSelector, ...]) -> tuple[bytes, bytes] | None:
-    """The address range spanning the selectors of the first one's family (IPv4 or IPv6)."""
-    if not sels:
-        return None
-    n = len(sels[0].start_address)
-    same = [s for s in sels if len(s.start_address) == n]
-    return min(s.start_address for s in same), max(s.end_address for s in same)
+    name: str = ""  # the Child SA's configured name (child events)
 
 
 @dataclass(eq=False)
@@ -202,11 +213,13 @@ class _IkeSa:
 @dataclass(eq=False)
 class _Request:
     """One request of ours. ``kind``: liveness, delete_child, delete_ike, rekey_child,
-    rekey_ike. ``sa``: the IKE SA it must go on (None: the current one when sent)."""
+    rekey_ike, create_child. ``sa``: the IKE SA it must go on (None: the current one when
+    sent)."""
 
     kind: str
     sa: _IkeSa | None = None
     pair: tuple[bytes, bytes] = (b"", b"")  # the Child SA deleted / rekeyed
+    policy: ChildPolicy | None = None  # create_child: the Child SA to create
     not_before: float = 0.0
     # while outstanding
     on: _IkeSa | None = None
@@ -224,7 +237,7 @@ class _Request:
     ke_group: int | None = None  # rekey_ike, or a retry after INVALID_KE_PAYLOAD: KE group
     ke_retried: bool = False
     offered_esp: tuple[EspSuite, ...] = ()
-    mode: Mode = Mode.TUNNEL  # rekey_child: the Child SA's
+    mode: Mode = Mode.TUNNEL  # rekey_child / create_child: the Child SA's
 
 
 class InfoSession:
@@ -294,10 +307,6 @@ class InfoSession:
         self._others: list[_IkeSa] = []  # replaced / redundant IKE SAs still being deleted
         # (spi_in, spi_out) of our live Child SAs, newest last (a rekey adds one; Delete drops)
         self.children: list[tuple[bytes, bytes]] = [child]
-        self._peer_ts_sel = tuple(peer_ts)
-        self._our_ts_sel = tuple(our_ts)
-        self._peer_ts = _hull(peer_ts)
-        self._our_ts = _hull(our_ts)
         self._rand = rand
         self.dpd_delay = dpd_delay
         self.retransmit_timeout = retransmit_timeout
@@ -306,7 +315,11 @@ class InfoSession:
         self._ike_suites = ike_suites
         self._esp_suites = esp_suites
         self._child_protocol = int(esp_suites[0].protocol)  # ESP or AH, for every Child SA
-        self._modes: dict[bytes, Mode] = {child[0]: mode}  # spi_in -> mode (§1.3.1)
+        # spi_in -> the live Child SA's name, negotiated selectors, suites and mode (§1.3.1)
+        self._meta: dict[bytes, ChildPolicy] = {
+            child[0]: ChildPolicy("", tuple(our_ts), tuple(peer_ts), esp_suites, mode)
+        }
+        self.policies: tuple[ChildPolicy, ...] = ()  # Child SAs the peer may create (§1.3.1)
         # RFC 7383: the largest IKE message we send whole (None: fragmentation not agreed)
         self.fragment_size = fragment_size
         self._requests = FragmentReassembler()  # the peer's fragmented requests
@@ -352,7 +365,25 @@ class InfoSession:
 
     def mode_of(self, spi_in: bytes) -> Mode:
         """The mode of our Child SA with inbound SPI ``spi_in`` (tunnel if unknown)."""
-        return self._modes.get(spi_in, Mode.TUNNEL)
+        meta = self._meta.get(spi_in)
+        return meta.mode if meta is not None else Mode.TUNNEL
+
+    def child_name(self, spi_in: bytes) -> str:
+        """The configured name of our Child SA with inbound SPI ``spi_in`` ("" if unknown)."""
+        meta = self._meta.get(spi_in)
+        return meta.name if meta is not None else ""
+
+    def children_named(self, name: str) -> list[tuple[bytes, bytes]]:
+        """The live Child SAs (spi_in, spi_out) of configured child ``name``, oldest first."""
+        return [c for c in self.children if self.child_name(c[0]) == name]
+
+    def configure_children(self, policies: tuple[ChildPolicy, ...], first: str = "") -> None:
+        """The Child SAs the peer may create and we may create on this IKE SA
+        (:meth:`create_child`); ``first`` names the Child SA negotiated in IKE_AUTH."""
+        self.policies = tuple(policies)
+        for spi_in, meta in list(self._meta.items()):
+            if not meta.name:
+                self._meta[spi_in] = replace(meta, name=first)
 
     @property
     def we_initiated(self) -> bool:
@@ -395,6 +426,18 @@ class InfoSession:
         if pair is None or pair[0] in self._deleting or self._queued("rekey_child", pair):
             return []
         self._queue.append(_Request("rekey_child", pair=pair))
+        return self._pump(now)
+
+    def create_child(self, now: float, policy: ChildPolicy) -> list[bytes]:
+        """Queue a CREATE_CHILD_SA for a new Child SA of ``policy`` (§1.3.1); returns what can
+        be sent now. ``child_created`` or ``child_failed`` follows the peer's answer. Nothing
+        happens when the IKE SA is closed or a creation of that policy is already queued."""
+        if self.closed or not policy.our_ts or not policy.peer_ts or not policy.esp_suites:
+            return []
+        reqs = [*self._queue, *((self._out,) if self._out is not None else ())]
+        if any(r.kind == "create_child" and r.policy == policy for r in reqs):
+            return []
+        self._queue.append(_Request("create_child", policy=policy))
         return self._pump(now)
 
     def rekey_ike(self, now: float) -> list[bytes]:
@@ -613,6 +656,12 @@ class InfoSession:
             return sa, ExchangeType.CREATE_CHILD_SA, self._child_rekey_request(req)
         if req.kind == "rekey_ike":
             return sa, ExchangeType.CREATE_CHILD_SA, self._ike_rekey_request(req)
+        if req.kind == "create_child" and req.policy is not None:
+            if len(self.children) >= MAX_CHILD_SAS:
+                reason = f"create_child: {MAX_CHILD_SAS} Child SAs on this IKE SA already"
+                self.events.append(InfoEvent("child_failed", reason=reason, name=req.policy.name))
+                return None
+            return sa, ExchangeType.CREATE_CHILD_SA, self._child_request(req, req.policy)
         return None
 
     def _new_child_spi(self) -> bytes:
@@ -633,34 +682,43 @@ class InfoSession:
                 raise ValueError("rand returned the wrong number of octets")
         return spi
 
-    def _rekey_pfs_group(self) -> int | None:
-        """The KE group of our CHILD SA rekeys: the first ESP suite's that names one, else
+    def _rekey_pfs_group(self, suites: tuple[EspSuite, ...]) -> int | None:
+        """The KE group of our CHILD SA requests: the first ESP suite's that names one, else
         ``pfs_group`` (None: no PFS)."""
-        named = next((s.dh for s in self._esp_suites if s.dh), 0)
+        named = next((s.dh for s in suites if s.dh), 0)
         return named or self.pfs_group
 
     def _child_rekey_request(self, req: _Request) -> list[Payload]:
         """CREATE_CHILD_SA { [N(USE_TRANSPORT_MODE)], N(REKEY_SA), SA, Ni, [KEi], TSi, TSr }
-        (§1.3.3): one proposal per ESP suite of ours."""
+        (§1.3.3): one proposal per ESP suite of the Child SA, its selectors and mode."""
+        meta = self._meta.get(req.pair[0]) or ChildPolicy("", (), (), self._esp_suites)
+        return self._child_request(req, replace(meta, mode=self.mode_of(req.pair[0])))
+
+    def _child_request(self, req: _Request, meta: ChildPolicy) -> list[Payload]:
+        """A new Child SA (§1.3.1) or, for ``rekey_child``, the rekey of ``req.pair`` (§1.3.3,
+        with N(REKEY_SA)): one proposal per ESP suite of ``meta``, PFS with the first group a
+        suite names (or ``pfs_group``), TSi / TSr from ``meta``, USE_TRANSPORT_MODE for
+        transport."""
         req.new_spi = self._new_child_spi()
         req.nonce = self._rand(_NONCE_LEN)
-        pfs = req.ke_group if req.ke_group is not None else self._rekey_pfs_group()
+        pfs = req.ke_group if req.ke_group is not None else self._rekey_pfs_group(meta.esp_suites)
         req.pfs_group = pfs
         # a suite naming a group offers that group, one without a group the KE's (none when
         # no suite names a group and ``pfs_group`` is None); the KE is in ``pfs``
-        req.offered_esp = tuple(replace(s, dh=s.dh or (pfs or 0)) for s in self._esp_suites)
-        req.mode = self.mode_of(req.pair[0])
+        req.offered_esp = tuple(replace(s, dh=s.dh or (pfs or 0)) for s in meta.esp_suites)
+        req.mode = meta.mode
         payloads: list[Payload] = []
         if req.mode is Mode.TRANSPORT:
-            payloads.append(Notify(NotifyType.USE_TRANSPORT_MODE))  # §1.3.1: keep the mode
-        # §1.3.3: REKEY_SA names the SPI we expect inbound on the old Child SA
-        payloads.append(Notify(NotifyType.REKEY_SA, b"", self._child_protocol, req.pair[0]))
+            payloads.append(Notify(NotifyType.USE_TRANSPORT_MODE))  # §1.3.1
+        if req.kind == "rekey_child":
+            # §1.3.3: REKEY_SA names the SPI we expect inbound on the old Child SA
+            payloads.append(Notify(NotifyType.REKEY_SA, b"", self._child_protocol, req.pair[0]))
         props = esp_proposals(req.offered_esp, req.new_spi, pfs=pfs is not None)
         payloads += [SA(props), Nonce(req.nonce)]
         if pfs is not None:
             req.dh = group(pfs).generate(self._rand)
             payloads.append(KE(pfs, req.dh.public_bytes()))
-        payloads += [TSi(self._our_ts_sel), TSr(self._peer_ts_sel)]
+        payloads += [TSi(meta.our_ts), TSr(meta.peer_ts)]
         return payloads
 
     def _ike_rekey_request(self, req: _Request) -> list[Payload]:
@@ -691,7 +749,9 @@ class InfoSession:
             ok = any(s.dh == want for s in req.offered_esp)
         if not ok:
             return False
-        again = _Request(req.kind, sa=req.sa, pair=req.pair, ke_group=want, ke_retried=True)
+        again = _Request(
+            req.kind, sa=req.sa, pair=req.pair, policy=req.policy, ke_group=want, ke_retried=True
+        )
         self._queue.insert(0, again)
         return True
 
@@ -699,7 +759,7 @@ class InfoSession:
         """TEMPORARY_FAILURE (§2.25): try again after RETRY_DELAY plus up to as much jitter."""
         t = self._now if self._now is not None else 0.0
         jitter = self._rand(1)[0] / 255 if RETRY_DELAY > 0 else 0.0
-        again = _Request(req.kind, sa=req.sa, pair=req.pair)
+        again = _Request(req.kind, sa=req.sa, pair=req.pair, policy=req.policy)
         again.not_before = t + RETRY_DELAY * (1 + jitter)
         self._queue.append(again)
 
@@ -724,8 +784,8 @@ class InfoSession:
             self._out = None
 
     def _requeue(self, req: _Request) -> None:
-        if req.kind in ("rekey_child", "delete_child", "liveness"):
-            self._queue.insert(0, _Request(req.kind, pair=req.pair))
+        if req.kind in ("rekey_child", "create_child", "delete_child", "liveness"):
+            self._queue.insert(0, _Request(req.kind, pair=req.pair, policy=req.policy))
 
     def _response(self, req: _Request, payloads: tuple[Payload, ...]) -> list[bytes]:
         errors = [
@@ -765,9 +825,7 @@ class InfoSession:
                 name = NotifyType(first).name
             except ValueError:
                 name = f"error notify {first}"
-            self.events.append(
-                InfoEvent("rekey_failed", req.pair[0], req.pair[1], reason=f"{req.kind}: {name}")
-            )
+            self.events.append(self._failed(req, f"{req.kind}: {name}"))
             if req.kind == "rekey_ike" and self._peer_ike_rekey is not None:
                 self._adopt_peer_ike(self._peer_ike_rekey)
             return []
@@ -776,15 +834,70 @@ class InfoSession:
                 self._child_rekeyed(req, payloads)
             elif req.kind == "rekey_ike":
                 self._ike_rekeyed(req, payloads)
+            elif req.kind == "create_child":
+                self._child_created(req, payloads)
         except (AlgorithmError, ValueError) as e:
-            self.events.append(
-                InfoEvent("rekey_failed", req.pair[0], req.pair[1], reason=f"{req.kind}: {e}")
-            )
+            self.events.append(self._failed(req, f"{req.kind}: {e}"))
+            if req.kind == "create_child":
+                self._delete_unusable(req, payloads)
         return []
+
+    def _delete_unusable(self, req: _Request, payloads: tuple[Payload, ...]) -> None:
+        """The peer created a Child SA we cannot use (another mode, selectors outside ours,
+        ...): it is deleted (§1.3.1: "MUST delete"), never reported as created."""
+        sa = _one(payloads, SA)
+        if sa is None or len(sa.proposals) != 1 or len(sa.proposals[0].spi) != 4:
+            return
+        pair = (req.new_spi, sa.proposals[0].spi)
+        if pair[0] and pair not in self.children:
+            self.children.append(pair)
+            self.delete_child_queued(pair, front=True)
+
+    def _failed(self, req: _Request, reason: str) -> InfoEvent:
+        if req.kind == "create_child":
+            name = req.policy.name if req.policy is not None else ""
+            return InfoEvent("child_failed", reason=reason, name=name)
+        return InfoEvent("rekey_failed", req.pair[0], req.pair[1], reason=reason)
+
+    def _child_created(self, req: _Request, payloads: tuple[Payload, ...]) -> None:
+        """The answer to our new Child SA (§1.3.1)."""
+        assert req.policy is not None
+        new, _nr = self._child_answer(req, payloads, req.policy)
+        self._set_child(new, req.policy, initiated=True)
+        self.children.append((new.spi_in, new.spi_out))
+        name = req.policy.name
+        self.events.append(InfoEvent("child_created", child=new, initiated=True, name=name))
 
     def _child_rekeyed(self, req: _Request, payloads: tuple[Payload, ...]) -> None:
         """The answer to our CHILD SA rekey: new SA first, then (collisions aside) the Delete of
         the old one (§1.3.3, §2.8)."""
+        meta = self._meta.get(req.pair[0]) or ChildPolicy("", (), (), self._esp_suites)
+        new, nr = self._child_answer(req, payloads, meta)
+        self._set_child(new, meta, initiated=True)
+        new_pair = (new.spi_in, new.spi_out)
+        self.children.append(new_pair)
+        self._replaced.add(req.pair[0])
+        self.events.append(
+            InfoEvent("child_rekeyed", req.pair[0], req.pair[1], new, True, name=meta.name)
+        )
+        theirs = self._peer_child_rekeys.pop(req.pair[0], None)
+        if theirs is None:
+            if req.pair in self.children:
+                self.delete_child_queued(req.pair, front=True)
+            return
+        # §2.8.1: the exchange with the lowest nonce made the redundant SA; its maker deletes it
+        ours_low = min(req.nonce, nr)
+        if ours_low < min(theirs[0]):
+            self.delete_child_queued(new_pair, front=True)  # ours is redundant
+        elif req.pair in self.children:
+            self.delete_child_queued(req.pair, front=True)  # ours survives: the old one goes
+
+    def _child_answer(
+        self, req: _Request, payloads: tuple[Payload, ...], meta: ChildPolicy
+    ) -> tuple[ChildSaResult, bytes]:
+        """Check the answer to our CHILD SA request (rekey or new) and derive the new Child
+        SA's keys (§2.17: Ni | Nr, g^ir with PFS): (the new Child SA, Nr). ValueError when
+        the answer is unusable."""
         sa = _one(payloads, SA)
         nonce = _one(payloads, Nonce)
         ke = _one(payloads, KE)
@@ -810,8 +923,8 @@ class InfoSession:
             if ke is None or ke.dh_group != req.pfs_group or req.dh is None:
                 raise ValueError("response lacks the KE of the PFS group")
             g_ir = req.dh.shared(ke.data)
-        ts_i = narrow(tsi.selectors, self._our_ts)
-        ts_r = narrow(tsr.selectors, self._peer_ts)
+        ts_i = narrow(tsi.selectors, _hull(meta.our_ts))
+        ts_r = narrow(tsr.selectors, _hull(meta.peer_ts))
         if not ts_i or not ts_r:
             raise ValueError("the peer's traffic selectors are outside ours")
         keys = child_keys(
@@ -839,22 +952,7 @@ class InfoSession:
             dh=req.pfs_group or 0,
             protocol=suite.protocol,
         )
-        self._set_mode(new.spi_in, req.mode)
-        new_pair = (new.spi_in, new.spi_out)
-        self.children.append(new_pair)
-        self._replaced.add(req.pair[0])
-        self.events.append(InfoEvent("child_rekeyed", req.pair[0], req.pair[1], new, True))
-        theirs = self._peer_child_rekeys.pop(req.pair[0], None)
-        if theirs is None:
-            if req.pair in self.children:
-                self.delete_child_queued(req.pair, front=True)
-            return
-        # §2.8.1: the exchange with the lowest nonce made the redundant SA; its maker deletes it
-        ours_low = min(req.nonce, nonce.data)
-        if ours_low < min(theirs[0]):
-            self.delete_child_queued(new_pair, front=True)  # ours is redundant
-        elif req.pair in self.children:
-            self.delete_child_queued(req.pair, front=True)  # ours survives: the old one goes
+        return new, nonce.data
 
     def delete_child_queued(self, pair: tuple[bytes, bytes], *, front: bool = False) -> None:
         """Queue the Delete of ``pair`` without sending (the caller pumps)."""
@@ -963,12 +1061,15 @@ class InfoSession:
             keys=keys,
         )
 
-    def _set_mode(self, spi_in: bytes, mode: Mode) -> None:
-        """Remember a new Child SA's mode; forget those of Child SAs that are gone."""
-        live = {c[0] for c in self.children}
-        self._modes = {k: v for k, v in self._modes.items() if k in live}
+    def _set_child(self, new: ChildSaResult, meta: ChildPolicy, *, initiated: bool) -> None:
+        """Remember a new Child SA's name, suites, negotiated selectors and mode (TSi is the
+        side of whoever started the exchange: ours when ``initiated``); forget those of Child
+        SAs that are gone."""
+        live = {c[0] for c in self.children} | {new.spi_in}
+        self._meta = {k: v for k, v in self._meta.items() if k in live}
         self._replaced &= live
-        self._modes[spi_in] = mode
+        ours, theirs = (new.ts_i, new.ts_r) if initiated else (new.ts_r, new.ts_i)
+        self._meta[new.spi_in] = replace(meta, our_ts=ours, peer_ts=theirs, mode=new.mode)
 
     # -- internals: peer requests -------------------------------------------------------------
 
@@ -1007,7 +1108,8 @@ class InfoSession:
     def _create_child_sa(
         self, sa: _IkeSa, payloads: tuple[Payload, ...]
     ) -> tuple[list[Payload], list[InfoEvent], Callable[[], None] | None]:
-        """The peer's CREATE_CHILD_SA request (RFC 7296 §1.3): Child SA and IKE SA rekeys."""
+        """The peer's CREATE_CHILD_SA request (RFC 7296 §1.3): a new Child SA, Child SA and IKE
+        SA rekeys."""
         rekey: Notify | None = None
         transport = False
         sa_p = ke = nonce = tsi = tsr = None
@@ -1038,7 +1140,7 @@ class InfoSession:
         ):
             return self._peer_ike_rekey_request(sa_p, nonce, ke)
         if rekey is None:
-            return [Notify(NotifyType.NO_ADDITIONAL_SAS)], [], None
+            return self._peer_new_child(sa, sa_p, nonce, ke, tsi, tsr, transport)
         if sa_p is None or nonce is None or tsi is None or tsr is None:
             return [Notify(NotifyType.INVALID_SYNTAX)], [], None
         # §1.3.3: REKEY_SA carries the SPI the request's sender expects inbound, i.e. the
@@ -1052,29 +1154,105 @@ class InfoSession:
         if old[0] in self._replaced or len(self.children) >= MAX_CHILD_SAS:
             # already rekeyed (its Delete is due) / too many live Child SAs: not now (§2.25)
             return [Notify(NotifyType.TEMPORARY_FAILURE)], [], None
+        meta = self._meta.get(old[0]) or ChildPolicy("", (), (), self._esp_suites)
+        # §1.3.1: a rekey of a transport-mode Child SA asks for transport again; we keep the
+        # mode of the Child SA (tunnel when the request does not ask for transport).
+        transport_ok = transport and self.mode_of(old[0]) is Mode.TRANSPORT
+        mode = Mode.TRANSPORT if transport_ok else Mode.TUNNEL
+        inner, new = self._answer_child(sa, sa_p, nonce, ke, tsi, tsr, meta, mode)
+        if new is None:
+            return inner, [], None
+        self._set_child(new, meta, initiated=False)
+        self.children.append((new.spi_in, new.spi_out))
+        self._replaced.add(old[0])
+        ours = self._outstanding("rekey_child")
+        nr = next(p.data for p in inner if isinstance(p, Nonce))
+        if ours is not None and ours.pair == old:
+            # a collision (§2.8.1): settled when the answer to our request arrives
+            self._peer_child_rekeys[old[0]] = ((nonce.data, nr), (new.spi_in, new.spi_out))
+        else:
+            # the peer rekeyed it first: a rekey of ours still queued is moot
+            self._queue = [
+                r for r in self._queue if not (r.kind == "rekey_child" and r.pair == old)
+            ]
+        event = InfoEvent("child_rekeyed", old[0], old[1], new, name=meta.name)
+        return inner, [event], None
+
+    def _peer_new_child(
+        self,
+        sa: _IkeSa,
+        sa_p: SA | None,
+        nonce: Nonce | None,
+        ke: KE | None,
+        tsi: TSi | None,
+        tsr: TSr | None,
+        transport: bool,
+    ) -> tuple[list[Payload], list[InfoEvent], Callable[[], None] | None]:
+        """The peer creates a Child SA (§1.3.1): the first configured Child SA whose ranges
+        its TSi / TSr intersect (§2.9), answered like a rekey of it."""
+        if not self.policies or len(self.children) >= MAX_CHILD_SAS:
+            return [Notify(NotifyType.NO_ADDITIONAL_SAS)], [], None
+        if sa_p is None or nonce is None or tsi is None or tsr is None:
+            return [Notify(NotifyType.INVALID_SYNTAX)], [], None
+        if self._outstanding("rekey_ike") is not None:
+            return [Notify(NotifyType.TEMPORARY_FAILURE)], [], None  # §2.25
+        policy = next(
+            (
+                pol
+                for pol in self.policies
+                if narrow(tsi.selectors, _hull(pol.peer_ts))
+                and narrow(tsr.selectors, _hull(pol.our_ts))
+            ),
+            None,
+        )
+        if policy is None:
+            return [Notify(NotifyType.TS_UNACCEPTABLE)], [], None
+        if policy.mode is Mode.TRANSPORT and not transport:
+            # as in IKE_AUTH: the RFC gives us no way to impose transport mode
+            return [Notify(NotifyType.NO_PROPOSAL_CHOSEN)], [], None
+        mode = Mode.TRANSPORT if transport and policy.mode is Mode.TRANSPORT else Mode.TUNNEL
+        inner, new = self._answer_child(sa, sa_p, nonce, ke, tsi, tsr, policy, mode)
+        if new is None:
+            return inner, [], None
+        self._set_child(new, policy, initiated=False)
+        self.children.append((new.spi_in, new.spi_out))
+        return inner, [InfoEvent("child_created", child=new, name=policy.name)], None
+
+    def _answer_child(
+        self,
+        sa: _IkeSa,
+        offer: SA,
+        nonce: Nonce,
+        ke: KE | None,
+        tsi: TSi,
+        tsr: TSr,
+        meta: ChildPolicy,
+        mode: Mode,
+    ) -> tuple[list[Payload], ChildSaResult | None]:
+        """Our answer to the peer's CREATE_CHILD_SA for a Child SA (new or rekey, §1.3.1,
+        §1.3.3): the first of ``meta``'s ESP suites the offer contains (PFS in the KE's group;
+        INVALID_KE_PAYLOAD naming a group we take, else NO_PROPOSAL_CHOSEN), the selectors
+        narrowed to ``meta``'s (§2.9; else TS_UNACCEPTABLE), our SPI, Nr, [KEr], and the new
+        Child SA's keys (§2.17 with the peer as initiator). (error answer, None) on refusal."""
         our_spi = self._new_child_spi()
         picked = choose_esp(
-            sa_p.proposals,
-            self._esp_suites,
+            offer.proposals,
+            meta.esp_suites,
             our_spi,
             ke.dh_group if ke is not None else None,
             create_child=True,
         )
         if picked is None:
-            hint = esp_ke_hint(sa_p.proposals, self._esp_suites) if ke is not None else None
+            hint = esp_ke_hint(offer.proposals, meta.esp_suites) if ke is not None else None
             if hint is not None and ke is not None and hint != ke.dh_group:
                 # §1.3: the KE is in a group we do not take, but one we take is offered
                 data = hint.to_bytes(2, "big")
-                return [Notify(NotifyType.INVALID_KE_PAYLOAD, data)], [], None
-            return [Notify(NotifyType.NO_PROPOSAL_CHOSEN)], [], None
-        # §1.3.1: a rekey of a transport-mode Child SA asks for transport again; we keep the
-        # mode of the Child SA (tunnel when the request does not ask for transport).
-        transport_ok = transport and self.mode_of(old[0]) is Mode.TRANSPORT
-        mode = Mode.TRANSPORT if transport_ok else Mode.TUNNEL
-        ts_i = narrow(tsi.selectors, self._peer_ts)
-        ts_r = narrow(tsr.selectors, self._our_ts)
+                return [Notify(NotifyType.INVALID_KE_PAYLOAD, data)], None
+            return [Notify(NotifyType.NO_PROPOSAL_CHOSEN)], None
+        ts_i = narrow(tsi.selectors, _hull(meta.peer_ts))
+        ts_r = narrow(tsr.selectors, _hull(meta.our_ts))
         if not ts_i or not ts_r:
-            return [Notify(NotifyType.TS_UNACCEPTABLE)], [], None
+            return [Notify(NotifyType.TS_UNACCEPTABLE)], None
         g_ir: bytes | None = None
         inner: list[Payload] = [SA((picked.answer,))]
         if mode is Mode.TRANSPORT:
@@ -1086,7 +1264,7 @@ class InfoSession:
             try:
                 g_ir = dh.shared(ke.data)
             except InvalidKeyExchange:  # RFC 6989 checks failed: a malformed request
-                return [Notify(NotifyType.INVALID_SYNTAX)], [], None
+                return [Notify(NotifyType.INVALID_SYNTAX)], None
             inner.append(KE(ke.dh_group, dh.public_bytes()))
         inner += [TSi(ts_i), TSr(ts_r)]
         keys = child_keys(
@@ -1114,19 +1292,7 @@ class InfoSession:
             dh=picked.dh,
             protocol=picked.suite.protocol,
         )
-        self._set_mode(new.spi_in, mode)
-        self.children.append((new.spi_in, new.spi_out))
-        self._replaced.add(old[0])
-        ours = self._outstanding("rekey_child")
-        if ours is not None and ours.pair == old:
-            # a collision (§2.8.1): settled when the answer to our request arrives
-            self._peer_child_rekeys[old[0]] = ((nonce.data, nr), (new.spi_in, new.spi_out))
-        else:
-            # the peer rekeyed it first: a rekey of ours still queued is moot
-            self._queue = [
-                r for r in self._queue if not (r.kind == "rekey_child" and r.pair == old)
-            ]
-        return inner, [InfoEvent("child_rekeyed", old[0], old[1], new)], None
+        return inner, new
 
     def _peer_ike_rekey_request(
         self, offer: SA, nonce: Nonce | None, ke: KE | None
@@ -1135,7 +1301,11 @@ class InfoSession:
         the first of our IKE suites the offer contains."""
         if nonce is None or ke is None:
             return [Notify(NotifyType.INVALID_SYNTAX)], [], None
-        if self._outstanding("rekey_child") is not None or self._outstanding("delete_child"):
+        if (
+            self._outstanding("rekey_child") is not None
+            or self._outstanding("create_child") is not None
+            or self._outstanding("delete_child") is not None
+        ):
             return [Notify(NotifyType.TEMPORARY_FAILURE)], [], None  # a Child SA task first
         usable = [
             p

@@ -50,7 +50,13 @@ Behaviour:
   octets of IP packet. A retransmitted request is answered (all fragments again) on its first
   fragment only.
 
-Out of scope: COOKIEs, CREATE_CHILD_SA started by us, EAP, more than one IKE SA per instance.
+* Several configured Child SAs (``children``, RFC 7296 §1.3.1, §2.9): IKE_AUTH's TSi / TSr are
+  matched against ``ts_remote`` / ``ts_local`` first, then against each
+  :class:`~services.core.ike.child.ChildPolicy` in order; the first whose ranges both
+  intersect gives the ranges, ESP suites and mode of the Child SA (``child_name`` says which:
+  "" for the top-level one). After IKE_AUTH the InfoSession knows them all.
+
+Out of scope: COOKIEs, EAP, more than one IKE SA per instance.
 INFORMATIONAL and CREATE_CHILD_SA exchanges after ESTABLISHED are handled by
 :mod:`services.core.ike.informational` (liveness, Delete of the Child SA or of the IKE SA ->
 CLOSED, ``delete_ike``, the peer's Child SA rekey). Time comes in as ``now``; randomness from
@@ -75,7 +81,7 @@ from services.core.ike.authn import (
     peer_hash_algorithms,
     signed_octets,
 )
-from services.core.ike.child import choose_esp_proposal, narrow
+from services.core.ike.child import ChildPolicy, choose_esp_proposal, hull, narrow
 from services.core.ike.constants import ExchangeType, NotifyType
 from services.core.ike.dh import DhPrivate, InvalidKeyExchange, group
 from services.core.ike.exchange import (
@@ -181,7 +187,8 @@ class ResponderConfig:
     TUNNEL, or TRANSPORT (only with an initiator that asks for it, see the module docstring).
     ``remote_addr`` / ports are only the defaults for NAT detection when ``receive`` is not
     told the datagram's addresses. ``fragment_size``: the largest IP packet of an RFC 7383
-    fragment we send (0: fragmentation not announced).
+    fragment we send (0: fragmentation not announced). ``children``: further Child SAs the
+    IKE_AUTH request may ask for instead (see the module docstring).
     """
 
     local_addr: str
@@ -199,10 +206,14 @@ class ResponderConfig:
     esp_suites: tuple[EspSuite, ...] = (DEFAULT_ESP,)
     mode: Mode = Mode.TUNNEL
     fragment_size: int = FRAGMENT_SIZE
+    children: tuple[ChildPolicy, ...] = ()
 
     def __post_init__(self) -> None:
         if self.fragment_size and self.fragment_size < 576:
             raise ValueError("fragment_size must be 0 or at least 576")  # RFC 7383 §2.5.1
+        for child in self.children:
+            if not child.our_ts or not child.peer_ts or not child.esp_suites:
+                raise ValueError(f"child {child.name!r} needs selectors and ESP suites")
         _ipv4(self.local_addr)
         if self.remote_addr is not None:
             _ipv4(self.remote_addr)
@@ -295,6 +306,7 @@ class Ikev2Responder:
         self._in: SkCipher | None = None
         self._out: SkCipher | None = None
         self._child_spi = b""
+        self.child_name = ""  # the configured child IKE_AUTH created ("": the top-level one)
         # RFC 7296 §2.1: the last request's message ID and the response(s) sent for it.
         self._last_exchange = 0
         self._last_mid: int | None = None
@@ -612,22 +624,34 @@ class Ikev2Responder:
             out = self._encrypted(ExchangeType.IKE_AUTH, 1, (my_id, *my_certs, my_auth))
             return self._answer(ExchangeType.IKE_AUTH, 1, out)
         self._child_spi = _nonzero(self._rand, 4, 256)  # RFC 4303 §2.1: 1..255 reserved
-        picked = choose_esp(sa.proposals, cfg.esp_suites, self._child_spi)
+        # §2.9: the top-level Child SA, else the first configured child the selectors fit
+        peer_range = (_ipv4(cfg.ts_remote[0]), _ipv4(cfg.ts_remote[1]))
+        our_range = (_ipv4(cfg.ts_local[0]), _ipv4(cfg.ts_local[1]))
+        esp_suites, child_mode = cfg.esp_suites, cfg.mode
+        ts_i = narrow(tsi.selectors, peer_range)
+        ts_r = narrow(tsr.selectors, our_range)
+        if not ts_i or not ts_r:
+            for alt in cfg.children:
+                ci = narrow(tsi.selectors, hull(alt.peer_ts))
+                cr = narrow(tsr.selectors, hull(alt.our_ts))
+                if ci and cr:
+                    ts_i, ts_r, esp_suites, child_mode = ci, cr, alt.esp_suites, alt.mode
+                    self.child_name = alt.name
+                    break
+        picked = choose_esp(sa.proposals, esp_suites, self._child_spi)
         error: int | None = None
         why = ""
-        ts_i = narrow(tsi.selectors, (_ipv4(cfg.ts_remote[0]), _ipv4(cfg.ts_remote[1])))
-        ts_r = narrow(tsr.selectors, (_ipv4(cfg.ts_local[0]), _ipv4(cfg.ts_local[1])))
         transport = _transport_requested(msg.payloads)
         if picked is None:
             error = NotifyType.NO_PROPOSAL_CHOSEN
             why = (
-                f": no {child_protocol_name(cfg.esp_suites)} proposal of the initiator matches "
-                "ours (" + ", ".join(s.name for s in cfg.esp_suites) + ")"
+                f": no {child_protocol_name(esp_suites)} proposal of the initiator matches "
+                "ours (" + ", ".join(s.name for s in esp_suites) + ")"
             )
         elif picked.suite.ah and self.nat_detected:
             error = NotifyType.NO_PROPOSAL_CHOSEN
             why = f": {AH_NAT_REASON}"
-        elif cfg.mode is Mode.TRANSPORT and not transport:
+        elif child_mode is Mode.TRANSPORT and not transport:
             error = NotifyType.NO_PROPOSAL_CHOSEN
             why = ": we are configured for transport mode, the initiator did not ask for it"
         elif not ts_i or not ts_r:
@@ -642,7 +666,7 @@ class Ikev2Responder:
         esp = picked.suite
         ck = esp_child_keys(esp, prf_id, self._keys.sk_d, self._ni, self._nr)
         # §1.3.1: transport only when asked for and configured; otherwise tunnel, no notify.
-        mode = Mode.TRANSPORT if transport and cfg.mode is Mode.TRANSPORT else Mode.TUNNEL
+        mode = Mode.TRANSPORT if transport and child_mode is Mode.TRANSPORT else Mode.TUNNEL
         child = ChildSaResult(
             spi_in=self._child_spi,
             spi_out=picked.offered.spi,
@@ -699,7 +723,7 @@ class Ikev2Responder:
             rand=self._rand,
             ike_suite=self._suite,
             ike_suites=cfg.ike_suites,
-            esp_suites=cfg.esp_suites,
+            esp_suites=esp_suites,
             mode=mode,
             fragment_size=fragment_limit(cfg.fragment_size, self._peer_addr, self.nat_t)
             if self._fragment
