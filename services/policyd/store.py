@@ -608,8 +608,9 @@ def create_rule(w: Writer, policy: Policy, data: RuleIn) -> Rule:
         raise PolicyError(
             409, f"policy {policy.name} has a rule named {data.name}; PUT to change it", "name"
         )
-    r = Rule(policy=policy)
+    r = Rule()
     _set_rule(w, r, data)
+    r.policy = policy
     s.add(r)
     _check(w, [r])
     w.record("create", "rule", f"{policy.name}/{r.name}", None, rule_doc(r))
