@@ -5,6 +5,7 @@ Writes answer only after the transaction committed (SQLite WAL with synchronous=
 PostgreSQL's commit), so an acknowledged change survives a crash of policyd or the machine.
 """
 
+import datetime as dt
 import json
 import logging
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from sqlalchemy import Engine, select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -47,6 +48,7 @@ from services.policyd.schemas import (
 )
 from services.policyd.store import PolicyError, Writer, etag
 from services.policyd.templates import TEMPLATES
+from services.runtime.logging import describe_exception
 
 log = logging.getLogger("policyd")
 
@@ -248,9 +250,10 @@ def create_app(engine: Engine, tokens: TokenStore) -> FastAPI:
     async def _integrity(_r: Request, _e: IntegrityError) -> JSONResponse:
         return _error(409, "the change conflicts with another one; GET and retry")
 
-    @app.exception_handler(OperationalError)
-    async def _busy(_r: Request, e: OperationalError) -> JSONResponse:
-        log.warning("database error", extra={"exc_type": type(e.orig).__name__})
+    @app.exception_handler(SQLAlchemyError)
+    async def _busy(_r: Request, e: SQLAlchemyError) -> JSONResponse:
+        # unreachable server, lock or pool timeout: the change was not made
+        log.warning("database error", extra=describe_exception(e))
         return _error(503, "the database is unavailable; retry later")
 
     def db() -> Iterator[Session]:
@@ -414,7 +417,7 @@ def create_app(engine: Engine, tokens: TokenStore) -> FastAPI:
             AuditOut(
                 id=a.id,
                 revision=a.revision,
-                at=a.at.isoformat(),
+                at=_utc(a.at),
                 actor=a.actor,
                 operation=a.operation,
                 kind=a.kind,
@@ -713,6 +716,13 @@ def create_app(engine: Engine, tokens: TokenStore) -> FastAPI:
         return Response(status_code=204)
 
     return app
+
+
+def _utc(at: dt.datetime) -> str:
+    """ISO 8601 in UTC with a Z (SQLite hands the stored time back without its zone)."""
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=dt.UTC)
+    return at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _page(items: list[Any], limit: int) -> dict[str, Any]:
