@@ -226,7 +226,7 @@ class Writer:
         self.changes: list[Recorded] = []
         self._audit: list[AuditEntry] = []
         self.defer_checks = False  # apply: check the touched rules once, at the end
-        self.pending: set[int] = set()
+        self.pending: list[Rule] = []
 
     def record(
         self,
@@ -403,22 +403,28 @@ def _rules_using(
 
 
 def _check(w: Writer, rules: Iterable[Rule]) -> None:
+    if w.defer_checks:  # flushed and checked once, in check_pending
+        w.pending.extend(rules)
+        return
     w.session.flush()
     for r in rules:
-        if w.defer_checks:
-            w.pending.add(r.id)
-        else:
-            check_rule(r)
+        check_rule(r)
 
 
 def check_pending(w: Writer) -> None:
-    """Check every rule a deferred-check transaction touched (by name, for the message)."""
+    """Check, on the final state, every rule a deferred-check transaction touched and that
+    still exists."""
     w.session.flush()
-    if not w.pending:
+    ids = {r.id for r in w.pending if r.id is not None}
+    if not ids:
         return
-    q = _rule_query().where(Rule.id.in_(sorted(w.pending)))
-    for r in w.session.scalars(q):
-        check_rule(r)
+    alive = set(w.session.scalars(select(Rule.id).where(Rule.id.in_(sorted(ids)))))
+    done: set[int] = set()
+    for r in w.pending:
+        if r.id in alive and r.id not in done:
+            done.add(r.id)
+            check_rule(r)
+    w.pending.clear()
 
 
 # -- single-object writes -----------------------------------------------------------------------
@@ -610,7 +616,8 @@ def create_rule(w: Writer, policy: Policy, data: RuleIn) -> Rule:
         )
     r = Rule()
     _set_rule(w, r, data)
-    r.policy = policy
+    # by id: assigning r.policy would load every rule of the policy into Policy.rules
+    r.policy_id = policy.id
     s.add(r)
     _check(w, [r])
     w.record("create", "rule", f"{policy.name}/{r.name}", None, rule_doc(r))
@@ -733,7 +740,6 @@ def apply_document(
         for name in sorted(set(fas) - {f.name for f in doc.filter_actions}):
             _with_field("filter_actions", lambda n=name: delete_filter_action(w, n, "*"))
     w.defer_checks = False
-    w.pending &= set(s.scalars(select(Rule.id).where(Rule.id.in_(sorted(w.pending)))))
     check_pending(w)
 
 

@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine, event
+from sqlalchemy.orm import Session
 
 from services.policyd.templates import TEMPLATES
 from tests.unit.policyd_support import ADMIN, READER
@@ -340,3 +342,45 @@ def test_template_never_overwrites(api: TestClient) -> None:
     assert r.status_code == 422 and "one IP address" in r.text
     r = api.post("/v1/templates/isolation", json={"exempt": ["x"]}, headers=ADMIN)
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "exempt"
+
+
+def _big_doc(policies: int, rules: int) -> dict[str, Any]:
+    doc = copy.deepcopy(DOC)
+    for i in range(policies):
+        doc["policies"].append(
+            {
+                "name": f"p{i}",
+                "rules": [
+                    {"name": f"r{j}", "filter_list": "dns", "filter_action": "block"}
+                    for j in range(rules)
+                ],
+            }
+        )
+    return doc
+
+
+def test_export_reads_a_revision_in_a_fixed_number_of_queries(engine: Engine) -> None:
+    """A compiler reads a whole revision with one query per table, whatever its size."""
+    from services.policyd import store
+    from services.policyd.schemas import PolicyDocument
+
+    counts = []
+    for policies, rules in ((0, 0), (5, 40)):
+        with Session(engine) as s:
+            w = store.Writer(s, "test", "test")
+            store.apply_document(w, PolicyDocument.model_validate(_big_doc(policies, rules)))
+            w.commit()
+        statements: list[str] = []
+
+        def count(*args: Any, _out: list[str] = statements) -> None:
+            _out.append(str(args[2]))
+
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            with Session(engine) as s, s.begin():
+                _rev, doc = store.export_document(s)
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+        assert sum(len(p["rules"]) for p in doc["policies"]) == 3 + policies * rules
+        counts.append(len(statements))
+    assert counts[0] == counts[1] <= 12
