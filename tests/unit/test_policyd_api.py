@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from services.policyd.api import create_app
 from services.policyd.auth import TokenStore
 from services.policyd.db import make_engine
-from tests.unit.policyd_support import ADMIN, READER, TOKENS
+from tests.unit.policyd_support import ADMIN, READER, TOKENS, api, db_url, engine, pg_server  # noqa: F401 - fixtures
 
 FL = {
     "name": "web",

@@ -12,7 +12,7 @@ from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session
 
 from services.policyd.templates import TEMPLATES
-from tests.unit.policyd_support import ADMIN, READER
+from tests.unit.policyd_support import ADMIN, READER, api, db_url, engine, pg_server  # noqa: F401 - fixtures
 
 DOC: dict[str, Any] = {
     "filter_lists": [

@@ -11,6 +11,7 @@ from sqlalchemy import inspect, select
 
 from services.policyd.db import make_engine, upgrade
 from services.policyd.models import Base, Revision
+from tests.unit.policyd_support import empty_db_url, pg_server  # noqa: F401 - fixtures
 
 
 @pytest.mark.parametrize("empty_db_url", ["sqlite", "postgresql"], indirect=True)

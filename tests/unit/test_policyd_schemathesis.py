@@ -16,7 +16,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.unit.policyd_support import ADMIN
+from tests.unit.policyd_support import ADMIN, api, db_url, engine, pg_server  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 EXAMPLES = 20

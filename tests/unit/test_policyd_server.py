@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.unit.policyd_support import ADMIN, READER, TOKENS
+from tests.unit.policyd_support import ADMIN, READER, TOKENS, db_url, pg_server  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parents[2]
 
