@@ -6,7 +6,7 @@ VENV_STAMP := .venv/.stamp
 APT_STAMP := .stamp-apt
 APT_PACKAGES := iproute2 iputils-ping tshark tcpdump iperf3 procps python3-venv nftables \
 	strongswan-charon strongswan-swanctl strongswan-pki libcharon-extra-plugins \
-	libstrongswan-extra-plugins libstrongswan-standard-plugins
+	libstrongswan-extra-plugins libstrongswan-standard-plugins postgresql
 PROTO_SRC := $(shell find proto -name '*.proto')
 PB_STAMP := services/pb/.stamp
 
@@ -24,7 +24,8 @@ $(APT_STAMP):
 	    || ! command -v tcpdump >/dev/null || ! command -v ping >/dev/null \
 	    || ! command -v ip >/dev/null || ! python3 -c 'import venv, ensurepip' 2>/dev/null \
 	    || ! command -v nft >/dev/null || ! command -v pki >/dev/null \
-	    || ! test -x /usr/lib/ipsec/charon || ! command -v swanctl >/dev/null; then \
+	    || ! test -x /usr/lib/ipsec/charon || ! command -v swanctl >/dev/null \
+	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
 	fi

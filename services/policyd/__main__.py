@@ -1,0 +1,77 @@
+"""``python -m services.policyd``: the policy store's REST API (uvicorn).
+
+Settings come from flags or ``POLICYD_*`` environment variables (flags win): the database URL
+(SQLite file by default, ``postgresql+psycopg://...`` for PostgreSQL), the tokens file and the
+listen address. The schema is migrated to the newest version at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from services.policyd.api import create_app
+from services.policyd.auth import TokensError, TokenStore
+from services.policyd.db import make_engine, upgrade
+from services.runtime.logging import configure_logging, get_logger
+
+log = get_logger("policyd")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(
+        prog="python -m services.policyd",
+        description="policyd: IPsec policy in SQL behind a REST API. "
+        "Flags override POLICYD_* environment variables.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--database-url",
+        default=env("POLICYD_DATABASE_URL", "sqlite:///policyd.db"),
+        help="SQLAlchemy URL: sqlite:///FILE or postgresql+psycopg://USER@HOST/DB "
+        "(POLICYD_DATABASE_URL)",
+    )
+    p.add_argument(
+        "--tokens-file",
+        default=env("POLICYD_TOKENS_FILE"),
+        required=env("POLICYD_TOKENS_FILE") is None,
+        help="JSON file of bearer tokens and roles (POLICYD_TOKENS_FILE)",
+    )
+    p.add_argument(
+        "--listen",
+        default=env("POLICYD_LISTEN", "127.0.0.1:8080"),
+        help="HOST:PORT to serve on (POLICYD_LISTEN)",
+    )
+    p.add_argument("--log-level", default=env("POLICYD_LOG_LEVEL", "info"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    host, sep, port = args.listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        print(f"--listen: expected HOST:PORT, got {args.listen!r}", file=sys.stderr)
+        return 2
+    try:
+        tokens = TokenStore.load(Path(args.tokens_file))
+    except TokensError as e:
+        print(f"--tokens-file: {e}", file=sys.stderr)
+        return 2
+    engine = make_engine(args.database_url)
+    upgrade(engine)
+    app = create_app(engine, tokens)
+    log.info(
+        "policyd listening", extra={"listen": args.listen, "db": engine.url.render_as_string()}
+    )
+    uvicorn.run(app, host=host.strip("[]") or "0.0.0.0", port=int(port), log_level=args.log_level)  # noqa: S104
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
