@@ -26,6 +26,9 @@ class SpdEntry:
     selector: Selector
     reqid: int = 0
     protocols: tuple[int, ...] = (50,)  # SA bundle applied in order: (50,), (51,) or (50, 51)
+    # PROTECT only (policyd's "request security"; both False = "require"):
+    accept_clear: bool = False  # inbound clear packets matching the entry are accepted
+    clear_fallback: bool = False  # outbound with no SA: ACQUIRE, then send the packet clear
 
 
 NO_MATCH: SpdEntry | None = None
