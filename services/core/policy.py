@@ -41,7 +41,7 @@ from services.core.selectors import Prefix, Selector
 from services.core.spd import Action, SpdEntry
 
 IKE_PORTS = (500, 4500)
-UDP, ICMP, ICMPV6 = 17, 1, 58
+UDP = 17
 MAX_CHILDREN = 8  # Child SAs per keymgr connection (services.keymgr.config.MAX_CHILDREN)
 MAX_CONNECTION_NAME = 64
 REKEY_FRACTION = 0.9  # rekey at 90 % of a Windows (hard) lifetime, as strongSwan's margin
@@ -344,15 +344,6 @@ def _side(text: str, version: int, me: Sequence[IpAddr]) -> _Side | None:
     return _Side((_host(addr),), 1, text) if addr.version == version else None
 
 
-def _versions(src: str, dst: str, proto: int) -> tuple[int, ...]:
-    out = []
-    for v in (4, 6):
-        if (proto == ICMP and v == 6) or (proto == ICMPV6 and v == 4):
-            continue
-        out.append(v)
-    return tuple(out)
-
-
 def _ports(value: object, what: str) -> tuple[int, int]:
     if value is None:
         return _ANY_PORTS
@@ -568,7 +559,7 @@ def _units(rules: Sequence[_Rule], me: Sequence[IpAddr], notes: list[Unsupported
                 directions.append(mirror)
             resolved_any = False
             for mirrored, s_t, d_t, sp, dp, loc in directions:
-                for v in _versions(s_t, d_t, proto):
+                for v in (4, 6):
                     s, d = _side(s_t, v, me), _side(d_t, v, me)
                     if s is None or d is None:
                         continue

@@ -69,7 +69,7 @@ import ipaddress
 import json
 import math
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -84,6 +84,7 @@ from services.core.ike.suites import (
     parse_esp_list,
     parse_ike_list,
 )
+from services.core.policy import ConnectionSpec
 from services.core.sa import Mode
 
 START_ACTIONS = ("start", "trap", "none", "respond")
@@ -668,3 +669,15 @@ def config_from_json(
         for c in cfg.connections:
             authentication(c)  # the PSK, or certificates, keys and CRLs, read and discarded
     return cfg
+
+
+def connection_from_spec(spec: ConnectionSpec) -> Connection:
+    """The keymgr connection of a compiled negotiate rule
+    (:class:`services.core.policy.ConnectionSpec`), validated like a configured one."""
+    return connection_from_dict(spec.config())
+
+
+def config_from_specs(specs: Sequence[ConnectionSpec]) -> KeymgrConfig:
+    """keymgr's configuration for compiled connections, in order (the reqids the compiled SPD
+    entries carry are the ones keymgr gives them in this order)."""
+    return KeymgrConfig(tuple(connection_from_spec(s) for s in specs))
