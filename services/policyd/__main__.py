@@ -14,6 +14,7 @@ from pathlib import Path
 
 import uvicorn
 
+from services.core.policy import DEFAULT_CA_DIR, DEFAULT_SECRETS_DIR
 from services.policyd.api import create_app
 from services.policyd.auth import TokensError, TokenStore
 from services.policyd.db import make_engine, upgrade
@@ -47,6 +48,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=env("POLICYD_LISTEN", "127.0.0.1:8080"),
         help="HOST:PORT to serve on (POLICYD_LISTEN)",
     )
+    p.add_argument(
+        "--secrets-dir",
+        default=env("POLICYD_SECRETS_DIR", DEFAULT_SECRETS_DIR),
+        help="where nodes mount PSK secrets: compiled connections name <dir>/<psk_ref> "
+        "(POLICYD_SECRETS_DIR)",
+    )
+    p.add_argument(
+        "--ca-dir",
+        default=env("POLICYD_CA_DIR", DEFAULT_CA_DIR),
+        help="where nodes keep CA certificates: compiled connections name <dir>/<ca>.pem "
+        "(POLICYD_CA_DIR)",
+    )
     p.add_argument("--log-level", default=env("POLICYD_LOG_LEVEL", "info"))
     return p.parse_args(argv)
 
@@ -65,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     engine = make_engine(args.database_url)
     upgrade(engine)
-    app = create_app(engine, tokens)
+    app = create_app(engine, tokens, secrets_dir=args.secrets_dir, ca_dir=args.ca_dir)
     log.info(
         "policyd listening", extra={"listen": args.listen, "db": engine.url.render_as_string()}
     )

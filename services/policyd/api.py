@@ -6,6 +6,7 @@ PostgreSQL's commit), so an acknowledged change survives a crash of policyd or t
 """
 
 import datetime as dt
+import ipaddress
 import json
 import logging
 from collections.abc import Iterator
@@ -22,6 +23,12 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.core.policy import (
+    DEFAULT_CA_DIR,
+    DEFAULT_SECRETS_DIR,
+    NodeContext,
+    compile_policy,
+)
 from services.policyd import store
 from services.policyd.auth import Principal, TokenStore
 from services.policyd.db import session_factory
@@ -31,6 +38,7 @@ from services.policyd.schemas import (
     ApplyResult,
     AuditOut,
     Change,
+    CompiledOut,
     DocumentOut,
     ErrorOut,
     FilterActionIn,
@@ -215,8 +223,45 @@ def load_yaml(body: bytes) -> Any:
     return data
 
 
-def create_app(engine: Engine, tokens: TokenStore) -> FastAPI:
-    """The policyd application on a migrated database ``engine``."""
+MAX_NODE_ADDRESSES = 64
+
+
+def node_addresses(values: list[str]) -> tuple[str, ...]:
+    """The ``addresses`` query parameter (repeated, or comma-separated) as canonical IP
+    addresses; PolicyError 422 naming the bad one."""
+    out: list[str] = []
+    for value in values:
+        for part in value.split(","):
+            text = part.strip()
+            if not text:
+                continue
+            try:
+                addr = ipaddress.ip_address(text) if len(text) <= 45 else None
+            except ValueError:
+                addr = None
+            if addr is None:
+                raise PolicyError(
+                    422,
+                    "expected IP addresses of the node, e.g. 192.0.2.1,2001:db8::1",
+                    "addresses",
+                )
+            if str(addr) not in out:
+                out.append(str(addr))
+    if len(out) > MAX_NODE_ADDRESSES:
+        raise PolicyError(422, f"at most {MAX_NODE_ADDRESSES} addresses", "addresses")
+    return tuple(out)
+
+
+def create_app(
+    engine: Engine,
+    tokens: TokenStore,
+    *,
+    secrets_dir: str = DEFAULT_SECRETS_DIR,
+    ca_dir: str = DEFAULT_CA_DIR,
+) -> FastAPI:
+    """The policyd application on a migrated database ``engine``. ``secrets_dir`` and
+    ``ca_dir`` are where the nodes find PSK files (``<secrets_dir>/<psk_ref>``) and CA
+    certificates (``<ca_dir>/<ca>.pem``) in compiled connections."""
     factory = session_factory(engine)
     app = FastAPI(
         title="policyd",
@@ -312,6 +357,33 @@ def create_app(engine: Engine, tokens: TokenStore) -> FastAPI:
             text = yaml.safe_dump({**doc, "revision": rev}, sort_keys=False)
             return Response(text, media_type="application/yaml", headers=headers)
         return JSONResponse({**doc, "revision": rev}, headers=headers)
+
+    @app.get(
+        "/v1/compiled",
+        response_model=CompiledOut,
+        tags=["policy"],
+        responses=ERRORS,
+    )
+    def get_compiled(
+        s: Db,
+        _p: Reader,
+        node: Annotated[
+            str, Query(pattern=NAME_PATTERN, description="the node or worker (assigned_to)")
+        ],
+        addresses: Annotated[
+            list[str] | None,
+            Query(description="the node's own addresses (what me means); repeat or use commas"),
+        ] = None,
+    ) -> Any:
+        """The current revision compiled for one node: its ordered SPD, the keymgr
+        connections of its negotiate rules, conflicts and unsupported items (no secrets)."""
+        ctx = NodeContext(
+            node, node_addresses(addresses or []), secrets_dir=secrets_dir, ca_dir=ca_dir
+        )
+        with s.begin():
+            rev, doc = store.export_document(s)
+        compiled = compile_policy(doc, rev, ctx)
+        return JSONResponse(compiled.to_dict(), headers={"ETag": etag(rev)})
 
     @app.post(
         "/v1/apply",

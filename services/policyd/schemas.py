@@ -502,6 +502,25 @@ class DocumentOut(PolicyDocument):
     revision: int
 
 
+class CompiledOut(BaseModel):
+    """The compiled policy of one node (``services.core.policy.CompiledPolicy.to_dict``)."""
+
+    revision: int = Field(description="the policy revision compiled")
+    node: str
+    entries: list[dict[str, Any]] = Field(
+        description="the node's SPD in order (first match wins), each with its origin"
+    )
+    connections: list[dict[str, Any]] = Field(
+        description="keymgr connections of the negotiate rules (secrets as file paths only)"
+    )
+    conflicts: list[dict[str, Any]] = Field(
+        description="overlapping filters with different actions: both, the overlap, the winner"
+    )
+    unsupported: list[dict[str, Any]] = Field(
+        description="what the enforcing services cannot do (yet), and what was done instead"
+    )
+
+
 class Change(BaseModel):
     operation: Literal["create", "update", "delete"]
     kind: str
