@@ -117,6 +117,7 @@ class Dataplane:
         self.drops: Counter[DropReason] = Counter()
         self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
         self.bypass_packets = 0
+        self.fallback_packets = 0  # sent clear by a PROTECT entry's clear_fallback (no SA)
         self.keepalives = 0  # NAT keepalives received
         self.keepalives_sent = 0  # NAT keepalives built by nat_keepalives()
         self._acquire_at: dict[int, float] = {}
@@ -340,6 +341,9 @@ class Dataplane:
             chain = self._resolve_chain(entry)
         if not chain:
             self._acquire(entry, key, now)
+            if entry.clear_fallback:  # "request security": clear until an SA exists
+                self.fallback_packets += 1
+                return Outbound(pkt)
             self.drops[DropReason.NO_OUTBOUND_SA] += 1
             return None
         try:

@@ -485,7 +485,18 @@ def spd_entry_from_pb(m: pb.SPDEntry, what: str = "entry") -> SpdEntry:
         raise ConversionError(f"{what}.protocols: duplicates")
     if action == Action.PROTECT and not protocols:
         protocols = (int(IpProto.ESP),)
-    return SpdEntry(m.policy_id, m.priority, action, sel, m.reqid, protocols or (50,))
+    if action != Action.PROTECT and (m.accept_clear or m.clear_fallback):
+        raise ConversionError(f"{what}: accept_clear and clear_fallback are for PROTECT entries")
+    return SpdEntry(
+        m.policy_id,
+        m.priority,
+        action,
+        sel,
+        m.reqid,
+        protocols or (50,),
+        accept_clear=m.accept_clear,
+        clear_fallback=m.clear_fallback,
+    )
 
 
 def spd_from_pb(req: pb.ReplaceSPDRequest) -> tuple[list[SpdEntry], int]:
@@ -511,6 +522,8 @@ def spd_entry_to_pb(e: SpdEntry) -> pb.SPDEntry:
         selector=selector_to_pb(e.selector),
         reqid=_u(e.reqid, 32),
         protocols=[_protocol_pb(p) for p in e.protocols],
+        accept_clear=e.accept_clear,
+        clear_fallback=e.clear_fallback,
     )
 
 

@@ -778,3 +778,48 @@ def test_equally_specific_filters_go_by_rule_order(
     i = _first(c, _key(4, src, "192.0.2.1"))
     assert i is not None and c.origins[i].rule == "one"
     assert [k.winner.rule for k in c.conflicts] == ["one"]
+
+
+# -- the worker side of request / require -------------------------------------------------------
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_worker_sends_clear_on_fallback_only_and_still_acquires(fallback: bool) -> None:
+    from scapy.all import ICMP, IP
+
+    from services.core.engine import Dataplane
+    from services.core.events import Acquire
+
+    f = {"source": "me", "destination": "10.0.0.2"}
+    action = REQUEST if fallback else REQUIRE
+    c = compile_policy(_one_rule(f, action, auth_methods=PSK), 1, NodeContext("n1", (ME4,)))
+    dp = Dataplane()
+    dp.replace_spd(list(c.entries), c.revision)
+    pkt = bytes(IP(src=ME4, dst="10.0.0.2") / ICMP())
+    out = dp.outbound(pkt, 0.0)
+    assert isinstance(dp.next_event(), Acquire)  # negotiation starts either way
+    if fallback:
+        assert out is not None and out.packet == pkt and dp.fallback_packets == 1
+    else:
+        assert out is None and dp.fallback_packets == 0
+
+
+def test_request_flags_cross_the_worker_api() -> None:
+    from services.dataplane.convert import (
+        ConversionError,
+        replace_spd_request,
+        spd_entry_from_pb,
+        spd_entry_to_pb,
+        spd_from_pb,
+    )
+
+    f = {"source": "me", "destination": "10.0.0.2"}
+    c = compile_policy(_one_rule(f, REQUEST, auth_methods=PSK), 5, NODE)
+    entries, rev = spd_from_pb(replace_spd_request(c.entries, c.revision))
+    assert (tuple(entries), rev) == (c.entries, 5)
+    assert any(e.accept_clear and e.clear_fallback for e in entries)
+    bypass = next(e for e in c.entries if e.action is Action.BYPASS)
+    m = spd_entry_to_pb(bypass)
+    m.clear_fallback = True
+    with pytest.raises(ConversionError, match="PROTECT"):
+        spd_entry_from_pb(m)
