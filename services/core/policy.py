@@ -141,7 +141,8 @@ class Conflict:
 @dataclass(frozen=True, slots=True)
 class Unsupported:
     """Something in the policy the enforcing services cannot do (yet): reported, never
-    silently dropped. ``item`` is the document field, ``effect`` what the compiler did."""
+    silently dropped. ``item`` is the document field; ``reason`` says why and what the
+    compiler did instead."""
 
     policy: str
     rule: str
@@ -859,10 +860,13 @@ def _connections(
             groups[(local, str(remote))] = list(pairs_of[r.order])
         else:
             wide: set[str] = set()
+            narrow: set[str] = set()
             for lp, rp in pairs_of[r.order]:
                 mine = lp.length == _BITS[lp.version] and any(_host(a) == lp for a in me)
                 if not mine:
-                    continue  # not this node's traffic in transport mode
+                    if any(lp.contains(a.packed) for a in me):
+                        narrow.add(str(lp))
+                    continue  # else not this node's traffic in transport mode
                 if rp.length != _BITS[rp.version]:
                     wide.add(str(rp))
                     continue
@@ -877,6 +881,16 @@ def _connections(
                     else ipaddress.IPv6Address(rp.value)
                 )
                 groups.setdefault((la, ra), []).append((lp, rp))
+            for text in sorted(narrow):
+                notes.append(
+                    Unsupported(
+                        r.pname,
+                        r.rname,
+                        "filter_list",
+                        f"transport mode from {text}: a transport SA is host to host; only "
+                        "filters whose local side is this node's address (or me) get one",
+                    )
+                )
             for text in sorted(wide):
                 notes.append(
                     Unsupported(
@@ -954,11 +968,19 @@ def _fields(s: ConnectionSpec) -> dict[str, Any]:
 # -- entries ------------------------------------------------------------------------------------
 
 
-def _exemptions(me: Sequence[IpAddr]) -> list[tuple[Selector, EntryOrigin]]:
-    """UDP 500 and 4500 to and from this node, either port direction (RFC 4301 §5.1: IKE is
-    never caught by the policy it sets up)."""
+def _exemptions(
+    me: Sequence[IpAddr], specs: Sequence[ConnectionSpec]
+) -> list[tuple[Selector, EntryOrigin]]:
+    """UDP 500 and 4500 to and from this node (its addresses and the local ends of its
+    connections), either port direction (RFC 4301 §5.1: IKE is never caught by the policy it
+    sets up). A node without addresses exempts UDP 500 and 4500 of every address."""
     out: list[tuple[Selector, EntryOrigin]] = []
-    ours = [_host(a) for a in me] or [Prefix(4, 0, 0), Prefix(6, 0, 0)]
+    hosts = list(me)
+    for spec in specs:
+        addr = ipaddress.ip_address(spec.local_addr)
+        if addr not in hosts:
+            hosts.append(addr)
+    ours = [_host(a) for a in hosts] or [Prefix(4, 0, 0), Prefix(6, 0, 0)]
     origin = EntryOrigin("", EXEMPTION_RULE, -1)
     for host in ours:
         anyp = Prefix(host.version, 0, 0)
@@ -985,7 +1007,7 @@ def compile_policy(doc: Mapping[str, Any], revision: int, ctx: NodeContext) -> C
         raise CompileError(f"not a policy document ({type(e).__name__})") from None
     rows: list[tuple[Action, Selector, EntryOrigin, int, tuple[int, ...], bool, bool]] = []
     if any(u.treatment[0] == "negotiate" for u in units):
-        for sel, origin in _exemptions(me):
+        for sel, origin in _exemptions(me, specs):
             rows.append((Action.BYPASS, sel, origin, 0, (50,), False, False))
     for u in units:
         act = ACTIONS[u.treatment[0]]

@@ -823,3 +823,29 @@ def test_request_flags_cross_the_worker_api() -> None:
     m.clear_fallback = True
     with pytest.raises(ConversionError, match="PROTECT"):
         spd_entry_from_pb(m)
+
+
+def test_exemptions_cover_a_local_tunnel_endpoint_outside_the_node_addresses() -> None:
+    f = {"source": "10.1.0.0/16", "destination": "10.2.0.0/16"}
+    doc = _one_rule(
+        f,
+        REQUIRE,
+        auth_methods=PSK,
+        tunnel_endpoint="192.0.2.2",
+        local_tunnel_endpoint="198.51.100.7",
+    )
+    c = compile_policy(doc, 1, NodeContext("n1", (ME4,)))
+    assert [s.local_addr for s in c.connections] == ["198.51.100.7"]
+    i = _first(c, _key(4, "198.51.100.7", "192.0.2.2", 17, 500, 500))
+    assert i is not None and c.origins[i].rule == "ike-exemption"
+    # traffic between the subnets is protected, the other way round too (mirrored)
+    for src, dst in (("10.1.2.3", "10.2.3.4"), ("10.2.3.4", "10.1.2.3")):
+        i = _first(c, _key(4, src, dst))
+        assert i is not None and c.entries[i].reqid == c.connections[0].reqids[0]
+
+
+def test_transport_from_a_prefix_holding_the_node_is_reported() -> None:
+    f = {"source": "10.0.0.0/24", "destination": "10.0.9.9"}
+    c = compile_policy(_one_rule(f, REQUIRE, auth_methods=PSK), 1, NODE)
+    assert c.connections == ()
+    assert any("host to host" in u.reason for u in c.unsupported)
