@@ -1003,7 +1003,9 @@ def compile_policy(doc: Mapping[str, Any], revision: int, ctx: NodeContext) -> C
         rules, notes = _rules(doc, ctx.name)
         units = _units(rules, me, notes)
         specs, where = _connections(rules, units, ctx, me, notes)
-    except (KeyError, TypeError, AttributeError) as e:
+    except CompileError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise CompileError(f"not a policy document ({type(e).__name__})") from None
     rows: list[tuple[Action, Selector, EntryOrigin, int, tuple[int, ...], bool, bool]] = []
     if any(u.treatment[0] == "negotiate" for u in units):

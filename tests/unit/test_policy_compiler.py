@@ -740,10 +740,16 @@ def test_same_document_gives_equal_output(doc: dict[str, Any], data: st.DataObje
         lambda d: d["filter_actions"][0].update(action="maybe"),
         lambda d: d["policies"][0]["rules"][0].update(name=None),
         lambda d: d.update(filter_actions=[1]),
+        lambda d: d["policies"][0]["rules"][0].update(auth_methods=7),
+        lambda d: d["filter_actions"][0].update(security_methods=[{"protocol": 5}]),
+        lambda d: d["policies"][0]["rules"][0].update(tunnel_endpoint="nowhere"),
+        lambda d: d["policies"][0].update(main_mode=None),
     ],
 )
 def test_a_malformed_document_is_a_compile_error(mutate: Any) -> None:
-    doc = _one_rule({"source": "me", "destination": "10.0.0.2", "protocol": "tcp"}, BLOCK)
+    f = {"source": "me", "destination": "10.0.0.2", "protocol": "tcp"}
+    doc = _one_rule(f, REQUIRE, auth_methods=PSK)
+    compile_policy(doc, 1, NODE)  # valid before the change
     mutate(doc)
     with pytest.raises(CompileError):
         compile_policy(doc, 1, NODE)
@@ -849,3 +855,34 @@ def test_transport_from_a_prefix_holding_the_node_is_reported() -> None:
     c = compile_policy(_one_rule(f, REQUIRE, auth_methods=PSK), 1, NODE)
     assert c.connections == ()
     assert any("host to host" in u.reason for u in c.unsupported)
+
+
+def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out: list[tuple[Any, ...]] = [prefix] if prefix else []
+    items = (
+        obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else []
+    )
+    for k, v in items:
+        out.extend(_paths(v, (*prefix, k)))
+    return out
+
+
+JUNK = [None, 0, -1, 1 << 70, "", "x", "10.0.0.1/33", "1-2-3", [], {}, [1], True, 1.5]
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_any_damaged_document_compiles_or_is_a_compile_error(data: st.DataObject) -> None:
+    f = {"source": "me", "destination": "10.0.0.2-10.0.0.3", "protocol": "tcp", "source_port": 80}
+    doc = _one_rule(f, REQUEST, auth_methods=PSK, tunnel_endpoint="192.0.2.2")
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(_paths(doc)))
+        target = doc
+        for k in path[:-1]:
+            target = target[k]
+        target[path[-1]] = data.draw(st.sampled_from(JUNK))
+    try:
+        c = compile_policy(doc, 1, NODE)
+    except CompileError:
+        return
+    json.dumps(c.to_dict())
