@@ -1,6 +1,6 @@
 """`make bench`: ESP transform cost vs the bare AEAD call, TCP throughput between two workers,
-IKEv2 handshakes per second (scripts/bench_ike.py) and the worker's SA API calls per handshake
-(scripts/bench_dpapi.py).
+IKEv2 handshakes per second (scripts/bench_ike.py), the worker's SA API calls per handshake
+(scripts/bench_dpapi.py) and the SPD decision cost by number of entries (scripts/bench_spd.py).
 
 Writes docs/benchmarks.md with the date and machine. Benchmarks only; no test asserts timing.
 """
@@ -227,8 +227,9 @@ def bench_throughput() -> list[tuple[str, str]]:
     return rows
 
 
-# BENCH_ONLY values: transforms, TCP throughput, IKE handshakes, the worker's SA API per handshake
-PARTS = ("esp", "tput", "ike", "dpapi")
+# BENCH_ONLY values: transforms, TCP throughput, IKE handshakes, the worker's SA API per handshake,
+# SPD decision cost by number of entries
+PARTS = ("esp", "tput", "ike", "dpapi", "spd")
 
 
 def parse_only(value: str) -> tuple[str, ...]:
@@ -352,6 +353,10 @@ def main() -> int:
         from scripts.bench_dpapi import dpapi_section
 
         sections.append(dpapi_section())
+    if "spd" in parts:
+        from scripts.bench_spd import spd_section
+
+        sections.append(spd_section())
     out = ROOT / "docs" / "benchmarks.md"
     if parts == PARTS or not out.exists():
         head = ["# Benchmarks", "", f"Run by `make bench` on {today}; machine: {machine()}.", ""]

@@ -169,3 +169,27 @@ def test_cpu_per_handshake() -> None:
     assert "keymgr 7.5 ms (worker 3.0 + keymgr 4.5)" in text
     assert "charon 1.0 ms (charon 1.0)" in text
     assert bi.cpu_per_handshake([]) == ""
+
+
+def test_spd_bench_policy_and_section() -> None:
+    from scripts.bench_spd import BROAD, Row, realistic_policy, spd_section
+    from services.core.spd import Spd
+
+    entries = realistic_policy(40)
+    assert len(entries) == 40 and len({e.policy_id for e in entries}) == 40
+    assert {e.selector.src.version for e in entries} == {4, 6}
+    ports = [(e.selector.dport_lo, e.selector.dport_hi) for e in entries]
+    assert (0, 0xFFFF) in ports and any(lo == hi for lo, hi in ports)
+    assert any(0 < hi - lo < 0xFFFF for lo, hi in ports)  # ranges that are not "any"
+    spd = Spd()
+    spd.replace(entries, 1)
+    assert [str(e.selector.dst) for e in spd.entries[-len(BROAD) :]] == [b[1] for b in BROAD]
+
+    def rows(miss_100k: float) -> list[Row]:
+        return [
+            Row(10, 1000.0, 100.0, 1e3, 0.0, True),
+            Row(100_000, miss_100k, 100.0, 1e6, 0.2, True),
+        ]
+
+    assert any("met (1.40 x" in line and "NOT" not in line for line in spd_section(rows(1400.0)))
+    assert any("NOT met (1.60 x" in line for line in spd_section(rows(1600.0)))
