@@ -131,6 +131,10 @@ IKE_PORT = 500
 SPD_PRIORITY = 100
 RETRY_AFTER_FAILURE = 5.0  # seconds before a failed connection is initiated again
 TICK = 0.5  # longest wait for a punted datagram when no retransmit is due
+# The timers (retransmissions, lifetimes, liveness, half-open expiry) visit every IKE SA: the
+# main loop sweeps them when the earliest deadline is due and otherwise at most this often
+# after handling something, not once per datagram (IKE timers are of seconds).
+SWEEP_INTERVAL = 0.05
 MAX_HALF_OPEN = 64  # responders not yet ESTABLISHED; more IKE_SA_INITs are dropped
 HALF_OPEN_TIMEOUT = 30.0  # seconds a half-open (or failed) responder is kept
 SHUTDOWN_WAIT = 2.0  # seconds to wait for the peers' responses to our Delete on stop()
@@ -372,9 +376,10 @@ class Keymgr:
                     self._trap(s, now)
                 else:
                     self._initiate(s, now)
+            sweep_at = now  # the timers' next sweep (see SWEEP_INTERVAL)
             while not self._stop.is_set():
                 try:
-                    d = self._rx.get(timeout=self._wait())
+                    d = self._rx.get(timeout=max(0.0, sweep_at - self.clock()))
                 except queue.Empty:
                     d = None
                 now = self.clock()
@@ -384,8 +389,14 @@ class Keymgr:
                     self._finish(d)
                 elif d is not None:
                     self._dispatch(d, now)
+                handled = d is not None or not self._wev.empty()
                 self._worker_events(now)
-                self._timers(now)
+                if now >= sweep_at:
+                    self._timers(now)
+                    sweep_at = now + max(self._wait(), SWEEP_INTERVAL)
+                elif handled:
+                    # what was just handled may have set an earlier deadline
+                    sweep_at = min(sweep_at, now + SWEEP_INTERVAL)
             if not self.failed:
                 self._shutdown()
         finally:
@@ -655,7 +666,7 @@ class Keymgr:
                 return  # dropped before any state (malformed request)
             if rs.responder.state is not ResponderState.WAIT_SA_INIT:
                 self.responders[hdr.spi_i] = rs
-                log.info(
+                log.debug(  # info: "ike established" (a half-open IKE SA may be spoofed)
                     "ike responding",
                     extra={
                         "conn": c.name,
@@ -959,7 +970,7 @@ class Keymgr:
             if err is not None:
                 _log_failure("child removal failed", {"conn": c.name}, err)
                 return
-            log.info(
+            log.debug(  # the IKE SA's "ike deleted" / "child deleted" line is the info one
                 "child removed",
                 extra={
                     "conn": c.name,
@@ -1356,6 +1367,10 @@ class Keymgr:
                 "spi_r": r.spi_r.hex(),
                 "nat_t": encap,
                 "ike": r.suite.name,
+                "spi_in": r.child.spi_in.hex(),
+                "spi_out": r.child.spi_out.hex(),
+                "esp": r.child.suite_name,
+                "mode": r.child.mode.name.lower(),
             },
         )
         key = r.spi_i + r.spi_r
@@ -1392,7 +1407,7 @@ class Keymgr:
         encap: bool,
         sas: tuple[SaConfig, SaConfig],
     ) -> None:
-        log.info(
+        log.debug(  # info: "ike established" names the Child SA already
             "child installed",
             extra={
                 "conn": c.name,
