@@ -205,7 +205,7 @@ class DataplaneService(pb_grpc.DataplaneServicer):
             except BatchRejected as e:
                 raise Abort(_BATCH_CODES[e.fault], str(e)) from None
             revision = eng.spd.revision
-        log.info(
+        log.debug(  # keymgr logs each IKE SA up and down at info
             "sas applied",
             extra={
                 "installed": [c.describe() for c in batch.installs],
