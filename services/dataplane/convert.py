@@ -814,6 +814,14 @@ def ike_to_pb(d: IkeDatagram) -> pb.IkeDatagram:
     )
 
 
+def ike_batch_to_pb(batch: Iterable[IkeDatagram]) -> pb.IkeDatagramBatch:
+    return pb.IkeDatagramBatch(datagrams=[ike_to_pb(d) for d in batch])
+
+
+def ike_batch_from_pb(m: pb.IkeDatagramBatch) -> list[IkeDatagram]:
+    return [ike_from_pb(d) for d in m.datagrams]
+
+
 # --- empty responses ---------------------------------------------------------------------------
 
 

@@ -105,6 +105,14 @@ class Subscription(Generic[T]):
             return None
         return None if isinstance(item, _Wake) else item
 
+    def get_nowait(self) -> T | None:
+        """The next item if one is queued, else None (also for a wake-up)."""
+        try:
+            item = self._q.get_nowait()
+        except queue.Empty:
+            return None
+        return None if isinstance(item, _Wake) else item
+
     def wake(self) -> None:
         self._put(WAKE)
 
