@@ -10,6 +10,7 @@ key bytes (at most a key's length).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 from collections.abc import Iterable, Sequence
@@ -132,6 +133,15 @@ class IkeDatagram:
 
 
 def _addr(text: str, what: str, *, allow_unspecified: bool = False) -> bytes:
+    if len(text) <= MAX_ADDR_TEXT:
+        return _addr_cached(text, what, allow_unspecified)
+    raise ConversionError(f"{what}: not an IP address")
+
+
+@functools.lru_cache(maxsize=4096)
+def _addr_cached(text: str, what: str, allow_unspecified: bool) -> bytes:
+    """_addr, remembered: every SA, SPD entry and IKE datagram names the same few addresses.
+    (A refused address raises each time: exceptions are not cached.)"""
     if not text:
         raise ConversionError(f"{what}: an address is required")
     if len(text) > MAX_ADDR_TEXT or "%" in text:
@@ -149,6 +159,11 @@ def addr_text(packed: bytes) -> str:
     """Textual form of a packed 4- or 16-byte address."""
     if len(packed) not in (4, 16):
         raise ConversionError("address must be 4 or 16 bytes")
+    return _addr_text(packed)
+
+
+@functools.lru_cache(maxsize=4096)
+def _addr_text(packed: bytes) -> str:
     return str(ipaddress.ip_address(packed))
 
 

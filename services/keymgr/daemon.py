@@ -1889,9 +1889,16 @@ def _log_failure(msg: str, extra: dict[str, str], err: BaseException) -> None:
 
 
 @functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=4096)
 def _packed(addr: str) -> bytes:
     """The packed form of a textual IP address (the same few addresses on every datagram)."""
     return ipaddress.ip_address(addr).packed
+
+
+@functools.lru_cache(maxsize=1024)
+def _selector(src: str, dst: str) -> Selector:
+    """Selector.make for a connection's prefixes (immutable; the same for each Child SA)."""
+    return Selector.make(src, dst)
 
 
 def _same_addr(a: str, b: str) -> bool:
@@ -1926,8 +1933,8 @@ def child_sa_configs(
     Child SA result. ``encap`` (default: the result's ``nat_t``) selects ESP-in-UDP 4500/4500.
     """
     child = r.child
-    local = ipaddress.ip_address(c.local_addr).packed
-    remote = ipaddress.ip_address(c.remote_addr).packed
+    local = _packed(c.local_addr)
+    remote = _packed(c.remote_addr)
     use_encap = r.nat_t if encap is None else encap
     encap_cfg = UdpEncap(NAT_T_PORT, NAT_T_PORT) if use_encap else None
     k = child.keys
@@ -1936,8 +1943,8 @@ def child_sa_configs(
         if initiator
         else ((k.encr_i, k.integ_i), (k.encr_r, k.integ_r))
     )
-    sel_out = Selector.make(c.local_ts, c.remote_ts)
-    sel_in = Selector.make(c.remote_ts, c.local_ts)
+    sel_out = _selector(c.local_ts, c.remote_ts)
+    sel_in = _selector(c.remote_ts, c.local_ts)
     inbound = SaConfig(
         spi=int.from_bytes(child.spi_in, "big"),
         protocol=int(IpProto.ESP),
@@ -1978,6 +1985,6 @@ def connection_spd(c: Connection, reqid: int) -> SpdEntry:
         policy_id=reqid,
         priority=SPD_PRIORITY,
         action=Action.PROTECT,
-        selector=Selector.make(c.local_ts, c.remote_ts),
+        selector=_selector(c.local_ts, c.remote_ts),
         reqid=reqid,
     )
