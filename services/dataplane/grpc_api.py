@@ -286,6 +286,7 @@ class DataplaneService(pb_grpc.DataplaneServicer):
         done = threading.Event()
         failure: list[Abort] = []
         context.add_callback(sub.wake)
+        counts = {"messages_in": 0, "messages_out": 0, "punted": 0}
 
         def inject(m: pb.IkeDatagram) -> bool:
             try:
@@ -321,6 +322,7 @@ class DataplaneService(pb_grpc.DataplaneServicer):
         def reader() -> None:
             try:
                 for items in received:
+                    counts["messages_in"] += 1
                     for m in items:
                         if not inject(m):
                             return
@@ -360,10 +362,15 @@ class DataplaneService(pb_grpc.DataplaneServicer):
                         break
                     batch.append(more)
                     size += len(more.data)
+                counts["messages_out"] += 1
+                counts["punted"] += len(batch)
                 yield batch
         finally:
             sub.close()
-            log.info("punt stream gone", extra={"peer": context.peer(), "dropped": sub.dropped})
+            log.info(
+                "punt stream gone",
+                extra={"peer": context.peer(), "dropped": sub.dropped, **counts},
+            )
 
 
 # --- server ------------------------------------------------------------------------------------
