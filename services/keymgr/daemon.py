@@ -297,6 +297,9 @@ class Keymgr:
         # worker round trips: count, total and longest seconds from request to answer
         self.apply_stats = [0, 0.0, 0.0]
         self._auth_cache: dict[str, tuple[tuple[Any, ...], tuple[LocalAuth, PeerAuth]]] = {}
+        self._responder_cfgs: dict[
+            str, tuple[Connection, tuple[LocalAuth, PeerAuth], ResponderConfig]
+        ] = {}
         self._stop = threading.Event()
         self._stream: PuntStream | None = None
         self._spd_revision = 0
@@ -628,21 +631,7 @@ class Keymgr:
                 )
                 return
             try:
-                mine, theirs = self._authentication(c)
-                cfg = ResponderConfig(
-                    local_addr=c.local_addr,
-                    local_auth=mine,
-                    peer_auth=theirs,
-                    ts_local=c.ts_range("local"),
-                    ts_remote=c.ts_range("remote"),
-                    local_id=c.local_id,
-                    remote_id=c.remote_id or c.remote_addr,
-                    remote_addr=c.remote_addr,
-                    ike_suites=c.ike_suites,
-                    esp_suites=c.esp_suites,
-                    mode=c.sa_mode,
-                    fragment_size=c.fragment_size,
-                )
+                cfg = self._responder_config(c)
             except ValueError as e:
                 log.error("cannot answer IKE_SA_INIT", extra={"conn": c.name, "reason": str(e)})
                 return
@@ -1549,6 +1538,31 @@ class Keymgr:
                     "max_ms": round(1000 * longest, 2),
                 },
             )
+
+    def _responder_config(self, c: Connection) -> ResponderConfig:
+        """The (validated, immutable) ResponderConfig of connection ``c``, built again only when
+        the connection or its credentials changed."""
+        auth = self._authentication(c)
+        hit = self._responder_cfgs.get(c.name)
+        if hit is not None and hit[0] is c and hit[1] is auth:
+            return hit[2]
+        mine, theirs = auth
+        cfg = ResponderConfig(
+            local_addr=c.local_addr,
+            local_auth=mine,
+            peer_auth=theirs,
+            ts_local=c.ts_range("local"),
+            ts_remote=c.ts_range("remote"),
+            local_id=c.local_id,
+            remote_id=c.remote_id or c.remote_addr,
+            remote_addr=c.remote_addr,
+            ike_suites=c.ike_suites,
+            esp_suites=c.esp_suites,
+            mode=c.sa_mode,
+            fragment_size=c.fragment_size,
+        )
+        self._responder_cfgs[c.name] = (c, auth, cfg)
+        return cfg
 
     def _authentication(self, c: Connection) -> tuple[LocalAuth, PeerAuth]:
         """authentication(c), read from the files again only when one of them changed."""

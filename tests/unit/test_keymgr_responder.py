@@ -164,6 +164,25 @@ def test_wrong_psk_installs_nothing(tmp_path: pathlib.Path) -> None:
     assert client.sas == [] and client.spd == []
 
 
+def test_changed_psk_reaches_the_next_responder(tmp_path: pathlib.Path) -> None:
+    """The responder configuration is reused per connection, but not past a PSK change."""
+    old, new = secrets.token_bytes(32), secrets.token_bytes(32)
+    km, client, stream = _keymgr(tmp_path, old)
+    resp = km.responder_conns[0][0]
+    assert client.applies == []
+    assert km._responder_config(resp) is km._responder_config(resp)
+    ini = _initiator(old)
+    _run_exchange(km, stream, ini)
+    assert ini.state is State.ESTABLISHED
+    (tmp_path / "psk").write_bytes(b"0x" + new.hex().encode() + b"\n")  # size changes too
+    ini = _initiator(old)
+    _run_exchange(km, stream, ini)
+    assert ini.state is State.FAILED
+    ini = _initiator(new)
+    _run_exchange(km, stream, ini)
+    assert ini.state is State.ESTABLISHED
+
+
 def test_half_open_bound_and_expiry(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
