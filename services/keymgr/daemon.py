@@ -179,6 +179,8 @@ class _Apply:
     started: float
     error: BaseException | None = None
     done: bool = False
+    # deletes only (no install, no SPD change): removals queued meanwhile join the next one
+    removal: bool = False
 
 
 @dataclass
@@ -294,6 +296,9 @@ class Keymgr:
         self._rx: queue.Queue[IkeDatagram | _Call | _Apply] = queue.Queue()
         # ApplySAs batches in flight, in the order they were sent (at most one per IKE SA)
         self._pending: list[_Apply] = []
+        # removals waiting for the removal batch in flight: (continuation, SAs to delete)
+        self._removals: list[tuple[Callable[[BaseException | None], object], tuple[SaConfig, ...]]]
+        self._removals = []
         # worker round trips: count, total and longest seconds from request to answer
         self.apply_stats = [0, 0.0, 0.0]
         self._auth_cache: dict[str, tuple[tuple[Any, ...], tuple[LocalAuth, PeerAuth]]] = {}
@@ -1446,6 +1451,11 @@ class Keymgr:
         Delete never overtakes the install of the same SAs), and a batch that changes the SPD
         first waits for every earlier one that did (revisions reach the worker in order).
         ``then(error)`` runs on the main loop once the worker answered (error None: applied).
+
+        Removals (deletes alone) made while another removal is in flight wait for it and then
+        go together in one call: deleting cannot be refused (a missing SA is reported, not an
+        error), so joining them changes no outcome, and a busy responder makes one call for
+        several IKE SAs' removals instead of one each.
         """
         if key is not None:
             self._settle(key)
@@ -1454,7 +1464,11 @@ class Keymgr:
             for op in [op for op in self._pending if op.spd_before is not None]:
                 self._settle_op(op)
             entries = self._spd_change(spd)
-        op = _Apply(key, None, then, None, self.clock())
+        removal = not install and bool(delete) and entries is None
+        if removal and any(op.removal for op in self._pending):
+            self._removals.append((then, delete))
+            return
+        op = _Apply(key, None, then, None, self.clock(), removal=removal)
         if not install and not delete and entries is None:
             op.done = True
             then(None)
@@ -1510,6 +1524,14 @@ class Keymgr:
         if op.error is not None and op.spd_before is not None:
             self._spd = op.spd_before  # nothing of the batch was applied
         op.then(op.error)
+        if op.removal and self._removals:
+            waiting, self._removals = self._removals, []
+
+            def joined(err: BaseException | None) -> None:
+                for then, _sas in waiting:
+                    then(err)
+
+            self._apply(None, joined, delete=tuple(sa for _then, sas in waiting for sa in sas))
 
     def _settle_op(self, op: _Apply) -> None:
         """Wait for ``op``'s answer (its call has the client's deadline) and finish it."""
