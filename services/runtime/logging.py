@@ -15,8 +15,8 @@ must still never log key material or an SaConfig with keys (use ``SaConfig.descr
 
 The daemons call ``configure_logging(level, background=True)``: the logging thread then only
 merges %-style arguments into the message and queues the record; a listener thread builds the
-JSON and writes it (``logging.handlers.QueueHandler`` / ``QueueListener``, pausing 50 ms
-whenever the queue is empty so that it wakes up rarely under load), and the caller's
+JSON and writes it (``logging.handlers.QueueHandler`` / ``QueueListener``; after writing
+several records it pauses 50 ms, so that it wakes up rarely under load), and the caller's
 source location is not looked up (the JSON has no field for it). ``shutdown_logging()`` (also
 run at exit) writes what is still queued.
 """
@@ -132,23 +132,28 @@ class _QueueingHandler(logging.handlers.QueueHandler):
 
 
 class _BatchingListener(logging.handlers.QueueListener):
-    """A QueueListener that, once it has written everything queued, pauses ``linger`` seconds
-    before it waits again: under load it wakes up a few times per second for many records
-    instead of once per record (each wake-up costs the logging process a thread switch)."""
+    """A QueueListener that, when it has just written several records and the queue is
+    empty, pauses ``linger`` seconds before it waits again: under load it wakes up a few
+    times per second for many records instead of once per record (each wake-up costs the
+    logging process a thread switch), while a lone record is written at once."""
 
     linger = 0.05
 
     def __init__(self, q: queue.SimpleQueue[logging.LogRecord], handler: logging.Handler) -> None:
         super().__init__(q, handler)
         self._q = q
+        self._run = 0  # records taken since the queue was last found empty
 
     def dequeue(self, block: bool) -> logging.LogRecord:
         try:
-            return self._q.get_nowait()
+            record = self._q.get_nowait()
         except queue.Empty:
-            pass
-        time.sleep(self.linger)
-        return self._q.get(block)
+            if self._run > 1:
+                time.sleep(self.linger)
+            self._run = 0
+            record = self._q.get(block)
+        self._run += 1
+        return record
 
 
 _listener: logging.handlers.QueueListener | None = None
