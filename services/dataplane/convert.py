@@ -296,11 +296,19 @@ def selector_from_pb(m: pb.TrafficSelector, what: str = "selector") -> Selector:
     sport = _port_range(m.sport_lo, m.sport_hi, f"{what}.sport")
     dport = _port_range(m.dport_lo, m.dport_hi, f"{what}.dport")
     try:
-        return Selector.make(m.src, m.dst, m.proto, sport, dport)
+        return _selector(m.src, m.dst, m.proto, sport, dport)
     except ValueError:
         raise ConversionError(
             f"{what}: src and dst must be prefixes of the same IP version"
         ) from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _selector(
+    src: str, dst: str, proto: int, sport: tuple[int, int], dport: tuple[int, int]
+) -> Selector:
+    """Selector.make, remembered (immutable; each Child SA of a policy repeats it)."""
+    return Selector.make(src, dst, proto, sport, dport)
 
 
 def _prefix_text(p: Prefix) -> str:
