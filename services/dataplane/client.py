@@ -194,35 +194,47 @@ class PuntStream:
             item = self._out.get()
             if item is _END:
                 return
-            assert isinstance(item, IkeDatagram)
-            yield convert.ike_to_pb(item)
+            for d in item if isinstance(item, list) else (item,):
+                assert isinstance(d, IkeDatagram)
+                yield convert.ike_to_pb(d)
 
     def _batches(self) -> Iterator[Any]:
-        while True:
-            item = self._out.get()
-            if item is _END:
-                return
-            assert isinstance(item, IkeDatagram)
-            batch, size, end = [item], len(item.data), False
-            while len(batch) < PUNT_BATCH and size < PUNT_BATCH_BYTES:
+        pending: list[IkeDatagram] = []  # queued but not yet sent
+        end = False
+        while pending or not end:
+            if not pending:
+                item = self._out.get()
+                if item is _END:
+                    return
+                pending = list(item) if isinstance(item, list) else [item]
+            while not end and len(pending) < PUNT_BATCH:
                 try:
                     more = self._out.get_nowait()
                 except queue.Empty:
                     break
                 if more is _END:
                     end = True
-                    break
-                assert isinstance(more, IkeDatagram)
-                batch.append(more)
-                size += len(more.data)
+                else:
+                    pending += more if isinstance(more, list) else [more]
+            batch, size = [], 0
+            while pending and len(batch) < PUNT_BATCH and size < PUNT_BATCH_BYTES:
+                d = pending.pop(0)
+                assert isinstance(d, IkeDatagram)
+                batch.append(d)
+                size += len(d.data)
             yield convert.ike_batch_to_pb(batch)
-            if end:
-                return
 
     def send(self, d: IkeDatagram) -> None:
         if self._closed.is_set():
             raise RuntimeError("punt stream is closed")
         self._out.put(d)
+
+    def send_many(self, ds: Sequence[IkeDatagram]) -> None:
+        """send() each, in order; on PuntBatch they leave in one message (up to the limits)."""
+        if self._closed.is_set():
+            raise RuntimeError("punt stream is closed")
+        if ds:
+            self._out.put(list(ds))
 
     def __iter__(self) -> Iterator[IkeDatagram]:
         try:

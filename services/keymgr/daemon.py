@@ -135,6 +135,7 @@ TICK = 0.5  # longest wait for a punted datagram when no retransmit is due
 # main loop sweeps them when the earliest deadline is due and otherwise at most this often
 # after handling something, not once per datagram (IKE timers are of seconds).
 SWEEP_INTERVAL = 0.05
+BURST = 32  # queued items the main loop handles in one turn at most
 MAX_HALF_OPEN = 64  # responders not yet ESTABLISHED; more IKE_SA_INITs are dropped
 HALF_OPEN_TIMEOUT = 30.0  # seconds a half-open (or failed) responder is kept
 SHUTDOWN_WAIT = 2.0  # seconds to wait for the peers' responses to our Delete on stop()
@@ -181,6 +182,36 @@ class _Apply:
     done: bool = False
     # deletes only (no install, no SPD change): removals queued meanwhile join the next one
     removal: bool = False
+
+
+class _Outbox:
+    """keymgr's side of the punt stream: between hold() and release() (one turn of the main
+    loop) the datagrams to inject are kept and then handed over together, so the stream
+    sends them in one message; otherwise each goes at once."""
+
+    def __init__(self, stream: PuntStream) -> None:
+        self.stream = stream
+        self._held: list[IkeDatagram] | None = None
+
+    def send(self, d: IkeDatagram) -> None:
+        if self._held is None:
+            self.stream.send(d)
+        else:
+            self._held.append(d)
+
+    def hold(self) -> None:
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            send_many = getattr(self.stream, "send_many", None)
+            if send_many is not None:
+                send_many(held)
+            else:
+                for d in held:
+                    self.stream.send(d)
 
 
 @dataclass
@@ -306,7 +337,7 @@ class Keymgr:
             str, tuple[Connection, tuple[LocalAuth, PeerAuth], ResponderConfig]
         ] = {}
         self._stop = threading.Event()
-        self._stream: PuntStream | None = None
+        self._stream: PuntStream | _Outbox | None = None
         self._spd_revision = 0
         # installed Child SAs per IKE SA (key: SPIi | SPIr): connection and (inbound, outbound)
         self._children: dict[bytes, tuple[Connection, tuple[SaConfig, SaConfig]]] = {}
@@ -372,7 +403,8 @@ class Keymgr:
     def run(self) -> None:
         self.client.wait_ready(timeout=30.0)
         stream = self.client.punt()
-        self._stream = stream
+        outbox = _Outbox(stream)
+        self._stream = outbox
         reader = threading.Thread(target=self._reader, args=(stream,), daemon=True)
         reader.start()
         log.info("punt stream connected", extra={"target": self.client.target})
@@ -390,21 +422,35 @@ class Keymgr:
                     d = self._rx.get(timeout=max(0.0, sweep_at - self.clock()))
                 except queue.Empty:
                     d = None
-                now = self.clock()
-                if isinstance(d, _Call):
-                    self._run_call(d, now)
-                elif isinstance(d, _Apply):
-                    self._finish(d)
-                elif d is not None:
-                    self._dispatch(d, now)
-                handled = d is not None or not self._wev.empty()
-                self._worker_events(now)
-                if now >= sweep_at:
-                    self._timers(now)
-                    sweep_at = now + max(self._wait(), SWEEP_INTERVAL)
-                elif handled:
-                    # what was just handled may have set an earlier deadline
-                    sweep_at = min(sweep_at, now + SWEEP_INTERVAL)
+                # what else is queued already is handled in the same turn, and the datagrams
+                # it makes leave together (one punt stream message, see _Outbox)
+                burst = [d]
+                while d is not None and len(burst) < BURST:
+                    try:
+                        burst.append(self._rx.get_nowait())
+                    except queue.Empty:
+                        break
+                outbox.hold()
+                try:
+                    now = self.clock()
+                    for d in burst:
+                        now = self.clock()
+                        if isinstance(d, _Call):
+                            self._run_call(d, now)
+                        elif isinstance(d, _Apply):
+                            self._finish(d)
+                        elif d is not None:
+                            self._dispatch(d, now)
+                    handled = burst[0] is not None or not self._wev.empty()
+                    self._worker_events(now)
+                    if now >= sweep_at:
+                        self._timers(now)
+                        sweep_at = now + max(self._wait(), SWEEP_INTERVAL)
+                    elif handled:
+                        # what was just handled may have set an earlier deadline
+                        sweep_at = min(sweep_at, now + SWEEP_INTERVAL)
+                finally:
+                    outbox.release()
             if not self.failed:
                 self._shutdown()
         finally:

@@ -863,3 +863,38 @@ def test_bad_settings_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
 
     assert main(argv) == 2
     assert "invalid setting" in capsys.readouterr().err
+
+
+class _CaptureStub:
+    """Stands in for the Dataplane stub: keeps the request iterator PuntStream hands over."""
+
+    def __init__(self) -> None:
+        self.requests: Iterator[pb.IkeDatagramBatch] | None = None
+
+    def PuntBatch(self, requests: Iterator[pb.IkeDatagramBatch], timeout: object) -> None:
+        self.requests = requests
+
+
+def test_punt_stream_batches_what_is_queued_within_limits() -> None:
+    from services.dataplane import client as dpc
+
+    stub = _CaptureStub()
+    stream = dpc.PuntStream(stub, None)  # type: ignore[arg-type]
+    ds = [IkeDatagram(LOCAL4, 500, PEER4, 500, i.to_bytes(2, "big")) for i in range(150)]
+    stream.send(ds[0])
+    stream.send_many(ds[1:5])
+    stream.send_many([])
+    stream.send_many(ds[5:])
+    stream.close()
+    assert stub.requests is not None
+    msgs = [[convert.ike_from_pb(x) for x in m.datagrams] for m in stub.requests]
+    assert [len(m) for m in msgs] == [64, 64, 22]
+    assert [d for m in msgs for d in m] == ds
+    big = IkeDatagram(LOCAL4, 500, PEER4, 500, b"\x01" * 60000)
+    stream = dpc.PuntStream(stub, None)  # type: ignore[arg-type]
+    stream.send_many([big] * 20)
+    stream.close()
+    sizes = [len(m.datagrams) for m in stub.requests]
+    assert sum(sizes) == 20 and max(sizes) == 18  # about 1 MiB per message
+    with pytest.raises(RuntimeError):
+        stream.send_many([big])

@@ -204,3 +204,31 @@ def test_half_open_bound_and_expiry(
     ini = _initiator(psk)
     _run_exchange(km, stream, ini)
     assert ini.state is State.ESTABLISHED and len(client.sas) == 2
+
+
+def test_outbox_hands_over_one_turns_datagrams_together() -> None:
+    class ManyStream(FakeStream):
+        def __init__(self) -> None:
+            super().__init__()
+            self.handed: list[list[IkeDatagram]] = []
+
+        def send_many(self, ds: list[IkeDatagram]) -> None:
+            self.handed.append(list(ds))
+            self.sent += ds
+
+    ds = [IkeDatagram(A, 500, B, 500, bytes([i])) for i in range(5)]
+    for stream in (FakeStream(), ManyStream()):
+        out = daemon._Outbox(stream)  # type: ignore[arg-type]
+        out.send(ds[0])
+        assert stream.sent == ds[:1]  # not holding: at once
+        out.hold()
+        for d in ds[1:4]:
+            out.send(d)
+        assert stream.sent == ds[:1]
+        out.release()
+        assert stream.sent == ds[:4]
+        out.release()  # nothing held: nothing sent
+        out.send(ds[4])
+        assert stream.sent == ds
+        if isinstance(stream, ManyStream):
+            assert stream.handed == [ds[1:4]]
