@@ -591,6 +591,7 @@ PROFILE_SITES = (
     ("services/dataplane/client.py", "apply_sas_async", "gRPC ApplySAs sent (apply_sas_async)"),
     ("services/keymgr/daemon.py", "_settle_op", "gRPC ApplySAs waited for (ordering)"),
     ("services/dataplane/client.py", "send", "punt stream send (inject)"),
+    ("services/dataplane/client.py", "send_many", "punt stream send, several at once (inject)"),
     ("logging/__init__.py", "_log", "logging"),
     ("services/keymgr/daemon.py", "_expire_responders", "half-open expiry scan"),
 )
@@ -658,26 +659,29 @@ def profile_verdict(stats: dict[Any, Any]) -> str:
 
 
 WHERE_TIME_GOES = (
-    "What changed in keymgr since the first measurement: each Child SA install (both SAs and, "
-    "only when it is not installed already, the connection's SPD entry) and each removal is "
-    "one ApplySAs call instead of five unary calls per handshake, sent without waiting: the "
-    "main loop answers other IKE datagrams while the worker applies it and finishes the step "
-    "when the answer arrives (the IKE_AUTH response is held until then, as charon installs "
-    "before it answers). The PSK is no longer read from its file per IKE SA (a stat checks "
-    "for changes). The worker round trips are thus off the IKE thread's critical path: the "
-    "profile shows almost no time waiting for the worker, and keymgr's thread is idle part of "
-    "the time. "
-    "Why keymgr is still slower: the CPU cost per handshake. keymgr and the worker are two "
-    "Python processes, each behind its GIL, and every IKE datagram crosses both (a socket "
-    "in the worker, a gRPC stream message to keymgr and back, then the socket), while each "
-    "Child SA costs two ApplySAs calls through the worker's Python gRPC server; charon does "
-    "the IKE work in C with a thread pool and its SAs stay in its own process. The IKE core "
-    "itself (x25519, prf+, AES-GCM of the SK payloads, parsing) and keymgr's JSON log lines "
-    "(five per handshake at the default level) are the largest items left on keymgr's main "
-    "thread. Next steps, in order of expected gain: several keymgr processes (or workers) "
-    "sharing the IKE SPI space so both cores work on handshakes; cheaper punt/inject in the "
-    "worker (batching datagrams per stream message); a non-blocking log handler; then the "
-    "core's per-message costs."
+    "Where the CPU per handshake goes, and what changed in this round: both processes spend "
+    "most of it outside the IKE work proper, in gRPC and in switching between their threads "
+    "(the Python gRPC runtime hands every stream message and unary call between several "
+    "threads; a sampling profile of the worker showed a quarter of its CPU in the kernel's "
+    "task switching and about 100 context switches per handshake in each process before "
+    "this round). So the changes cut messages, calls and wake-ups per handshake: the punt "
+    "stream carries every datagram queued at the moment in one message (PuntBatch, both "
+    "directions), keymgr handles what is queued in one turn of its main loop and hands the "
+    "responses to the stream together, a removal made while another is in flight joins the "
+    "next ApplySAs call (deletes cannot be refused), the log lines are written by a "
+    "listener thread that wakes a few times per second under load (one info line per IKE SA "
+    "up and one per down; the per-handshake details and the worker's per-call line at "
+    "debug), the timers (which visit every IKE SA) are swept when due instead of after "
+    "every datagram, and repeated parsing (addresses, prefixes, selectors, the responder "
+    "configuration, IntFlag tests in the IKE header codec) is done once. "
+    "What remains: the IKE work itself on keymgr's one thread (x25519, prf+, AES-GCM of the "
+    "SK payloads, parsing; about half of keymgr's Python time), one ApplySAs unary call per "
+    "install plus the shared removals, and the gRPC thread hand-offs per message in both "
+    "processes. charon does all of it in C inside one process. Further steps, by expected "
+    "gain: the worker's gRPC server on grpc.aio (one event loop instead of a thread per "
+    "stream and per call), Child SA installs carried on the punt stream or a second "
+    "long-lived stream instead of unary calls, and several keymgr processes sharing the "
+    "IKE SPI space so that both cores do IKE work."
 )
 
 
