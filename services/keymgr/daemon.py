@@ -184,6 +184,29 @@ class _Apply:
     removal: bool = False
 
 
+class RandomPool:
+    """Random octets for the IKE core (its ``rand``): ``os.urandom`` read in blocks of
+    ``block`` octets and handed out in order, each octet once. One system call per block
+    instead of several per handshake; each such call lets the process's other threads take
+    the interpreter lock, which the IKE loop then waits to get back."""
+
+    def __init__(self, block: int = 4096) -> None:
+        self.block = block
+        self._buf = b""
+        self._pos = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, n: int) -> bytes:
+        if n > self.block // 4:
+            return os.urandom(n)
+        with self._lock:
+            if self._pos + n > len(self._buf):
+                self._buf, self._pos = os.urandom(self.block), 0
+            out = self._buf[self._pos : self._pos + n]
+            self._pos += n
+            return out
+
+
 class _Outbox:
     """keymgr's side of the punt stream: between hold() and release() (one turn of the main
     loop) the datagrams to inject are kept and then handed over together, so the stream
@@ -306,6 +329,7 @@ class Keymgr:
         self._exported_ike: set[bytes] = set()  # SPIi | SPIr of IKE SAs whose keys were exported
         self.records: dict[bytes, IkeRecord] = {}  # established IKE SAs, key SPIi | SPIr
         self._next_id = 0
+        self.rand = RandomPool()  # SPIs, nonces and DH private keys of new IKE SAs
         # a random delay in [0, x] (rekey jitter, strongSwan's rand_time)
         self.jitter = jitter or (lambda x: random.uniform(0.0, x) if x > 0 else 0.0)  # noqa: S311
         self._ikes: dict[bytes, IkeSaState] = {}  # established IKE SAs by ``key``
@@ -500,7 +524,7 @@ class Keymgr:
             log.error("cannot start connection", extra={"conn": c.name, "reason": str(e)})
             s.retry_at = now + RETRY_AFTER_FAILURE
             return
-        ini = Ikev2Initiator(cfg, now=now)
+        ini = Ikev2Initiator(cfg, now=now, rand=self.rand)
         s.initiator = ini
         s.retry_at = None
         log.info(
@@ -686,7 +710,7 @@ class Keymgr:
             except ValueError as e:
                 log.error("cannot answer IKE_SA_INIT", extra={"conn": c.name, "reason": str(e)})
                 return
-            rs = ResponderSession(c, reqid, Ikev2Responder(cfg, now=now))
+            rs = ResponderSession(c, reqid, Ikev2Responder(cfg, now=now, rand=self.rand))
         local = (_packed(d.local_addr), d.local_port)
         remote = (_packed(d.remote_addr), d.remote_port)
         before = rs.responder.state

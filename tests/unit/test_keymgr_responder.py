@@ -232,3 +232,23 @@ def test_outbox_hands_over_one_turns_datagrams_together() -> None:
         assert stream.sent == ds
         if isinstance(stream, ManyStream):
             assert stream.handed == [ds[1:4]]
+
+
+def test_random_pool_hands_out_each_octet_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[int] = []
+    counter = iter(range(1 << 30))
+
+    def fake_urandom(n: int) -> bytes:
+        reads.append(n)
+        return bytes(next(counter) % 256 for _ in range(n))
+
+    monkeypatch.setattr(daemon.os, "urandom", fake_urandom)
+    pool = daemon.RandomPool(block=128)
+    got = b"".join(pool(n) for n in (8, 32, 4, 8, 8, 32, 1, 16, 32))
+    assert len(got) == 141 and reads == [128, 128]
+    # in order, nothing repeated: the first 109 octets of block one, then block two
+    assert got[:109] == bytes(range(109)) and got[109:] == bytes(range(128, 160))
+    assert len(pool(33)) == 33 and reads[-1] == 33  # large requests go straight through
+    real = daemon.RandomPool()
+    monkeypatch.undo()
+    assert len({real(8) for _ in range(1000)}) == 1000
