@@ -718,8 +718,9 @@ def ike_handshake_rate(
     notes = [cpu_per_handshake(results)]
     if applies:
         notes.append(
-            "keymgr's ApplySAs calls (one per Child SA install, one per removal), from sending "
-            "to handling the answer on its main loop, per keymgr round: "
+            "keymgr's ApplySAs calls (one per Child SA install, one per removal; removals made "
+            "while another is in flight share one), from sending to handling the answer on its "
+            "main loop, per keymgr round: "
             + "; ".join(f"{n} calls, mean {m:.1f} ms, max {x:.1f} ms" for n, m, x in applies)
             + ". keymgr holds the IKE_AUTH response until its install is applied (as charon "
             "does), so this is what an install adds to a handshake's latency; sending the "
