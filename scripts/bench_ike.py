@@ -25,13 +25,17 @@ the number of IKE_AUTH responses that completed an IKE SA per second of the meas
 worker, or charon) are reported beside it.
 
 Half-open limits: keymgr refuses IKE_SA_INIT beyond ``MAX_HALF_OPEN`` (64) half-open SAs and
-has no cookies; charon by default asks for COOKIEs above 10 half-open SAs
-(``cookie_threshold``) and drops requests above 5 half-open SAs per peer address
-(``block_threshold``). The window (default 16) stays below keymgr's bound, and the benchmark's
-charon gets both thresholds raised so that neither limit is what is measured. Larger
-windows did not raise either rate on the 2-core development machine (4 s trials on
-2026-11-23: charon 424/s at 32 and 531/s at 48 against 451-694/s at 16; keymgr 108/s at 48
-against 112-115/s at 16), so the window is not what limits the measured rates there.
+by default answers with COOKIEs from 10 half-open SAs on (``--cookie-threshold``); charon by
+default asks for COOKIEs above 10 half-open SAs (``cookie_threshold``) and drops requests
+above 5 half-open SAs per peer address (``block_threshold``). The window (default 16) stays
+below keymgr's bound, and both responders get their cookie thresholds (and charon its block
+threshold) raised so that no limit is what is measured. Larger windows did not raise either
+rate on the 2-core development machine (4 s trials on 2026-11-23: charon 424/s at 32 and
+531/s at 48 against 451-694/s at 16; keymgr 108/s at 48 against 112-115/s at 16), so the
+window is not what limits the measured rates there.
+
+The keymgr lab leaves out the interop tests' IKE capture and key export (a tcpdump beside
+the responder would be measured too).
 
 Run alone (as root): ``python scripts/bench_ike.py``. Everything created (namespaces, daemons,
 temporary directories) is removed also on failure.
@@ -75,6 +79,8 @@ CHARON_LIMITS = """    cookie_threshold = 100000
     init_limit_half_open = 0
 """
 KEYMGR_LOG_LEVEL = "info"  # keymgr's default; charon logs at its filelog default (level 1)
+# keymgr's default (10) would answer part of the window with COOKIEs: raised like charon's
+KEYMGR_COOKIE_THRESHOLD = "100000"
 
 
 # --- pure helpers (tests/unit/test_bench_ike.py) ---------------------------------------------
@@ -503,13 +509,20 @@ def keymgr_round(cfg: dict[str, Any], profile: pathlib.Path | None = None) -> Ru
     from tests.netns.test_keymgr_responder_strongswan import ResponderLab
 
     class _Lab(ResponderLab):
-        """ResponderLab with keymgr at its default log level, optionally under cProfile."""
+        """ResponderLab with keymgr at its default log level, optionally under cProfile, and
+        without the interop tests' IKE capture and key export (a tcpdump beside the responder
+        and a key line per IKE SA would be measured too, and tshark cannot take the keys of
+        thousands of IKE SAs)."""
+
+        def _keymgr_argv(self, argv: list[str]) -> list[str]:
+            return argv
 
         def _popen(self, argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
             if log_name == "keymgr.log":
                 argv = list(argv)
                 i = argv.index("--log-level")
                 argv[i + 1] = KEYMGR_LOG_LEVEL
+                argv += ["--cookie-threshold", KEYMGR_COOKIE_THRESHOLD]
                 if profile is not None:
                     argv[1:1] = ["-m", "cProfile", "-o", str(profile)]
             return super()._popen(argv, log_name)
@@ -578,6 +591,7 @@ PROFILE_SITES = (
     ("services/dataplane/client.py", "apply_sas_async", "gRPC ApplySAs sent (apply_sas_async)"),
     ("services/keymgr/daemon.py", "_settle_op", "gRPC ApplySAs waited for (ordering)"),
     ("services/dataplane/client.py", "send", "punt stream send (inject)"),
+    ("services/dataplane/client.py", "send_many", "punt stream send, several at once (inject)"),
     ("logging/__init__.py", "_log", "logging"),
     ("services/keymgr/daemon.py", "_expire_responders", "half-open expiry scan"),
 )
@@ -645,26 +659,29 @@ def profile_verdict(stats: dict[Any, Any]) -> str:
 
 
 WHERE_TIME_GOES = (
-    "What changed in keymgr since the first measurement: each Child SA install (both SAs and, "
-    "only when it is not installed already, the connection's SPD entry) and each removal is "
-    "one ApplySAs call instead of five unary calls per handshake, sent without waiting: the "
-    "main loop answers other IKE datagrams while the worker applies it and finishes the step "
-    "when the answer arrives (the IKE_AUTH response is held until then, as charon installs "
-    "before it answers). The PSK is no longer read from its file per IKE SA (a stat checks "
-    "for changes). The worker round trips are thus off the IKE thread's critical path: the "
-    "profile shows almost no time waiting for the worker, and keymgr's thread is idle part of "
-    "the time. "
-    "Why keymgr is still slower: the CPU cost per handshake. keymgr and the worker are two "
-    "Python processes, each behind its GIL, and every IKE datagram crosses both (a socket "
-    "in the worker, a gRPC stream message to keymgr and back, then the socket), while each "
-    "Child SA costs two ApplySAs calls through the worker's Python gRPC server; charon does "
-    "the IKE work in C with a thread pool and its SAs stay in its own process. The IKE core "
-    "itself (x25519, prf+, AES-GCM of the SK payloads, parsing) and keymgr's JSON log lines "
-    "(five per handshake at the default level) are the largest items left on keymgr's main "
-    "thread. Next steps, in order of expected gain: several keymgr processes (or workers) "
-    "sharing the IKE SPI space so both cores work on handshakes; cheaper punt/inject in the "
-    "worker (batching datagrams per stream message); a non-blocking log handler; then the "
-    "core's per-message costs."
+    "Where the CPU per handshake goes, and what changed in this round: both processes spend "
+    "most of it outside the IKE work proper, in gRPC and in switching between their threads "
+    "(the Python gRPC runtime hands every stream message and unary call between several "
+    "threads; a sampling profile of the worker showed a quarter of its CPU in the kernel's "
+    "task switching and about 100 context switches per handshake in each process before "
+    "this round). So the changes cut messages, calls and wake-ups per handshake: the punt "
+    "stream carries every datagram queued at the moment in one message (PuntBatch, both "
+    "directions), keymgr handles what is queued in one turn of its main loop and hands the "
+    "responses to the stream together, a removal made while another is in flight joins the "
+    "next ApplySAs call (deletes cannot be refused), the log lines are written by a "
+    "listener thread that wakes a few times per second under load (one info line per IKE SA "
+    "up and one per down; the per-handshake details and the worker's per-call line at "
+    "debug), the timers (which visit every IKE SA) are swept when due instead of after "
+    "every datagram, and repeated parsing (addresses, prefixes, selectors, the responder "
+    "configuration, IntFlag tests in the IKE header codec) is done once. "
+    "What remains: the IKE work itself on keymgr's one thread (x25519, prf+, AES-GCM of the "
+    "SK payloads, parsing; about half of keymgr's Python time), one ApplySAs unary call per "
+    "install plus the shared removals, and the gRPC thread hand-offs per message in both "
+    "processes. charon does all of it in C inside one process. Further steps, by expected "
+    "gain: the worker's gRPC server on grpc.aio (one event loop instead of a thread per "
+    "stream and per call), Child SA installs carried on the punt stream or a second "
+    "long-lived stream instead of unary calls, and several keymgr processes sharing the "
+    "IKE SPI space so that both cores do IKE work."
 )
 
 
@@ -701,8 +718,9 @@ def ike_handshake_rate(
     notes = [cpu_per_handshake(results)]
     if applies:
         notes.append(
-            "keymgr's ApplySAs calls (one per Child SA install, one per removal), from sending "
-            "to handling the answer on its main loop, per keymgr round: "
+            "keymgr's ApplySAs calls (one per Child SA install, one per removal; removals made "
+            "while another is in flight share one), from sending to handling the answer on its "
+            "main loop, per keymgr round: "
             + "; ".join(f"{n} calls, mean {m:.1f} ms, max {x:.1f} ms" for n, m, x in applies)
             + ". keymgr holds the IKE_AUTH response until its install is applied (as charon "
             "does), so this is what an install adds to a handshake's latency; sending the "

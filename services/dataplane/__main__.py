@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = ".".join(str(x) for x in err["loc"]) or "settings"
             print(f"invalid setting {where}: {err['msg']}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, background=True)
     from services.dataplane.worker import Worker
 
     get_logger("services.dataplane").info("starting", extra={"worker_id": settings.worker_id})

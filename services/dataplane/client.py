@@ -167,33 +167,83 @@ class EventStream:
 _END = object()
 
 
+PUNT_BATCH = 64  # datagrams per PuntBatch message at most
+PUNT_BATCH_BYTES = 1 << 20  # no datagram joins a batch already this large
+
+
 class PuntStream:
     """The bidirectional punt stream: ``send()`` injects IKE through the worker, iteration
     yields IKE the worker received. ``close()`` half-closes (the server then ends the stream);
-    ``cancel()`` aborts it."""
+    ``cancel()`` aborts it. ``batch``: the PuntBatch call, whose messages carry every datagram
+    queued when one is sent (fewer messages and hand-offs between threads under load);
+    otherwise Punt, one datagram per message."""
 
-    def __init__(self, stub: pb_grpc.DataplaneStub, timeout: float | None) -> None:
+    def __init__(
+        self, stub: pb_grpc.DataplaneStub, timeout: float | None, *, batch: bool = True
+    ) -> None:
         self._out: queue.Queue[object] = queue.Queue()
         self._closed = threading.Event()
-        self._call = stub.Punt(self._requests(), timeout=timeout)
+        self.batch = batch
+        if batch:
+            self._call = stub.PuntBatch(self._batches(), timeout=timeout)
+        else:
+            self._call = stub.Punt(self._requests(), timeout=timeout)
 
     def _requests(self) -> Iterator[Any]:
         while True:
             item = self._out.get()
             if item is _END:
                 return
-            assert isinstance(item, IkeDatagram)
-            yield convert.ike_to_pb(item)
+            for d in item if isinstance(item, list) else (item,):
+                assert isinstance(d, IkeDatagram)
+                yield convert.ike_to_pb(d)
+
+    def _batches(self) -> Iterator[Any]:
+        pending: list[IkeDatagram] = []  # queued but not yet sent
+        end = False
+        while pending or not end:
+            if not pending:
+                item = self._out.get()
+                if item is _END:
+                    return
+                pending = list(item) if isinstance(item, list) else [item]
+            while not end and len(pending) < PUNT_BATCH:
+                try:
+                    more = self._out.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _END:
+                    end = True
+                else:
+                    pending += more if isinstance(more, list) else [more]
+            batch, size = [], 0
+            while pending and len(batch) < PUNT_BATCH and size < PUNT_BATCH_BYTES:
+                d = pending.pop(0)
+                assert isinstance(d, IkeDatagram)
+                batch.append(d)
+                size += len(d.data)
+            yield convert.ike_batch_to_pb(batch)
 
     def send(self, d: IkeDatagram) -> None:
         if self._closed.is_set():
             raise RuntimeError("punt stream is closed")
         self._out.put(d)
 
+    def send_many(self, ds: Sequence[IkeDatagram]) -> None:
+        """send() each, in order; on PuntBatch they leave in one message (up to the limits)."""
+        if self._closed.is_set():
+            raise RuntimeError("punt stream is closed")
+        if ds:
+            self._out.put(list(ds))
+
     def __iter__(self) -> Iterator[IkeDatagram]:
         try:
-            for m in self._call:
-                yield convert.ike_from_pb(m)
+            if self.batch:
+                for m in self._call:
+                    yield from convert.ike_batch_from_pb(m)
+            else:
+                for m in self._call:
+                    yield convert.ike_from_pb(m)
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.CANCELLED:
                 raise
@@ -201,6 +251,11 @@ class PuntStream:
     def wait_connected(self) -> None:
         """Block until the server has subscribed this stream."""
         self._call.initial_metadata()
+
+    def unimplemented(self) -> bool:
+        """After wait_connected(): the server ended the call as UNIMPLEMENTED (a worker
+        without PuntBatch)."""
+        return bool(self._call.done()) and self._call.code() == grpc.StatusCode.UNIMPLEMENTED
 
     def close(self) -> None:
         if not self._closed.is_set():
@@ -350,8 +405,12 @@ class DataplaneClient:
         call.initial_metadata()
         return EventStream(call)
 
-    def punt(self, *, timeout: float | None = None) -> PuntStream:
-        """Open the punt/inject stream (subscribed once this returns)."""
-        stream = PuntStream(self._stub, timeout)
+    def punt(self, *, timeout: float | None = None, batch: bool = True) -> PuntStream:
+        """Open the punt/inject stream (subscribed once this returns): PuntBatch, or Punt
+        when ``batch`` is False or the worker does not implement PuntBatch."""
+        stream = PuntStream(self._stub, timeout, batch=batch)
         stream.wait_connected()
+        if batch and stream.unimplemented():
+            stream = PuntStream(self._stub, timeout, batch=False)
+            stream.wait_connected()
         return stream

@@ -10,6 +10,7 @@ key bytes (at most a key's length).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 from collections.abc import Iterable, Sequence
@@ -133,6 +134,15 @@ class IkeDatagram:
 
 
 def _addr(text: str, what: str, *, allow_unspecified: bool = False) -> bytes:
+    if len(text) <= MAX_ADDR_TEXT:
+        return _addr_cached(text, what, allow_unspecified)
+    raise ConversionError(f"{what}: not an IP address")
+
+
+@functools.lru_cache(maxsize=4096)
+def _addr_cached(text: str, what: str, allow_unspecified: bool) -> bytes:
+    """_addr, remembered: every SA, SPD entry and IKE datagram names the same few addresses.
+    (A refused address raises each time: exceptions are not cached.)"""
     if not text:
         raise ConversionError(f"{what}: an address is required")
     if len(text) > MAX_ADDR_TEXT or "%" in text:
@@ -150,6 +160,11 @@ def addr_text(packed: bytes) -> str:
     """Textual form of a packed 4- or 16-byte address."""
     if len(packed) not in (4, 16):
         raise ConversionError("address must be 4 or 16 bytes")
+    return _addr_text(packed)
+
+
+@functools.lru_cache(maxsize=4096)
+def _addr_text(packed: bytes) -> str:
     return str(ipaddress.ip_address(packed))
 
 
@@ -282,11 +297,19 @@ def selector_from_pb(m: pb.TrafficSelector, what: str = "selector") -> Selector:
     sport = _port_range(m.sport_lo, m.sport_hi, f"{what}.sport")
     dport = _port_range(m.dport_lo, m.dport_hi, f"{what}.dport")
     try:
-        return Selector.make(m.src, m.dst, m.proto, sport, dport)
+        return _selector(m.src, m.dst, m.proto, sport, dport)
     except ValueError:
         raise ConversionError(
             f"{what}: src and dst must be prefixes of the same IP version"
         ) from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _selector(
+    src: str, dst: str, proto: int, sport: tuple[int, int], dport: tuple[int, int]
+) -> Selector:
+    """Selector.make, remembered (immutable; each Child SA of a policy repeats it)."""
+    return Selector.make(src, dst, proto, sport, dport)
 
 
 def _prefix_text(p: Prefix) -> str:
@@ -828,6 +851,14 @@ def ike_to_pb(d: IkeDatagram) -> pb.IkeDatagram:
         remote_port=_u(d.remote_port, 32),
         data=d.data,
     )
+
+
+def ike_batch_to_pb(batch: Iterable[IkeDatagram]) -> pb.IkeDatagramBatch:
+    return pb.IkeDatagramBatch(datagrams=[ike_to_pb(d) for d in batch])
+
+
+def ike_batch_from_pb(m: pb.IkeDatagramBatch) -> list[IkeDatagram]:
+    return [ike_from_pb(d) for d in m.datagrams]
 
 
 # --- empty responses ---------------------------------------------------------------------------

@@ -18,7 +18,9 @@ Streams: WatchEvents and Punt each hold one server thread. Punt is bidirectional
 datagrams flow to the client; datagrams the client sends are injected from the worker's UDP
 socket on local_addr:local_port (500 or 4500; 4500 prepends the non-ESP marker). A local
 address the worker does not own ends the stream with INVALID_ARGUMENT; the client half-closing
-its side ends the stream normally.
+its side ends the stream normally. PuntBatch is the same stream with IkeDatagramBatch messages:
+each message sent carries every punted datagram queued at that moment (up to PUNT_BATCH or
+about PUNT_BATCH_BYTES), and each message received is injected datagram by datagram, in order.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypeVar
@@ -47,6 +49,8 @@ log = logging.getLogger("services.dataplane.grpc")
 
 SERVICE_NAME = "ipsec.v1.Dataplane"
 STREAM_POLL = 0.5
+PUNT_BATCH = 64  # datagrams per PuntBatch message at most
+PUNT_BATCH_BYTES = 1 << 20  # no datagram joins a batch already this large (gRPC allows 4 MiB)
 R = TypeVar("R")
 _BATCH_CODES = {
     BatchFault.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
@@ -205,19 +209,20 @@ class DataplaneService(pb_grpc.DataplaneServicer):
             except BatchRejected as e:
                 raise Abort(_BATCH_CODES[e.fault], str(e)) from None
             revision = eng.spd.revision
-        log.info(
-            "sas applied",
-            extra={
-                "installed": [c.describe() for c in batch.installs],
-                "deleted": [
-                    f"0x{sid.spi:08x} {convert.addr_text(sid.dst)} {sid.direction.name.lower()}"
-                    for sid, ex in zip(batch.deletes, existed, strict=True)
-                    if ex
-                ],
-                "missing": existed.count(False),
-                "spd_revision": revision if batch.spd is not None else None,
-            },
-        )
+        if log.isEnabledFor(logging.DEBUG):  # keymgr logs each IKE SA up and down at info
+            log.debug(
+                "sas applied",
+                extra={
+                    "installed": [c.describe() for c in batch.installs],
+                    "deleted": [
+                        f"0x{sid.spi:08x} {convert.addr_text(sid.dst)} {sid.direction.name.lower()}"
+                        for sid, ex in zip(batch.deletes, existed, strict=True)
+                        if ex
+                    ],
+                    "missing": existed.count(False),
+                    "spd_revision": revision if batch.spd is not None else None,
+                },
+            )
         return convert.apply_response(existed, len(batch.installs), revision)
 
     # --- status ---------------------------------------------------------------------------------
@@ -262,47 +267,65 @@ class DataplaneService(pb_grpc.DataplaneServicer):
     def Punt(
         self, request_iterator: Iterator[pb.IkeDatagram], context: grpc.ServicerContext
     ) -> Iterator[pb.IkeDatagram]:
+        for batch in self._punt(((m,) for m in request_iterator), context):
+            for d in batch:
+                yield convert.ike_to_pb(d)
+
+    def PuntBatch(
+        self, request_iterator: Iterator[pb.IkeDatagramBatch], context: grpc.ServicerContext
+    ) -> Iterator[pb.IkeDatagramBatch]:
+        for batch in self._punt((m.datagrams for m in request_iterator), context):
+            yield convert.ike_batch_to_pb(batch)
+
+    def _punt(
+        self, received: Iterator[Iterable[pb.IkeDatagram]], context: grpc.ServicerContext
+    ) -> Iterator[list[IkeDatagram]]:
+        """Punt and PuntBatch: inject what the client sends (``received`` yields each
+        message's datagrams); yield the punted datagrams queued at each moment."""
         sub = self.host.punts.subscribe()
         done = threading.Event()
         failure: list[Abort] = []
         context.add_callback(sub.wake)
+        counts = {"messages_in": 0, "messages_out": 0, "punted": 0}
+
+        def inject(m: pb.IkeDatagram) -> bool:
+            try:
+                d = convert.ike_from_pb(m)
+            except ConversionError as e:
+                failure.append(Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
+                return False
+            if not self.host.owns(d.local_addr, d.local_port):
+                failure.append(
+                    Abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"local_addr {d.local_addr} port {d.local_port} is not owned by "
+                        f"worker {self.host.worker_id}",
+                    )
+                )
+                return False
+            if self.injector is None:
+                failure.append(
+                    Abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker has no wire sockets")
+                )
+                return False
+            try:
+                self.injector.inject(d)
+                self.host.count("injected")
+            except InjectError as e:
+                failure.append(Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
+                return False
+            except OSError as e:
+                self.host.count("inject_errors")
+                log.warning("inject failed", extra={"errno": e.errno, "strerror": e.strerror})
+            return True
 
         def reader() -> None:
             try:
-                for m in request_iterator:
-                    try:
-                        d = convert.ike_from_pb(m)
-                    except ConversionError as e:
-                        failure.append(Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
-                        return
-                    if not self.host.owns(d.local_addr, d.local_port):
-                        failure.append(
-                            Abort(
-                                grpc.StatusCode.INVALID_ARGUMENT,
-                                f"local_addr {d.local_addr} port {d.local_port} is not owned by "
-                                f"worker {self.host.worker_id}",
-                            )
-                        )
-                        return
-                    if self.injector is None:
-                        failure.append(
-                            Abort(
-                                grpc.StatusCode.FAILED_PRECONDITION,
-                                "this worker has no wire sockets",
-                            )
-                        )
-                        return
-                    try:
-                        self.injector.inject(d)
-                        self.host.count("injected")
-                    except InjectError as e:
-                        failure.append(Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
-                        return
-                    except OSError as e:
-                        self.host.count("inject_errors")
-                        log.warning(
-                            "inject failed", extra={"errno": e.errno, "strerror": e.strerror}
-                        )
+                for items in received:
+                    counts["messages_in"] += 1
+                    for m in items:
+                        if not inject(m):
+                            return
             except grpc.RpcError:
                 pass  # the call ended (cancelled / deadline); the sender loop notices
             except Exception as e:
@@ -330,11 +353,24 @@ class DataplaneService(pb_grpc.DataplaneServicer):
                 ):
                     return
                 d = sub.get(STREAM_POLL)
-                if d is not None:
-                    yield convert.ike_to_pb(d)
+                if d is None:
+                    continue
+                batch, size = [d], len(d.data)
+                while len(batch) < PUNT_BATCH and size < PUNT_BATCH_BYTES:
+                    more = sub.get_nowait()
+                    if more is None:
+                        break
+                    batch.append(more)
+                    size += len(more.data)
+                counts["messages_out"] += 1
+                counts["punted"] += len(batch)
+                yield batch
         finally:
             sub.close()
-            log.info("punt stream gone", extra={"peer": context.peer(), "dropped": sub.dropped})
+            log.info(
+                "punt stream gone",
+                extra={"peer": context.peer(), "dropped": sub.dropped, **counts},
+            )
 
 
 # --- server ------------------------------------------------------------------------------------

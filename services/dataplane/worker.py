@@ -22,6 +22,7 @@ Pieces, from the inside out:
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -50,7 +51,7 @@ from services.core.events import (
 from services.core.iana import ESP_UDP_PORT, IKE_UDP_PORT, IpProto
 from services.core.packet import MalformedPacket, build_ipv6
 from services.core.sa import Direction
-from services.dataplane.convert import IkeDatagram, WorkerEvent, WorkerStats
+from services.dataplane.convert import IkeDatagram, WorkerEvent, WorkerStats, addr_text
 from services.dataplane.settings import Settings
 from services.runtime.logging import describe_exception
 
@@ -63,6 +64,12 @@ TICK_INTERVAL = 1.0
 RECV_BUF = 65535
 ERROR_LOG_INTERVAL = 5.0
 _CMSG_SPACE = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(4)
+
+
+@functools.lru_cache(maxsize=1024)
+def _packed_addr(text: str) -> bytes:
+    """The packed form of one of the few local addresses IKE is injected from."""
+    return ipaddress.ip_address(text).packed
 
 
 # --- fan-out -----------------------------------------------------------------------------------
@@ -101,6 +108,14 @@ class Subscription(Generic[T]):
         """The next item, or None after ``timeout`` or a wake-up."""
         try:
             item = self._q.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        return None if isinstance(item, _Wake) else item
+
+    def get_nowait(self) -> T | None:
+        """The next item if one is queued, else None (also for a wake-up)."""
+        try:
+            item = self._q.get_nowait()
         except queue.Empty:
             return None
         return None if isinstance(item, _Wake) else item
@@ -445,9 +460,7 @@ class UdpSource:
         sport = int(addr[1])
         if self.port == ESP_UDP_PORT:
             return UdpItem(src, self.local_packed, sport, self.port, data)
-        return IkeItem(
-            IkeDatagram(self.local, self.port, str(ipaddress.ip_address(src)), sport, data)
-        )
+        return IkeItem(IkeDatagram(self.local, self.port, addr_text(src), sport, data))
 
 
 # --- the sockets -------------------------------------------------------------------------------
@@ -584,7 +597,7 @@ class Wire:
 
     def inject(self, d: IkeDatagram) -> None:
         """Send IKE from local_addr:local_port (4500 prepends the non-ESP marker, RFC 3948)."""
-        local = ipaddress.ip_address(d.local_addr).packed
+        local = _packed_addr(d.local_addr)
         sock = self._udp.get((local, d.local_port))
         if sock is None:
             raise InjectError("no socket on that local address and port")
@@ -725,9 +738,9 @@ class PacketLoop:
                         elif kind is UdpKind.IKE and data is not None:
                             punts.append(
                                 IkeDatagram(
-                                    str(ipaddress.ip_address(item.dst)),
+                                    addr_text(item.dst),
                                     item.dport,
-                                    str(ipaddress.ip_address(item.src)),
+                                    addr_text(item.src),
                                     item.sport,
                                     bytes(data),
                                 )

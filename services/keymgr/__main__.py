@@ -152,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, background=True)
     try:
         cfg = load_config(args.config)
     except ConfigError as e:

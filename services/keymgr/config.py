@@ -65,6 +65,7 @@ first child's). The first child is negotiated in IKE_AUTH, the others with CREAT
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import math
@@ -170,6 +171,13 @@ def _seconds(value: object, what: str) -> float:
     if not math.isfinite(value) or not 0 <= value <= 1e9:
         raise ConfigError(f"{what}: must be from 0 to 1e9 seconds")
     return float(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _prefix_range(prefix: str) -> tuple[str, str]:
+    """A prefix as an inclusive (first, last) address range (asked for per IKE SA)."""
+    net = ipaddress.ip_network(prefix)
+    return str(net.network_address), str(net.broadcast_address)
 
 
 def _name(value: object, what: str) -> str:
@@ -447,8 +455,7 @@ class Connection:
 
     def ts_range(self, which: str) -> tuple[str, str]:
         """The local or remote traffic selector as an inclusive (first, last) address range."""
-        net = ipaddress.ip_network(self.local_ts if which == "local" else self.remote_ts)
-        return str(net.network_address), str(net.broadcast_address)
+        return _prefix_range(self.local_ts if which == "local" else self.remote_ts)
 
     def read_psk(self) -> bytes:
         """The pre-shared key from ``psk_file`` (never logged, never in repr)."""

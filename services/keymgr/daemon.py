@@ -154,6 +154,11 @@ IKE_PORT = 500
 SPD_PRIORITY = 100
 RETRY_AFTER_FAILURE = 5.0  # seconds before a failed connection is initiated again
 TICK = 0.5  # longest wait for a punted datagram when no retransmit is due
+# The timers (retransmissions, lifetimes, liveness, half-open expiry) visit every IKE SA: the
+# main loop sweeps them when the earliest deadline is due and otherwise at most this often
+# after handling something, not once per datagram (IKE timers are of seconds).
+SWEEP_INTERVAL = 0.05
+BURST = 32  # queued items the main loop handles in one turn at most
 MAX_HALF_OPEN = 64  # responders not yet ESTABLISHED; more IKE_SA_INITs are dropped
 HALF_OPEN_TIMEOUT = 30.0  # seconds a half-open (or failed) responder is kept
 SHUTDOWN_WAIT = 2.0  # seconds to wait for the peers' responses to our Delete on stop()
@@ -200,6 +205,61 @@ class _Apply:
     done: bool = False
     leases_freed: tuple[LeaseKey, ...] = ()  # outbound SAs deleted: their marks go once done
     leases_granted: tuple[LeaseKey, ...] = ()  # outbound SAs installed: marks go if refused
+    # deletes only (no install, no SPD change): removals queued meanwhile join the next one
+    removal: bool = False
+
+
+class RandomPool:
+    """Random octets for the IKE core (its ``rand``): ``os.urandom`` read in blocks of
+    ``block`` octets and handed out in order, each octet once. One system call per block
+    instead of several per handshake; each such call lets the process's other threads take
+    the interpreter lock, which the IKE loop then waits to get back."""
+
+    def __init__(self, block: int = 4096) -> None:
+        self.block = block
+        self._buf = b""
+        self._pos = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, n: int) -> bytes:
+        if n > self.block // 4:
+            return os.urandom(n)
+        with self._lock:
+            if self._pos + n > len(self._buf):
+                self._buf, self._pos = os.urandom(self.block), 0
+            out = self._buf[self._pos : self._pos + n]
+            self._pos += n
+            return out
+
+
+class _Outbox:
+    """keymgr's side of the punt stream: between hold() and release() (one turn of the main
+    loop) the datagrams to inject are kept and then handed over together, so the stream
+    sends them in one message; otherwise each goes at once."""
+
+    def __init__(self, stream: PuntStream) -> None:
+        self.stream = stream
+        self._held: list[IkeDatagram] | None = None
+
+    def send(self, d: IkeDatagram) -> None:
+        if self._held is None:
+            self.stream.send(d)
+        else:
+            self._held.append(d)
+
+    def hold(self) -> None:
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            send_many = getattr(self.stream, "send_many", None)
+            if send_many is not None:
+                send_many(held)
+            else:
+                for d in held:
+                    self.stream.send(d)
 
 
 @dataclass
@@ -314,6 +374,7 @@ class Keymgr:
         self._exported_ike: set[bytes] = set()  # SPIi | SPIr of IKE SAs whose keys were exported
         self.records: dict[bytes, IkeRecord] = {}  # established IKE SAs, key SPIi | SPIr
         self._next_id = 0
+        self.rand = RandomPool()  # SPIs, nonces and DH private keys of new IKE SAs
         # a random delay in [0, x] (rekey jitter, strongSwan's rand_time)
         self.jitter = jitter or (lambda x: random.uniform(0.0, x) if x > 0 else 0.0)  # noqa: S311
         self._ikes: dict[bytes, IkeSaState] = {}  # established IKE SAs by ``key``
@@ -335,11 +396,17 @@ class Keymgr:
         self._rx: queue.Queue[IkeDatagram | _Call | _Apply] = queue.Queue()
         # ApplySAs batches in flight, in the order they were sent (at most one per IKE SA)
         self._pending: list[_Apply] = []
+        # removals waiting for the removal batch in flight: (continuation, SAs to delete)
+        self._removals: list[tuple[Callable[[BaseException | None], object], tuple[SaConfig, ...]]]
+        self._removals = []
         # worker round trips: count, total and longest seconds from request to answer
         self.apply_stats = [0, 0.0, 0.0]
         self._auth_cache: dict[str, tuple[tuple[Any, ...], tuple[LocalAuth, PeerAuth]]] = {}
+        self._responder_cfgs: dict[
+            str, tuple[Connection, tuple[LocalAuth, PeerAuth], ResponderConfig]
+        ] = {}
         self._stop = threading.Event()
-        self._stream: PuntStream | None = None
+        self._stream: PuntStream | _Outbox | None = None
         self._spd_revision = 0
         # (connection, child) -> (reqid, SPD entry key): a connection's first child keeps the
         # connection's reqid and its name as SPD key; further children follow all of those
@@ -417,7 +484,8 @@ class Keymgr:
     def run(self) -> None:
         self.client.wait_ready(timeout=30.0)
         stream = self.client.punt()
-        self._stream = stream
+        outbox = _Outbox(stream)
+        self._stream = outbox
         reader = threading.Thread(target=self._reader, args=(stream,), daemon=True)
         reader.start()
         log.info("punt stream connected", extra={"target": self.client.target})
@@ -438,20 +506,41 @@ class Keymgr:
                 for child in s.conn.child_names[1:]:
                     if s.conn.child(child).start_action == "trap":
                         self._trap_child(s, child)
+            sweep_at = now  # the timers' next sweep (see SWEEP_INTERVAL)
             while not self._stop.is_set():
                 try:
-                    d = self._rx.get(timeout=self._wait())
+                    d = self._rx.get(timeout=max(0.0, sweep_at - self.clock()))
                 except queue.Empty:
                     d = None
-                now = self.clock()
-                if isinstance(d, _Call):
-                    self._run_call(d, now)
-                elif isinstance(d, _Apply):
-                    self._finish(d)
-                elif d is not None:
-                    self._dispatch(d, now)
-                self._worker_events(now)
-                self._timers(now)
+                # what else is queued already is handled in the same turn, and the datagrams
+                # it makes leave together (one punt stream message, see _Outbox)
+                burst = [d]
+                while d is not None and len(burst) < BURST:
+                    try:
+                        burst.append(self._rx.get_nowait())
+                    except queue.Empty:
+                        break
+                outbox.hold()
+                try:
+                    now = self.clock()
+                    for d in burst:
+                        now = self.clock()
+                        if isinstance(d, _Call):
+                            self._run_call(d, now)
+                        elif isinstance(d, _Apply):
+                            self._finish(d)
+                        elif d is not None:
+                            self._dispatch(d, now)
+                    handled = burst[0] is not None or not self._wev.empty()
+                    self._worker_events(now)
+                    if now >= sweep_at:
+                        self._timers(now)
+                        sweep_at = now + max(self._wait(), SWEEP_INTERVAL)
+                    elif handled:
+                        # what was just handled may have set an earlier deadline
+                        sweep_at = min(sweep_at, now + SWEEP_INTERVAL)
+                finally:
+                    outbox.release()
             if not self.failed:
                 self._shutdown()
         finally:
@@ -502,7 +591,7 @@ class Keymgr:
             log.error("cannot start connection", extra={"conn": c.name, "reason": str(e)})
             s.retry_at = now + RETRY_AFTER_FAILURE
             return
-        ini = Ikev2Initiator(cfg, now=now)
+        ini = Ikev2Initiator(cfg, now=now, rand=self.rand)
         s.initiator = ini
         s.retry_at = None
         log.info(
@@ -684,28 +773,11 @@ class Keymgr:
                 )
                 return
             try:
-                mine, theirs = self._authentication(c)
-                first = c.child(c.child_names[0])
-                cfg = ResponderConfig(
-                    local_addr=c.local_addr,
-                    local_auth=mine,
-                    peer_auth=theirs,
-                    ts_local=first.ts_range("local"),
-                    ts_remote=first.ts_range("remote"),
-                    local_id=c.local_id,
-                    remote_id=c.remote_id or c.remote_addr,
-                    remote_addr=c.remote_addr,
-                    ike_suites=c.ike_suites,
-                    esp_suites=first.child_suites,
-                    mode=first.sa_mode,
-                    fragment_size=c.fragment_size,
-                    # IKE_AUTH may ask for another configured child (RFC 7296 §2.9)
-                    children=tuple(child_policy(c, n) for n in c.child_names[1:]),
-                )
+                cfg = self._responder_config(c)
             except ValueError as e:
                 log.error("cannot answer IKE_SA_INIT", extra={"conn": c.name, "reason": str(e)})
                 return
-            rs = ResponderSession(c, reqid, Ikev2Responder(cfg, now=now))
+            rs = ResponderSession(c, reqid, Ikev2Responder(cfg, now=now, rand=self.rand))
         local = (_packed(d.local_addr), d.local_port)
         remote = (_packed(d.remote_addr), d.remote_port)
         before = rs.responder.state
@@ -725,7 +797,7 @@ class Keymgr:
                 return  # dropped before any state (malformed request)
             if rs.responder.state is not ResponderState.WAIT_SA_INIT:
                 self.responders[hdr.spi_i] = rs
-                log.info(
+                log.debug(  # info: "ike established" (a half-open IKE SA may be spoofed)
                     "ike responding",
                     extra={
                         "conn": c.name,
@@ -1173,7 +1245,7 @@ class Keymgr:
             if err is not None:
                 _log_failure("child removal failed", {"conn": c.name}, err)
                 return
-            log.info(
+            log.debug(  # the IKE SA's "ike deleted" / "child deleted" line is the info one
                 "child removed",
                 extra={
                     "conn": c.name,
@@ -1709,6 +1781,10 @@ class Keymgr:
                 "nat_t": encap,
                 "behind_nat": r.local_behind_nat,
                 "ike": r.suite.name,
+                "spi_in": r.child.spi_in.hex(),
+                "spi_out": r.child.spi_out.hex(),
+                "esp": r.child.suite_name,
+                "mode": r.child.mode.name.lower(),
             },
         )
         key = r.spi_i + r.spi_r
@@ -1755,7 +1831,7 @@ class Keymgr:
         child: str,
     ) -> None:
         proto = "ah" if r.child.ah else "esp"
-        log.info(
+        log.debug(  # info: "ike established" names the Child SA already
             "child installed",
             extra={
                 "conn": c.name,
@@ -1807,6 +1883,11 @@ class Keymgr:
         Delete never overtakes the install of the same SAs), and a batch that changes the SPD
         first waits for every earlier one that did (revisions reach the worker in order).
         ``then(error)`` runs on the main loop once the worker answered (error None: applied).
+
+        Removals (deletes alone) made while another removal is in flight wait for it and then
+        go together in one call: deleting cannot be refused (a missing SA is reported, not an
+        error), so joining them changes no outcome, and a busy responder makes one call for
+        several IKE SAs' removals instead of one each.
         """
         if key is not None:
             self._settle(key)
@@ -1815,7 +1896,11 @@ class Keymgr:
             for op in [op for op in self._pending if op.spd_before is not None]:
                 self._settle_op(op)
             entries = self._spd_change(spd)
-        op = _Apply(key, None, then, None, self.clock())
+        removal = not install and bool(delete) and entries is None
+        if removal and any(op.removal for op in self._pending):
+            self._removals.append((then, delete))
+            return
+        op = _Apply(key, None, then, None, self.clock(), removal=removal)
         if not install and not delete and entries is None:
             op.done = True
             then(None)
@@ -1895,6 +1980,14 @@ class Keymgr:
             except LeaseStoreError as e:  # a stale mark only wastes a line of the file
                 log.warning("sequence lease marks not removed", extra={"reason": str(e)})
         op.then(op.error)
+        if op.removal and self._removals:
+            waiting, self._removals = self._removals, []
+
+            def joined(err: BaseException | None) -> None:
+                for then, _sas in waiting:
+                    then(err)
+
+            self._apply(None, joined, delete=tuple(sa for _then, sas in waiting for sa in sas))
 
     def _settle_op(self, op: _Apply) -> None:
         """Wait for ``op``'s answer (its call has the client's deadline) and finish it."""
@@ -1923,6 +2016,34 @@ class Keymgr:
                     "max_ms": round(1000 * longest, 2),
                 },
             )
+
+    def _responder_config(self, c: Connection) -> ResponderConfig:
+        """The (validated, immutable) ResponderConfig of connection ``c``, built again only when
+        the connection or its credentials changed."""
+        auth = self._authentication(c)
+        hit = self._responder_cfgs.get(c.name)
+        if hit is not None and hit[0] is c and hit[1] is auth:
+            return hit[2]
+        mine, theirs = auth
+        first = c.child(c.child_names[0])
+        cfg = ResponderConfig(
+            local_addr=c.local_addr,
+            local_auth=mine,
+            peer_auth=theirs,
+            ts_local=first.ts_range("local"),
+            ts_remote=first.ts_range("remote"),
+            local_id=c.local_id,
+            remote_id=c.remote_id or c.remote_addr,
+            remote_addr=c.remote_addr,
+            ike_suites=c.ike_suites,
+            esp_suites=first.child_suites,
+            mode=first.sa_mode,
+            fragment_size=c.fragment_size,
+            # IKE_AUTH may ask for another configured child (RFC 7296 §2.9)
+            children=tuple(child_policy(c, n) for n in c.child_names[1:]),
+        )
+        self._responder_cfgs[c.name] = (c, auth, cfg)
+        return cfg
 
     def _authentication(self, c: Connection) -> tuple[LocalAuth, PeerAuth]:
         """authentication(c), read from the files again only when one of them changed."""
@@ -2337,14 +2458,20 @@ def _log_failure(msg: str, extra: dict[str, str], err: BaseException) -> None:
     log.error(msg, extra={**extra, "code": str(code), "error": type(err).__name__})
 
 
-@functools.lru_cache(maxsize=256)
 def _lease_key(sa: SaConfig) -> LeaseKey:
     return LeaseKey(sa.spi, sa.dst, sa.protocol)
 
 
+@functools.lru_cache(maxsize=4096)
 def _packed(addr: str) -> bytes:
     """The packed form of a textual IP address (the same few addresses on every datagram)."""
     return ipaddress.ip_address(addr).packed
+
+
+@functools.lru_cache(maxsize=1024)
+def _selector(src: str, dst: str) -> Selector:
+    """Selector.make for a connection's prefixes (immutable; the same for each Child SA)."""
+    return Selector.make(src, dst)
 
 
 def _same_addr(a: str, b: str) -> bool:
@@ -2388,8 +2515,8 @@ def child_sa_configs(
     child = r.child
     if child.ah and r.nat_detected:
         raise ValueError(AH_NAT_REASON)
-    local = ipaddress.ip_address(c.local_addr).packed
-    remote = ipaddress.ip_address(c.remote_addr).packed
+    local = _packed(c.local_addr)
+    remote = _packed(c.remote_addr)
     use_encap = (r.nat_t if encap is None else encap) and not child.ah
     encap_cfg = UdpEncap(NAT_T_PORT, NAT_T_PORT) if use_encap else None
     # RFC 3948 §2.3: the peer behind the NAT keeps its mapping open, so only when we are
@@ -2400,8 +2527,8 @@ def child_sa_configs(
         if initiator
         else ((k.encr_i, k.integ_i), (k.encr_r, k.integ_r))
     )
-    sel_out = Selector.make(c.local_ts, c.remote_ts)
-    sel_in = Selector.make(c.remote_ts, c.local_ts)
+    sel_out = _selector(c.local_ts, c.remote_ts)
+    sel_in = _selector(c.remote_ts, c.local_ts)
     inbound = SaConfig(
         spi=int.from_bytes(child.spi_in, "big"),
         protocol=int(IpProto.AH if child.ah else IpProto.ESP),
@@ -2446,7 +2573,7 @@ def connection_spd(c: Connection, reqid: int) -> SpdEntry:
         policy_id=reqid,
         priority=SPD_PRIORITY,
         action=Action.PROTECT,
-        selector=Selector.make(c.local_ts, c.remote_ts),
+        selector=_selector(c.local_ts, c.remote_ts),
         reqid=reqid,
         protocols=(int(IpProto.AH if c.ah else IpProto.ESP),),
     )

@@ -92,7 +92,8 @@ class CookieLab(ResponderLab):
         cfg_file.write_text(json.dumps({"connections": conns}))
         argv = [sys.executable, "-m", "services.keymgr", "--config", str(cfg_file)]
         argv += ["--dataplane", f"unix:{self.sock}", "--tls-dir", str(self.pki)]
-        argv += ["--server-name", WORKER_ID, "--client-name", CLIENT, "--log-level", "info"]
+        # debug: the check counts the "ike responding" lines (one per responder created)
+        argv += ["--server-name", WORKER_ID, "--client-name", CLIENT, "--log-level", "debug"]
         argv += ["--cookie-threshold", str(THRESHOLD), "--cookie-period", "5"]
         return self._popen(argv, "keymgr.log")
 

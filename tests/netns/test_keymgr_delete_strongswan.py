@@ -68,6 +68,8 @@ def test_strongswan_terminates_ike_keymgr_removes_sas(lab: KeymgrLab) -> None:
     assert _wait(lambda: client.list_sas() == []), f"{client.list_sas()}\n{kmlab.logs()}"
     assert _wait(lambda: "ESTABLISHED" not in kmlab.list_sas_b())
     assert keymgr.poll() is None, kmlab.logs()
+    # keymgr logs the removal once the worker's answer arrived (just after list_sas saw it)
+    assert _wait(lambda: "child removed" in kmlab.log("keymgr.log", 400)), kmlab.logs()
     log_text = (kmlab.workdir / "keymgr.log").read_text(errors="replace")
     print(log_text)
     assert "ike deleted" in log_text and "child removed" in log_text, log_text
@@ -104,6 +106,7 @@ def test_strongswan_terminates_child_keymgr_removes_sas_keeps_ike(lab: KeymgrLab
     print(sas)
     assert "ESTABLISHED" in sas, sas  # only the Child SA went away
     assert keymgr.poll() is None, kmlab.logs()
+    assert _wait(lambda: "child removed" in kmlab.log("keymgr.log", 400)), kmlab.logs()
     log_text = (kmlab.workdir / "keymgr.log").read_text(errors="replace")
     assert "child deleted by peer" in log_text and "child removed" in log_text, log_text
     # SIGTERM still deletes the IKE SA (no Child SA left in the worker)

@@ -26,7 +26,7 @@ from services.core.packet import build_ipv4
 from services.core.sa import Direction, Lifetime, Mode, SaConfig, UdpEncap
 from services.core.selectors import Selector
 from services.core.spd import Action, SpdEntry
-from services.dataplane import metrics
+from services.dataplane import convert, metrics
 from services.dataplane.client import DataplaneClient, sa_config
 from services.dataplane.convert import IkeDatagram
 from services.dataplane.grpc_api import GrpcServer, load_server_credentials
@@ -582,6 +582,89 @@ def test_cancelled_streams_are_not_errors(client: DataplaneClient, env: Env) -> 
     assert client.serving()
 
 
+def test_punt_batch_carries_what_is_queued_in_order(stub: pb_grpc.DataplaneStub, env: Env) -> None:
+    """PuntBatch: datagrams queued together travel in few messages, in order."""
+    sent = [IkeDatagram(LOCAL4, 500, PEER4, 500, i.to_bytes(2, "big") * 14) for i in range(150)]
+    stop = threading.Event()
+
+    def requests() -> Iterator[pb.IkeDatagramBatch]:
+        stop.wait(10)  # half-closing would end the stream
+        yield from ()
+
+    call = stub.PuntBatch(requests(), timeout=10)
+    call.initial_metadata()
+    assert _wait(lambda: env.host.punts.subscribers == 1)
+    env.host.punts.publish(sent)
+    got: list[IkeDatagram] = []
+    sizes: list[int] = []
+    for m in call:
+        sizes.append(len(m.datagrams))
+        got += [convert.ike_from_pb(x) for x in m.datagrams]
+        if len(got) >= len(sent):
+            break
+    stop.set()
+    call.cancel()
+    assert got == sent
+    assert len(sizes) < len(sent) and max(sizes) <= 64, sizes
+
+
+def test_punt_batch_injects_in_order_and_stops_at_a_bad_datagram(
+    client: DataplaneClient, stub: pb_grpc.DataplaneStub, env: Env
+) -> None:
+    good = [IkeDatagram(LOCAL4, 4500, PEER4, 4500, bytes([i]) * 30) for i in range(5)]
+    bad = IkeDatagram("192.0.2.99", 500, PEER4, 500, b"x")
+    msgs = [
+        convert.ike_batch_to_pb(good[:3]),
+        convert.ike_batch_to_pb([]),
+        convert.ike_batch_to_pb([*good[3:], bad, good[0]]),
+    ]
+    call = stub.PuntBatch(iter(msgs), timeout=10)
+    with pytest.raises(grpc.RpcError) as ei:
+        for _ in call:
+            pass
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert env.injector.sent == good
+
+
+def test_punt_stream_sends_many_in_order(client: DataplaneClient, env: Env) -> None:
+    many = [IkeDatagram(LOCAL6, 500, PEER6, 500, i.to_bytes(4, "big")) for i in range(300)]
+    with client.punt() as stream:
+        assert stream.batch
+        for d in many:
+            stream.send(d)
+        assert _wait(lambda: len(env.injector.sent) == len(many))
+    assert env.injector.sent == many
+
+
+def test_punt_falls_back_to_single_messages_without_punt_batch(
+    pki: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker without PuntBatch (UNIMPLEMENTED): the client uses Punt."""
+    from services.dataplane import grpc_api
+
+    class OldService(grpc_api.DataplaneService):
+        PuntBatch = pb_grpc.DataplaneServicer.PuntBatch  # type: ignore[assignment]
+
+    monkeypatch.setattr(grpc_api, "DataplaneService", OldService)
+    d = tempfile.mkdtemp(prefix="dpt", dir="/tmp")
+    host = EngineHost("w-old", local_addresses=[LOCAL4])
+    inj = FakeInjector()
+    server = GrpcServer(host, f"unix:{d}/w.sock", load_server_credentials(pki), injector=inj)
+    server.start()
+    c = DataplaneClient(f"unix:{d}/w.sock", pki, server_name="server", client_name="client")
+    try:
+        with c.punt() as stream:
+            assert not stream.batch
+            host.punts.publish([IkeDatagram(LOCAL4, 500, PEER4, 500, b"\x02" * 28)])
+            assert next(iter(stream)).data == b"\x02" * 28
+            stream.send(IkeDatagram(LOCAL4, 500, PEER4, 500, b"ike"))
+            assert _wait(lambda: len(inj.sent) == 1)
+    finally:
+        c.close()
+        server.stop(0)
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def test_keep_ipv4_ident_sets_df_only_for_ah_with_zero_id() -> None:
     from services.core.packet import checksum
     from services.dataplane.worker import keep_ipv4_ident
@@ -780,3 +863,38 @@ def test_bad_settings_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
 
     assert main(argv) == 2
     assert "invalid setting" in capsys.readouterr().err
+
+
+class _CaptureStub:
+    """Stands in for the Dataplane stub: keeps the request iterator PuntStream hands over."""
+
+    def __init__(self) -> None:
+        self.requests: Iterator[pb.IkeDatagramBatch] | None = None
+
+    def PuntBatch(self, requests: Iterator[pb.IkeDatagramBatch], timeout: object) -> None:
+        self.requests = requests
+
+
+def test_punt_stream_batches_what_is_queued_within_limits() -> None:
+    from services.dataplane import client as dpc
+
+    stub = _CaptureStub()
+    stream = dpc.PuntStream(stub, None)  # type: ignore[arg-type]
+    ds = [IkeDatagram(LOCAL4, 500, PEER4, 500, i.to_bytes(2, "big")) for i in range(150)]
+    stream.send(ds[0])
+    stream.send_many(ds[1:5])
+    stream.send_many([])
+    stream.send_many(ds[5:])
+    stream.close()
+    assert stub.requests is not None
+    msgs = [[convert.ike_from_pb(x) for x in m.datagrams] for m in stub.requests]
+    assert [len(m) for m in msgs] == [64, 64, 22]
+    assert [d for m in msgs for d in m] == ds
+    big = IkeDatagram(LOCAL4, 500, PEER4, 500, b"\x01" * 60000)
+    stream = dpc.PuntStream(stub, None)  # type: ignore[arg-type]
+    stream.send_many([big] * 20)
+    stream.close()
+    sizes = [len(m.datagrams) for m in stub.requests]
+    assert sum(sizes) == 20 and max(sizes) == 18  # about 1 MiB per message
+    with pytest.raises(RuntimeError):
+        stream.send_many([big])

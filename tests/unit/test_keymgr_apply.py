@@ -253,3 +253,51 @@ def test_down_follows_child_down_of_a_removal_in_flight(tmp_path: pathlib.Path) 
     client.answer(1)
     _pump(km)
     assert published == [ev.UP, ev.CHILD_UP, ev.CHILD_DOWN, ev.DOWN]
+
+
+def test_removals_made_while_one_is_in_flight_go_together(tmp_path: pathlib.Path) -> None:
+    """Deleting cannot be refused, so removals queued behind the removal in flight leave in
+    one call once it is answered; each keeps its own continuation (CHILD_DOWN, DOWN)."""
+    km, client, stream, psk = _setup(tmp_path)
+    published: list[str] = []
+    km.events.publish = lambda e: published.append(e.kind)  # type: ignore[method-assign]
+    inis = [_initiator(psk) for _ in range(4)]
+    for i, ini in enumerate(inis):
+        _to_auth(km, stream, ini)
+        client.answer(i)
+        _pump(km)
+        _deliver(km, stream, ini, 0)
+        assert ini.state is State.ESTABLISHED
+    installed = {sa.spi for c in client.calls for sa in c.install}
+    assert client.sad == installed and len(installed) == 8
+    published.clear()
+
+    def delete(ini: Ikev2Initiator) -> None:
+        (req,) = ini.delete_ike(1.0)
+        n = len(stream.sent)
+        km._dispatch(IkeDatagram(A, 4500, B, 4500, req), 1.0)
+        _deliver(km, stream, ini, n)  # the Delete is answered at once
+        assert ini.state is State.CLOSED
+
+    delete(inis[0])
+    assert len(client.calls) == 5  # the first removal is in flight
+    delete(inis[1])
+    delete(inis[2])
+    assert len(client.calls) == 5  # these two wait for it
+    client.answer(4)
+    _pump(km)
+    assert len(client.calls) == 6
+    joined = client.calls[5]
+    assert joined.install == [] and joined.spd is None and len(joined.delete) == 4
+    assert published.count(ev.CHILD_DOWN) == 1  # the first; the joined call is in flight
+    client.answer(5)
+    _pump(km)
+    assert published.count(ev.CHILD_DOWN) == 3 and published.count(ev.DOWN) == 3
+    # the connection's last Child SA: its removal also withdraws the SPD entry (sent at once)
+    delete(inis[3])
+    last = client.calls[-1]
+    assert len(client.calls) == 7 and last.spd is not None and last.spd[0] == []
+    client.answer(6)
+    _pump(km)
+    assert client.sad == set() and km._children == {} and km._spd == {}
+    assert km._removals == [] and km._pending == []

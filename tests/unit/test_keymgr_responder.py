@@ -164,6 +164,25 @@ def test_wrong_psk_installs_nothing(tmp_path: pathlib.Path) -> None:
     assert client.sas == [] and client.spd == []
 
 
+def test_changed_psk_reaches_the_next_responder(tmp_path: pathlib.Path) -> None:
+    """The responder configuration is reused per connection, but not past a PSK change."""
+    old, new = secrets.token_bytes(32), secrets.token_bytes(32)
+    km, client, stream = _keymgr(tmp_path, old)
+    resp = km.responder_conns[0][0]
+    assert client.applies == []
+    assert km._responder_config(resp) is km._responder_config(resp)
+    ini = _initiator(old)
+    _run_exchange(km, stream, ini)
+    assert ini.state is State.ESTABLISHED
+    (tmp_path / "psk").write_bytes(b"0x" + new.hex().encode() + b"\n")  # size changes too
+    ini = _initiator(old)
+    _run_exchange(km, stream, ini)
+    assert ini.state is State.FAILED
+    ini = _initiator(new)
+    _run_exchange(km, stream, ini)
+    assert ini.state is State.ESTABLISHED
+
+
 def test_half_open_bound_and_expiry(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -185,3 +204,51 @@ def test_half_open_bound_and_expiry(
     ini = _initiator(psk)
     _run_exchange(km, stream, ini)
     assert ini.state is State.ESTABLISHED and len(client.sas) == 2
+
+
+def test_outbox_hands_over_one_turns_datagrams_together() -> None:
+    class ManyStream(FakeStream):
+        def __init__(self) -> None:
+            super().__init__()
+            self.handed: list[list[IkeDatagram]] = []
+
+        def send_many(self, ds: list[IkeDatagram]) -> None:
+            self.handed.append(list(ds))
+            self.sent += ds
+
+    ds = [IkeDatagram(A, 500, B, 500, bytes([i])) for i in range(5)]
+    for stream in (FakeStream(), ManyStream()):
+        out = daemon._Outbox(stream)  # type: ignore[arg-type]
+        out.send(ds[0])
+        assert stream.sent == ds[:1]  # not holding: at once
+        out.hold()
+        for d in ds[1:4]:
+            out.send(d)
+        assert stream.sent == ds[:1]
+        out.release()
+        assert stream.sent == ds[:4]
+        out.release()  # nothing held: nothing sent
+        out.send(ds[4])
+        assert stream.sent == ds
+        if isinstance(stream, ManyStream):
+            assert stream.handed == [ds[1:4]]
+
+
+def test_random_pool_hands_out_each_octet_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[int] = []
+    counter = iter(range(1 << 30))
+
+    def fake_urandom(n: int) -> bytes:
+        reads.append(n)
+        return bytes(next(counter) % 256 for _ in range(n))
+
+    monkeypatch.setattr(daemon.os, "urandom", fake_urandom)
+    pool = daemon.RandomPool(block=128)
+    got = b"".join(pool(n) for n in (8, 32, 4, 8, 8, 32, 1, 16, 32))
+    assert len(got) == 141 and reads == [128, 128]
+    # in order, nothing repeated: the first 109 octets of block one, then block two
+    assert got[:109] == bytes(range(109)) and got[109:] == bytes(range(128, 160))
+    assert len(pool(33)) == 33 and reads[-1] == 33  # large requests go straight through
+    real = daemon.RandomPool()
+    monkeypatch.undo()
+    assert len({real(8) for _ in range(1000)}) == 1000

@@ -52,6 +52,7 @@ are handled by :mod:`services.core.ike.informational`; ``take_events`` reports w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import secrets
@@ -145,7 +146,7 @@ def fragment_limit(fragment_size: int, remote_addr: str, nat_t: bool) -> int | N
     the non-ESP marker subtracted); None when fragmentation is disabled (size 0)."""
     if fragment_size <= 0:
         return None
-    ip_header = 40 if ipaddress.ip_address(remote_addr).version == 6 else 20
+    ip_header = 40 if len(_ipv4(remote_addr)) == 16 else 20
     return fragment_size - ip_header - _UDP_HEADER - (len(NON_ESP_MARKER) if nat_t else 0)
 
 
@@ -170,8 +171,10 @@ class State(Enum):
     CLOSED = "closed"
 
 
+@functools.lru_cache(maxsize=4096)
 def _ipv4(text: str) -> bytes:
-    """A textual IPv4 or IPv6 address, packed (4 or 16 octets); ValueError otherwise."""
+    """A textual IPv4 or IPv6 address, packed (4 or 16 octets); ValueError otherwise.
+    Remembered: every message of every IKE SA names the same few configured addresses."""
     return ipaddress.ip_address(text).packed
 
 
@@ -233,7 +236,7 @@ def identity_of(value: str | Identity | None, default_addr: str | None) -> Ident
     if value is None:
         if default_addr is None:
             return None
-        return Identity.address(ipaddress.ip_address(default_addr).packed)
+        return Identity.address(_ipv4(default_addr))
     if value.strip() == ANY_ID:
         return None
     return Identity.parse(value)

@@ -106,6 +106,10 @@ __all__ = [
 ]
 
 _HDR = struct.Struct("!8s8sBBBBII")
+# the header flags as plain ints: IntFlag arithmetic costs microseconds per operation
+_INITIATOR = int(HeaderFlag.INITIATOR)
+_RESPONSE = int(HeaderFlag.RESPONSE)
+_VERSION = int(HeaderFlag.VERSION)
 _GENERIC = struct.Struct("!BBH")
 _CRITICAL = 0x80
 _SEALED = (PayloadType.SK, PayloadType.SKF)
@@ -132,9 +136,9 @@ class IkeHeader:
         if not 0 <= self.minor_version <= 15:
             raise ValueError("minor version is 4 bits")
         flags = (
-            (HeaderFlag.INITIATOR if self.initiator else 0)
-            | (HeaderFlag.VERSION if self.higher_version else 0)
-            | (HeaderFlag.RESPONSE if self.response else 0)
+            (_INITIATOR if self.initiator else 0)
+            | (_VERSION if self.higher_version else 0)
+            | (_RESPONSE if self.response else 0)
         )
         version = IKE_MAJOR_VERSION << 4 | self.minor_version
         try:
@@ -189,9 +193,9 @@ def decode_header(data: bytes | bytearray | memoryview) -> IkeHeader:
         xchg,
         mid,
         length,
-        initiator=bool(flags & HeaderFlag.INITIATOR),
-        response=bool(flags & HeaderFlag.RESPONSE),
-        higher_version=bool(flags & HeaderFlag.VERSION),
+        initiator=bool(flags & _INITIATOR),
+        response=bool(flags & _RESPONSE),
+        higher_version=bool(flags & _VERSION),
         minor_version=version & 0x0F,
     )
 
