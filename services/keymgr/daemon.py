@@ -36,7 +36,9 @@ only when it is not installed already or must be withdrawn), sent without waitin
 comes back through the main loop's queue, where the caller's continuation logs and publishes
 the result. A call for an IKE SA first waits for that IKE SA's call still in flight, and an SPD
 change for earlier SPD changes in flight, so a Delete never overtakes the install of the same
-SAs and SPD revisions reach the worker in order.
+SAs and SPD revisions reach the worker in order. The batches made in one turn of the main loop
+(the datagrams and answers queued at that moment) leave together in one joined ApplySAs call; if
+the worker refuses it (nothing applied), each batch is sent again alone.
 
 After ESTABLISHED (RFC 7296 §1.4): punted datagrams are routed to their IKE SA by the SPIs in
 the IKE header and INFORMATIONAL requests are answered by the core. A peer's Delete of the
@@ -135,6 +137,7 @@ from services.dataplane.client import (
     PuntStream,
     WorkerEvent,
 )
+from services.dataplane.convert import MAX_BATCH_DELETES, MAX_BATCH_INSTALLS
 from services.keymgr import events as ev
 from services.keymgr.config import Connection
 from services.keymgr.credentials import authentication
@@ -191,6 +194,9 @@ class _Call:
     future: Future[Any]
 
 
+_SaRef = tuple[int, bytes, int, Direction]  # an SA to delete: SPI, destination, protocol, direction
+
+
 @dataclass(eq=False)
 class _Apply:
     """One ApplySAs batch in flight for IKE SA ``key`` (None: the SPD alone). ``then(error)``
@@ -207,6 +213,14 @@ class _Apply:
     leases_granted: tuple[LeaseKey, ...] = ()  # outbound SAs installed: marks go if refused
     # deletes only (no install, no SPD change): removals queued meanwhile join the next one
     removal: bool = False
+    # the request (installs, deletes, SPD batch), kept until it is sent (see Keymgr._flush)
+    request: tuple[tuple[SaConfig, ...], list[_SaRef], tuple[list[SpdEntry], int] | None] = (
+        (),
+        [],
+        None,
+    )
+    # the batches sent together with this one in one call (None: sent alone)
+    group: list[_Apply] | None = None
 
 
 class RandomPool:
@@ -401,6 +415,10 @@ class Keymgr:
         self._removals = []
         # worker round trips: count, total and longest seconds from request to answer
         self.apply_stats = [0, 0.0, 0.0]
+        # batches made during one turn of the main loop, sent together at its end (see _flush);
+        # None: each is sent at once
+        self._staged: list[_Apply] | None = None
+        self.apply_calls = 0  # ApplySAs calls sent (a joined call counts once)
         self._auth_cache: dict[str, tuple[tuple[Any, ...], tuple[LocalAuth, PeerAuth]]] = {}
         self._responder_cfgs: dict[
             str, tuple[Connection, tuple[LocalAuth, PeerAuth], ResponderConfig]
@@ -521,6 +539,7 @@ class Keymgr:
                     except queue.Empty:
                         break
                 outbox.hold()
+                self._staged = []
                 try:
                     now = self.clock()
                     for d in burst:
@@ -540,6 +559,7 @@ class Keymgr:
                         # what was just handled may have set an earlier deadline
                         sweep_at = min(sweep_at, now + SWEEP_INTERVAL)
                 finally:
+                    self._flush(keep=False)
                     outbox.release()
             if not self.failed:
                 self._shutdown()
@@ -1888,6 +1908,9 @@ class Keymgr:
         go together in one call: deleting cannot be refused (a missing SA is reported, not an
         error), so joining them changes no outcome, and a busy responder makes one call for
         several IKE SAs' removals instead of one each.
+
+        During a turn of the main loop the batch is staged instead and leaves with the turn's
+        others in one call (see _flush); waiting for a staged batch sends the turn first.
         """
         if key is not None:
             self._settle(key)
@@ -1897,7 +1920,8 @@ class Keymgr:
                 self._settle_op(op)
             entries = self._spd_change(spd)
         removal = not install and bool(delete) and entries is None
-        if removal and any(op.removal for op in self._pending):
+        # (a removal not sent yet takes this one along: both go in this turn's call)
+        if removal and any(op.removal and op.future is not None for op in self._pending):
             self._removals.append((then, delete))
             return
         op = _Apply(key, None, then, None, self.clock(), removal=removal)
@@ -1928,17 +1952,65 @@ class Keymgr:
             self._spd_revision += 1
             batch = (list(entries.values()), self._spd_revision)
             op.spd_before, self._spd = self._spd, entries
-        refs = [(sa.spi, sa.dst, sa.protocol, sa.direction) for sa in delete]
-        try:
-            op.future = self.client.apply_sas_async(install, refs, batch)
-        except (grpc.RpcError, ValueError) as e:
-            op.error = e
-            self._finish(op)
-            return
+        op.request = (
+            install,
+            [(sa.spi, sa.dst, sa.protocol, sa.direction) for sa in delete],
+            batch,
+        )
         self._pending.append(op)
-        op.future.add_done_callback(lambda _f: self._rx.put(op))
-        if op.future.done():
-            self._finish(op)
+        if self._staged is not None:
+            if self._staged and (
+                sum(len(o.request[0]) for o in self._staged) + len(install) > MAX_BATCH_INSTALLS
+                or sum(len(o.request[1]) for o in self._staged) + len(delete) > MAX_BATCH_DELETES
+            ):
+                self._flush()  # a joined call stays within ApplySAs' limits
+            self._staged.append(op)  # sent with the others of this turn (see _flush)
+            return
+        self._send_ops([op])
+
+    def _flush(self, *, keep: bool = True) -> None:
+        """Send the batches staged in this turn of the main loop: one alone as it is, several
+        joined into ONE ApplySAs call (their deletes, their installs, and the SPD batch of the
+        one that changes the SPD: _apply settles an earlier SPD change first, so a turn stages
+        at most one). The worker applies a call atomically, so the joined call applies all of
+        them or none; if it is refused, each is sent again alone (see _finish), so a bad batch
+        fails alone as before. ``keep``: go on staging (False at the end of the turn)."""
+        staged = self._staged
+        self._staged = [] if keep else None
+        if staged:
+            self._send_ops(staged)
+
+    def _send_ops(self, ops: list[_Apply]) -> None:
+        """Send ``ops`` (in _pending, in order) in one ApplySAs call."""
+        if len(ops) == 1:
+            install, refs, batch = ops[0].request
+        else:
+            install = tuple(sa for op in ops for sa in op.request[0])
+            refs = [ref for op in ops for ref in op.request[1]]
+            batch = next((op.request[2] for op in ops if op.request[2] is not None), None)
+        try:
+            future = self.client.apply_sas_async(install, refs, batch)
+        except (grpc.RpcError, ValueError) as e:
+            if len(ops) > 1:
+                for op in ops:
+                    self._send_ops([op])
+                return
+            ops[0].error = e
+            self._finish(ops[0])
+            return
+        self.apply_calls += 1
+        group = ops if len(ops) > 1 else None
+        for op in ops:
+            op.future, op.group = future, group
+
+        def answered(_f: ApplyFuture) -> None:
+            for op in ops:
+                self._rx.put(op)
+
+        future.add_done_callback(answered)
+        if future.done():
+            for op in ops:
+                self._finish(op)
 
     def _spd_change(self, spd: tuple[str, SpdEntry | None] | None) -> dict[str, SpdEntry] | None:
         """The SPD after setting (withdrawing) a connection's entry; None when unchanged. The
@@ -1958,14 +2030,23 @@ class Keymgr:
         """The worker answered ``op`` (or its call failed): run its continuation."""
         if op.done:
             return
-        op.done = True
-        if op in self._pending:
-            self._pending.remove(op)
         if op.future is not None and op.error is None:
+            if not op.future.done():
+                return  # the answer to a joined call that was sent again alone (below)
             try:
                 op.error = op.future.exception()
             except Exception as e:  # cancelled
                 op.error = e
+        if op.error is not None and op.group is not None:
+            # the joined call was refused (nothing of it applied): each batch again alone
+            for other in op.group:
+                if not other.done:
+                    other.group, other.future, other.error = None, None, None
+                    self._send_ops([other])
+            return
+        op.done = True
+        if op in self._pending:
+            self._pending.remove(op)
         took = self.clock() - op.started
         st = self.apply_stats
         st[0] += 1
@@ -1991,11 +2072,14 @@ class Keymgr:
 
     def _settle_op(self, op: _Apply) -> None:
         """Wait for ``op``'s answer (its call has the client's deadline) and finish it."""
-        if op.future is not None and not op.done:
+        if op.future is None and self._staged and op in self._staged:
+            self._flush()  # not sent yet: send this turn's batches now
+        while not op.done and op.future is not None:
             try:
                 op.future.exception()
             except Exception as e:
                 op.error = e
+            self._finish(op)  # a refused joined call sends it again alone: wait for that
         self._finish(op)
 
     def _settle(self, key: bytes) -> None:
@@ -2012,6 +2096,7 @@ class Keymgr:
                 "worker calls",
                 extra={
                     "apply_sas": n,
+                    "calls": self.apply_calls,
                     "mean_ms": round(1000 * total / n, 2),
                     "max_ms": round(1000 * longest, 2),
                 },

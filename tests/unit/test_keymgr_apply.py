@@ -301,3 +301,176 @@ def test_removals_made_while_one_is_in_flight_go_together(tmp_path: pathlib.Path
     _pump(km)
     assert client.sad == set() and km._children == {} and km._spd == {}
     assert km._removals == [] and km._pending == []
+
+
+def _turn(km: Keymgr, fn: Any) -> None:
+    """``fn()`` as one turn of the main loop: its batches leave together at the end."""
+    km._staged = []
+    try:
+        fn()
+    finally:
+        km._flush(keep=False)
+
+
+def test_installs_of_one_turn_go_in_one_call(tmp_path: pathlib.Path) -> None:
+    """Two IKE_AUTH requests handled in one turn: both installs (and the connection's SPD
+    entry, once) in one ApplySAs call; its answer releases both IKE_AUTH responses."""
+    km, client, stream, psk = _setup(tmp_path)
+    first, second = _initiator(psk), _initiator(psk)
+    auths: list[list[bytes]] = []
+    for ini in (first, second):
+        n = len(stream.sent)
+        for data in ini.start(0.0):
+            km._dispatch(IkeDatagram(A, 500, B, 500, data), 0.0)
+        auth: list[bytes] = []
+        for r in stream.sent[n:]:
+            auth += ini.receive(r.data, 0.0)
+        auths.append(auth)
+    mark = len(stream.sent)
+
+    def both() -> None:
+        for auth in auths:
+            for data in auth:
+                km._dispatch(IkeDatagram(A, 4500, B, 4500, data), 0.0)
+        assert client.calls == []  # staged until the end of the turn
+
+    _turn(km, both)
+    assert stream.sent[mark:] == []  # both responses wait for the install
+    (call,) = client.calls
+    assert len(call.install) == 4 and call.delete == [] and call.spd is not None
+    assert call.spd[1] == 1 and len(call.spd[0]) == 1
+    assert km.apply_calls == 1 and len(km._pending) == 2
+    client.answer(0)
+    _pump(km)
+    _deliver(km, stream, first, mark)
+    _deliver(km, stream, second, mark)
+    assert first.state is State.ESTABLISHED and second.state is State.ESTABLISHED
+    assert client.sad == {sa.spi for sa in call.install} and len(km.records) == 2
+    assert km._pending == [] and km.apply_stats[0] == 2  # two batches, one call
+
+    # both IKE SAs deleted in one turn: one call removes the four SAs and withdraws the entry
+    def deletes() -> None:
+        for ini in (first, second):
+            (req,) = ini.delete_ike(1.0)
+            km._dispatch(IkeDatagram(A, 4500, B, 4500, req), 1.0)
+
+    _turn(km, deletes)
+    assert len(client.calls) == 2
+    removal = client.calls[1]
+    assert removal.install == [] and len(removal.delete) == 4
+    assert removal.spd is not None and removal.spd[0] == [] and removal.spd[1] == 2
+    client.answer(1)
+    _pump(km)
+    assert client.sad == set() and km._children == {} and km._spd == {} and km.records == {}
+
+
+def test_refused_joined_call_sends_each_batch_alone(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A joined call that the worker refuses applied nothing: each batch is sent again alone,
+    so only the bad one fails (logged, no IKE_AUTH response) and the other establishes."""
+    km, client, stream, psk = _setup(tmp_path)
+    good, bad = _initiator(psk), _initiator(psk)
+    auths: list[list[bytes]] = []
+    for ini in (good, bad):
+        n = len(stream.sent)
+        for data in ini.start(0.0):
+            km._dispatch(IkeDatagram(A, 500, B, 500, data), 0.0)
+        auth: list[bytes] = []
+        for r in stream.sent[n:]:
+            auth += ini.receive(r.data, 0.0)
+        auths.append(auth)
+    mark = len(stream.sent)
+
+    def both() -> None:
+        for auth in auths:
+            for data in auth:
+                km._dispatch(IkeDatagram(A, 4500, B, 4500, data), 0.0)
+
+    _turn(km, both)
+    assert len(client.calls) == 1 and len(client.calls[0].install) == 4
+    client.answer(0, Refused())
+    _pump(km)
+    assert stream.sent[mark:] == []  # no outcome yet: each batch went again alone
+    assert len(client.calls) == 3
+    alone_good, alone_bad = client.calls[1], client.calls[2]
+    assert [len(c.install) for c in (alone_good, alone_bad)] == [2, 2]
+    assert alone_good.spd == client.calls[0].spd and alone_bad.spd is None  # revision 1 again
+    assert {sa.spi for sa in alone_good.install} | {sa.spi for sa in alone_bad.install} == {
+        sa.spi for sa in client.calls[0].install
+    }
+    client.answer(2, Refused())
+    with caplog.at_level(logging.ERROR, logger="keymgr"):
+        _pump(km)
+    assert [r.getMessage() for r in caplog.records].count("child install failed") == 1
+    assert stream.sent[mark:] == [] and km._spd  # the good one's entry still in flight
+    client.answer(1)
+    _pump(km)
+    _deliver(km, stream, good, mark)
+    assert good.state is State.ESTABLISHED and bad.state is State.AUTH_SENT
+    assert client.sad == {sa.spi for sa in alone_good.install}
+    assert len(km.records) == 1 and km._pending == [] and km.apply_calls == 3
+
+
+def test_settling_a_staged_batch_sends_the_turn_first(tmp_path: pathlib.Path) -> None:
+    """A batch that must wait for one staged in the same turn (same IKE SA) sends the turn's
+    batches first and waits for their answer, so the order per IKE SA holds."""
+    km, client, stream, psk = _setup(tmp_path)
+    ini = _initiator(psk)
+    out = ini.start(0.0)
+    n = len(stream.sent)
+    for data in out:
+        km._dispatch(IkeDatagram(A, 500, B, 500, data), 0.0)
+    auth: list[bytes] = []
+    for r in stream.sent[n:]:
+        auth += ini.receive(r.data, 0.0)
+    key = ini.spi_i
+
+    def install_then_wait() -> None:
+        for data in auth:
+            km._dispatch(IkeDatagram(A, 4500, B, 4500, data), 0.0)
+        assert client.calls == [] and len(km._pending) == 1
+        threading.Timer(0.1, client.answer, (0,)).start()
+        (op,) = km._pending
+        assert op.key is not None and op.key.startswith(key)
+        km._settle(op.key)  # what _apply does before a later batch of the same IKE SA
+        assert len(client.calls) == 1 and op.done and km._pending == []
+
+    _turn(km, install_then_wait)
+    assert len(client.calls) == 1
+
+
+def test_joined_call_stays_within_apply_limits(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that would take the turn's joined call over ApplySAs' install limit sends
+    what is staged first."""
+    from services.keymgr import daemon
+
+    monkeypatch.setattr(daemon, "MAX_BATCH_INSTALLS", 4)
+    km, client, stream, psk = _setup(tmp_path)
+    inis = [_initiator(psk) for _ in range(3)]
+    auths: list[list[bytes]] = []
+    for ini in inis:
+        n = len(stream.sent)
+        for data in ini.start(0.0):
+            km._dispatch(IkeDatagram(A, 500, B, 500, data), 0.0)
+        auth: list[bytes] = []
+        for r in stream.sent[n:]:
+            auth += ini.receive(r.data, 0.0)
+        auths.append(auth)
+
+    def all_three() -> None:
+        for auth in auths:
+            for data in auth:
+                km._dispatch(IkeDatagram(A, 4500, B, 4500, data), 0.0)
+
+    _turn(km, all_three)
+    assert [len(c.install) for c in client.calls] == [4, 2]
+    for i in range(2):
+        client.answer(i)
+    mark = 0
+    _pump(km)
+    for ini in inis:
+        _deliver(km, stream, ini, mark)
+    assert all(ini.state is State.ESTABLISHED for ini in inis) and len(km.records) == 3
