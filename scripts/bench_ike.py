@@ -100,6 +100,8 @@ class RunResult:
     error: str = ""
     # keymgr's ApplySAs calls: count, mean and longest ms from sending to handling the answer
     apply_ms: tuple[int, float, float] = (0, 0.0, 0.0)
+    # ApplySAs calls sent (batches of one main-loop turn share one); 0: not logged
+    apply_calls: int = 0
 
     @property
     def rate(self) -> float:
@@ -473,6 +475,16 @@ def worker_calls(log_text: str) -> tuple[int, float, float]:
     return (0, 0.0, 0.0)
 
 
+def worker_call_count(log_text: str) -> int:
+    """ApplySAs calls sent (``calls`` of keymgr's "worker calls" line); 0 when not logged."""
+    for line in reversed(log_text.splitlines()):
+        if '"worker calls"' not in line:
+            continue
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            return int(json.loads(line)["calls"])
+    return 0
+
+
 def cpu_per_handshake(results: Sequence[RunResult]) -> str:
     """A sentence: the responder's CPU per established handshake (median over the rounds),
     per process."""
@@ -542,7 +554,9 @@ def keymgr_round(cfg: dict[str, Any], profile: pathlib.Path | None = None) -> Ru
         keymgr.wait(timeout=20)
         with contextlib.suppress(OSError):
             text = (lab.workdir / "keymgr.log").read_text(errors="replace")
-            res = dataclasses.replace(res, apply_ms=worker_calls(text))
+            res = dataclasses.replace(
+                res, apply_ms=worker_calls(text), apply_calls=worker_call_count(text)
+            )
         return res
     except (BenchFailed, OSError, subprocess.SubprocessError, AssertionError) as e:
         return RunResult(label, 0, 0.0, error=str(e)[:200])
@@ -714,14 +728,18 @@ def ike_handshake_rate(
                 file=sys.stderr,
             )
             results.append(r)
-    applies = [r.apply_ms for r in results if r.apply_ms[0] > 0]
+    applies = [(r.apply_ms, r.apply_calls) for r in results if r.apply_ms[0] > 0]
     notes = [cpu_per_handshake(results)]
     if applies:
         notes.append(
-            "keymgr's ApplySAs calls (one per Child SA install, one per removal; removals made "
-            "while another is in flight share one), from sending to handling the answer on its "
-            "main loop, per keymgr round: "
-            + "; ".join(f"{n} calls, mean {m:.1f} ms, max {x:.1f} ms" for n, m, x in applies)
+            "keymgr's worker changes (one per Child SA install, one per removal; removals made "
+            "while another is in flight share one) and the ApplySAs calls that carried them "
+            "(the changes of one main-loop turn share one call), with the time from sending to "
+            "handling the answer on its main loop, per keymgr round: "
+            + "; ".join(
+                f"{n} changes in {c} calls, mean {m:.1f} ms, max {x:.1f} ms"
+                for (n, m, x), c in applies
+            )
             + ". keymgr holds the IKE_AUTH response until its install is applied (as charon "
             "does), so this is what an install adds to a handshake's latency; sending the "
             "response first would instead open a window of this length in which the peer's "

@@ -156,6 +156,10 @@ def test_worker_calls_from_keymgr_log() -> None:
     assert bi.worker_calls(log) == (12, 2.5, 9.75)
     assert bi.worker_calls('{"msg":"worker calls","apply_sas":"x"}') == (0, 0.0, 0.0)
     assert bi.worker_calls("") == (0, 0.0, 0.0)
+    assert bi.worker_call_count(log) == 0  # a keymgr that did not log it
+    joined = '{"msg":"worker calls","apply_sas":12,"calls":7,"mean_ms":2.5,"max_ms":9.75}'
+    assert bi.worker_call_count(joined) == 7 and bi.worker_calls(joined) == (12, 2.5, 9.75)
+    assert bi.worker_call_count('{"msg":"worker calls","calls":"x"}') == 0
 
 
 def test_cpu_per_handshake() -> None:
