@@ -256,7 +256,7 @@ class PolicyWatchService(pb_grpc.PolicyWatchServicer):
             node = check_node(request.node)
             addresses = check_addresses(list(request.addresses))
             current = self._compiled(node, addresses)
-            if not current.assigned:
+            if not current.assigned and request.revision == 0:
                 raise _Abort(
                     grpc.StatusCode.NOT_FOUND,
                     f"no policy is assigned to node {node}; assign one (assigned_to) first",

@@ -246,6 +246,7 @@ class PolicyWatcher:
         self._thread: threading.Thread | None = None
         self._channel: grpc.Channel | None = None
         self._state = load_state(state_file)
+        self._resync = False
         self.connected = threading.Event()
         self.updates = 0  # updates applied (snapshots + deltas)
         self.snapshots = 0
@@ -298,7 +299,12 @@ class PolicyWatcher:
             except (DeltaError, ValueError) as e:
                 self.errors += 1
                 self.last_error = str(e)[:200]
+                self._resync = True  # ask for a snapshot next time
                 log.warning("policyd update refused", extra={"error": self.last_error})
+            except Exception as e:  # on_update failed: retry the revision after the back-off
+                self.errors += 1
+                self.last_error = f"on_update: {type(e).__name__}"
+                log.warning("policy update not applied", extra={"error": self.last_error})
             finally:
                 self.connected.clear()
                 with self._lock:
@@ -316,7 +322,7 @@ class PolicyWatcher:
             node=self.node,
             addresses=list(self.addresses),
             revision=have.revision if have else 0,
-            digest=have.digest if have else "",
+            digest=have.digest if have and not self._resync else "",
         )
         stream: Iterator[pb.PolicyUpdate] = stub.Watch(req)
         self.connected.set()
@@ -331,6 +337,7 @@ class PolicyWatcher:
             with self._lock:
                 self._state = state
             self.updates += 1
+            self._resync = False
             progressed = True
             self._report(stub, state)
         return progressed

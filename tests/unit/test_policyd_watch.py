@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
@@ -43,6 +44,7 @@ from services.runtime.policywatch import (
     save_state,
 )
 from tests.unit.policyd_support import ADMIN, READER, TOKENS
+from tests.unit.test_policyd_server import Policyd
 
 NODE = "gw-a"
 ADDRS = ("192.0.2.1", "2001:db8::1")
@@ -493,3 +495,85 @@ def test_no_secrets_in_the_stream_or_the_state_file(env: Env, tmp_path: Path) ->
     wait_for(lambda: w.revision == env.revision())
     assert SECRET not in (tmp_path / "state.json").read_bytes()
     assert SECRET not in canonical(env.api.get("/v1/enforced", headers=READER).json())
+
+
+def test_unassigned_node_with_a_revision_gets_an_empty_policy(env: Env) -> None:
+    tunnel(env)
+    env.serve()
+    stub = pb_grpc.PolicyWatchStub(env.channel())
+    (first,) = read_stream(stub, pb.WatchRequest(node=NODE, addresses=ADDRS), 1, 5)
+    delete_policy(env, "gw")  # the node loses its only policy
+    # a consumer that had a policy is told it has none now (not NOT_FOUND: it must stop
+    # enforcing the old one)
+    req = pb.WatchRequest(node=NODE, addresses=ADDRS, revision=first.revision, digest=first.digest)
+    (u,) = read_stream(stub, req, 1, 5)
+    policy = apply_delta(json.loads(first.snapshot), u.delta, u.revision)
+    assert policy == env.oracle() and policy["entries"] == [] and policy["connections"] == []
+
+
+def test_failed_on_update_is_retried_and_not_reported(env: Env, tmp_path: Path) -> None:
+    tunnel(env)
+    env.serve()
+    calls: list[int] = []
+
+    def flaky(state: PolicyState) -> None:
+        calls.append(state.revision)
+        if len(calls) == 1:
+            raise RuntimeError("cannot apply")
+
+    w = env.watcher(tmp_path / "state.json", flaky)
+    w.start()
+    wait_for(lambda: w.revision == env.revision())
+    assert calls == [env.revision(), env.revision()] and w.errors == 1
+    assert load_state(tmp_path / "state.json") == w.state
+
+
+def test_policyd_process_serves_the_watch_stream(pki: Path, tmp_path: Path) -> None:
+    sockdir = Path(tempfile.mkdtemp(prefix="pw-"))
+    sock = sockdir / "watch.sock"
+    flags = ("--grpc-listen", f"unix:{sock}", "--tls-dir", str(pki), "--revision-poll", "0.2")
+    server = Policyd(f"sqlite:///{tmp_path / 'policyd.db'}", tmp_path, flags)
+    w: PolicyWatcher | None = None
+    try:
+        server.start()
+        http = httpx.Client(base_url=server.base, timeout=10, headers=ADMIN)
+        r = http.post("/v1/templates/tunnel", json=TUNNEL)
+        assert r.status_code == 200, r.text
+        w = PolicyWatcher(
+            mtls_channel_factory(f"unix:{sock}", pki),
+            node=NODE,
+            component="keymgr",
+            addresses=ADDRS,
+            state_file=tmp_path / "state.json",
+            backoff=(0.05, 0.3),
+        )
+        w.start()
+
+        def current() -> int:
+            rev: int = http.get("/v1/revision").json()["revision"]
+            return rev
+
+        wait_for(lambda: w is not None and w.revision == current(), timeout=20)
+        kept = w.state
+        server.kill()  # policyd gone: the consumer keeps its policy
+        wait_for(lambda: w is not None and not w.connected.is_set())
+        time.sleep(0.3)
+        assert w.state == kept and kept is not None
+        server.start()
+        body = {"prefix": "ex1", "addresses": ["198.51.100.7"], "assigned_to": [NODE]}
+        assert http.post("/v1/templates/authentication-exemption", json=body).status_code == 200
+        wait_for(lambda: w is not None and w.revision == current(), timeout=20)
+        doc = http.get("/v1/document").json()
+        rev = doc.pop("revision")
+        want = compile_policy(doc, rev, NodeContext(NODE, ADDRS))
+        state = w.state
+        assert state is not None and state.policy == normalise(want.to_dict())
+        wait_for(lambda: http.get("/v1/enforced").json()["enforced"][0]["current"], timeout=10)
+        (enforced,) = http.get("/v1/enforced").json()["enforced"]
+        assert (enforced["node"], enforced["revision"]) == (NODE, rev)
+        http.close()
+    finally:
+        if w is not None:
+            w.stop()
+        server.kill()
+        shutil.rmtree(sockdir, ignore_errors=True)
