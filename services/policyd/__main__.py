@@ -87,6 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds between reads of the revision row, so the watch stream sees changes "
         "made by another policyd on the same database (POLICYD_REVISION_POLL)",
     )
+    p.add_argument(
+        "--grpc-max-streams",
+        type=int,
+        default=int(env("POLICYD_GRPC_MAX_STREAMS", "256")),
+        help="watch streams served at once (each holds a thread); more are refused with "
+        "RESOURCE_EXHAUSTED and the consumer retries (POLICYD_GRPC_MAX_STREAMS)",
+    )
     p.add_argument("--log-level", default=env("POLICYD_LOG_LEVEL", "info"))
     return p.parse_args(argv)
 
@@ -116,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             creds = tls.server_credentials(Path(args.tls_dir), args.tls_cert_name)
-            grpc_server = WatchServer(hub, args.grpc_listen, creds)
+            grpc_server = WatchServer(
+                hub, args.grpc_listen, creds, max_streams=args.grpc_max_streams
+            )
         except (tls.TlsConfigError, RuntimeError) as e:
             print(f"--grpc-listen: {e}", file=sys.stderr)
             return 2

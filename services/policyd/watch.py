@@ -323,19 +323,20 @@ class WatchServer:
         listen: str,
         credentials: grpc.ServerCredentials,
         *,
-        max_workers: int = 64,
+        max_streams: int = 256,
     ) -> None:
         self.hub = hub
         self.listen = listen
         self.service = PolicyWatchService(hub)
         self.server = grpc.server(
-            ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="policywatch"),
+            # a Watch stream holds a thread while it is open; a few more for ReportEnforced
+            ThreadPoolExecutor(max_workers=max_streams + 8, thread_name_prefix="policywatch"),
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", MAX_REQUEST),
                 ("grpc.max_send_message_length", MAX_SEND),
             ],
-            maximum_concurrent_rpcs=max_workers - 4,
+            maximum_concurrent_rpcs=max_streams + 8,
         )
         pb_grpc.add_PolicyWatchServicer_to_server(self.service, self.server)
         self._unix_path: Path | None = None

@@ -26,7 +26,6 @@ from services.pb.ipsec.v1 import policy_pb2 as pb
 from services.pb.ipsec.v1 import policy_pb2_grpc as pb_grpc
 from services.policyd.api import create_app
 from services.policyd.auth import TokenStore
-from services.policyd.db import make_engine, upgrade
 from services.policyd.watch import WatchHub, WatchServer
 from services.runtime import devpki, tls
 from services.runtime.policywatch import (
@@ -43,7 +42,7 @@ from services.runtime.policywatch import (
     normalise,
     save_state,
 )
-from tests.unit.policyd_support import ADMIN, READER, TOKENS
+from tests.unit.policyd_support import ADMIN, READER, TOKENS, db_url, engine, pg_server  # noqa: F401 - fixtures
 from tests.unit.test_policyd_server import Policyd
 
 NODE = "gw-a"
@@ -84,7 +83,7 @@ class Env:
 
     def serve(self, hub: WatchHub | None = None, name: str = "watch.sock") -> WatchServer:
         creds = tls.server_credentials(self.pki)
-        server = WatchServer(hub or self.hub, f"unix:{self.sockdir / name}", creds, max_workers=8)
+        server = WatchServer(hub or self.hub, f"unix:{self.sockdir / name}", creds, max_streams=8)
         server.start()
         self.servers.append(server)
         return server
@@ -121,9 +120,8 @@ class Env:
 
 
 @pytest.fixture
-def env(pki: Path, tmp_path: Path) -> Iterator[Env]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'policyd.db'}")
-    upgrade(engine)
+def env(pki: Path, tmp_path: Path, engine: Engine) -> Iterator[Env]:
+    """policyd on a fresh database of each backend (SQLite, PostgreSQL)."""
     secrets = tmp_path / "secrets"
     secrets.mkdir()
     (secrets / "site-b").write_bytes(SECRET)
@@ -140,7 +138,6 @@ def env(pki: Path, tmp_path: Path) -> Iterator[Env]:
             for s in e.servers:
                 s.stop(0)
             shutil.rmtree(sockdir, ignore_errors=True)
-    engine.dispose()
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
