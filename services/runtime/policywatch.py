@@ -32,6 +32,8 @@ from typing import Any
 
 import grpc
 
+from services.core.selectors import Prefix, Selector
+from services.core.spd import Action, SpdEntry
 from services.pb.ipsec.v1 import policy_pb2 as pb
 from services.pb.ipsec.v1 import policy_pb2_grpc as pb_grpc
 from services.runtime import tls
@@ -140,6 +142,44 @@ def check_delta(old: Mapping[str, Any], new: Mapping[str, Any], delta: pb.Policy
     except DeltaError:
         return False
     return digest(got) == digest(new)
+
+
+def spd_entries(policy: Mapping[str, Any]) -> tuple[SpdEntry, ...]:
+    """The SPD of a compiled policy in ``to_dict()`` form, as the dataplane's entries (what
+    ``CompiledPolicy.entries`` holds). ValueError for a malformed entry."""
+    out: list[SpdEntry] = []
+    try:
+        for e in policy["entries"]:
+            sel = Selector(
+                Prefix.parse(e["source"]),
+                Prefix.parse(e["destination"]),
+                int(e["protocol"]),
+                int(e["source_ports"][0]),
+                int(e["source_ports"][1]),
+                int(e["destination_ports"][0]),
+                int(e["destination_ports"][1]),
+            )
+            out.append(
+                SpdEntry(
+                    int(e["policy_id"]),
+                    int(e["priority"]),
+                    Action[str(e["action"]).upper()],
+                    sel,
+                    int(e["reqid"]),
+                    tuple(int(p) for p in e["protocols"]),
+                    bool(e["accept_clear"]),
+                    bool(e["clear_fallback"]),
+                )
+            )
+    except (KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"malformed SPD entry ({type(e).__name__})") from None
+    return tuple(out)
+
+
+def connection_configs(policy: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """keymgr's JSON configuration objects of the policy's connections, in order (the order
+    that gives the Child SAs the reqids the SPD entries carry)."""
+    return [dict(c["config"]) for c in policy["connections"]]
 
 
 # -- state file ----------------------------------------------------------------------------------
@@ -413,6 +453,7 @@ __all__ = [
     "apply_delta",
     "canonical",
     "check_delta",
+    "connection_configs",
     "diff",
     "digest",
     "item_keys",
@@ -420,4 +461,5 @@ __all__ = [
     "mtls_channel_factory",
     "normalise",
     "save_state",
+    "spd_entries",
 ]

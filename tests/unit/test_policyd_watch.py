@@ -21,7 +21,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
-from services.core.policy import NodeContext, compile_policy
+from services.core.policy import CompiledPolicy, NodeContext, compile_policy
+from services.keymgr.config import connection_from_dict
 from services.pb.ipsec.v1 import policy_pb2 as pb
 from services.pb.ipsec.v1 import policy_pb2_grpc as pb_grpc
 from services.policyd.api import create_app
@@ -35,12 +36,14 @@ from services.runtime.policywatch import (
     apply_delta,
     canonical,
     check_delta,
+    connection_configs,
     diff,
     digest,
     load_state,
     mtls_channel_factory,
     normalise,
     save_state,
+    spd_entries,
 )
 from tests.unit.policyd_support import ADMIN, READER, TOKENS, db_url, engine, pg_server  # noqa: F401 - fixtures
 from tests.unit.test_policyd_server import Policyd
@@ -107,12 +110,27 @@ class Env:
         self.watchers.append(w)
         return w
 
-    def oracle(self, addresses: tuple[str, ...] = ADDRS) -> dict[str, Any]:
+    def compiled(self, addresses: tuple[str, ...] = ADDRS) -> CompiledPolicy:
         """The full compilation of the current document (independent of the stream)."""
         doc = self.api.get("/v1/document", headers=READER).json()
         rev = doc.pop("revision")
         ctx = NodeContext(NODE, addresses, secrets_dir=str(self.secrets))
-        return normalise(compile_policy(doc, rev, ctx).to_dict())
+        return compile_policy(doc, rev, ctx)
+
+    def oracle(self, addresses: tuple[str, ...] = ADDRS) -> dict[str, Any]:
+        return normalise(self.compiled(addresses).to_dict())
+
+    def check(self, state: PolicyState | None) -> None:
+        """``state`` is the current compilation: as a document, as SPD entries and as
+        keymgr connections."""
+        full = self.compiled()
+        assert state is not None and state.policy == normalise(full.to_dict())
+        assert state.revision == full.revision and state.digest == digest(full.to_dict())
+        assert spd_entries(state.policy) == full.entries
+        configs = connection_configs(state.policy)
+        assert configs == [normalise(c.config()) for c in full.connections]
+        for cfg in configs:
+            connection_from_dict(cfg)  # keymgr accepts it
 
     def revision(self) -> int:
         rev: int = self.api.get("/v1/revision", headers=READER).json()["revision"]
@@ -296,8 +314,9 @@ def test_snapshot_then_deltas_equal_the_full_compilation(env: Env, tmp_path: Pat
     w.start()
     wait_for(lambda: w.revision == env.revision())
     assert w.snapshots == 1 and w.deltas == 0
+    env.check(w.state)
     state = w.state
-    assert state is not None and state.policy == env.oracle()
+    assert state is not None and state.policy["connections"]
     assert any(e["action"] == "protect" for e in state.policy["entries"])
 
     changes: list[Callable[[], None]] = [
@@ -314,8 +333,7 @@ def test_snapshot_then_deltas_equal_the_full_compilation(env: Env, tmp_path: Pat
         rev = env.revision()
         assert rev > before
         wait_for(lambda rev=rev: w.revision == rev)  # type: ignore[misc]
-        state = w.state
-        assert state is not None and state.policy == env.oracle(), f"revision {rev}"
+        env.check(w.state)
     assert w.deltas >= len(changes) - 1  # deltas, not snapshots, once the consumer is current
     assert seen == sorted(seen) and seen[-1] == env.revision()
     # the enforced revision is reported and shown by GET /v1/enforced
