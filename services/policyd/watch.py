@@ -248,6 +248,9 @@ class PolicyWatchService(pb_grpc.PolicyWatchServicer):
         except SQLAlchemyError as e:
             log.warning("watch: database error", extra=describe_exception(e))
             raise _Abort(grpc.StatusCode.UNAVAILABLE, "the database is unavailable") from None
+        except Exception as e:  # a bug: never a traceback or a value to the client
+            log.error("watch: compilation failed", extra=describe_exception(e))
+            raise _Abort(grpc.StatusCode.INTERNAL, "internal error") from None
 
     def Watch(
         self, request: pb.WatchRequest, context: grpc.ServicerContext
