@@ -2,7 +2,9 @@
 
 Settings come from flags or ``POLICYD_*`` environment variables (flags win): the database URL
 (SQLite file by default, ``postgresql+psycopg://...`` for PostgreSQL), the tokens file and the
-listen address. The schema is migrated to the newest version at start.
+listen address. The schema is migrated to the newest version at start. With
+``--grpc-listen`` (and ``--tls-dir``) the same process serves the policy watch stream
+(gRPC ``ipsec.v1.PolicyWatch`` over mutual TLS) to keymgr and the workers.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from services.core.policy import DEFAULT_CA_DIR, DEFAULT_SECRETS_DIR
 from services.policyd.api import create_app
 from services.policyd.auth import TokensError, TokenStore
 from services.policyd.db import make_engine, upgrade
+from services.policyd.watch import WatchHub, WatchServer
+from services.runtime import tls
 from services.runtime.logging import configure_logging, get_logger
 
 log = get_logger("policyd")
@@ -60,6 +64,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where nodes keep CA certificates: compiled connections name <dir>/<ca>.pem "
         "(POLICYD_CA_DIR)",
     )
+    p.add_argument(
+        "--grpc-listen",
+        default=env("POLICYD_GRPC_LISTEN"),
+        help="serve the policy watch stream (gRPC, mutual TLS) on HOST:PORT or unix:/PATH; "
+        "default off (POLICYD_GRPC_LISTEN)",
+    )
+    p.add_argument(
+        "--tls-dir",
+        default=env("POLICYD_TLS_DIR"),
+        help="mTLS directory for --grpc-listen: ca.pem and <cert-name>.pem/.key (POLICYD_TLS_DIR)",
+    )
+    p.add_argument(
+        "--tls-cert-name",
+        default=env("POLICYD_TLS_CERT_NAME", "server"),
+        help="the server certificate's file name in --tls-dir (POLICYD_TLS_CERT_NAME)",
+    )
+    p.add_argument(
+        "--revision-poll",
+        type=float,
+        default=float(env("POLICYD_REVISION_POLL", "0.5")),
+        help="seconds between reads of the revision row, so the watch stream sees changes "
+        "made by another policyd on the same database (POLICYD_REVISION_POLL)",
+    )
+    p.add_argument(
+        "--grpc-max-streams",
+        type=int,
+        default=int(env("POLICYD_GRPC_MAX_STREAMS", "256")),
+        help="watch streams served at once (each holds a thread); more are refused with "
+        "RESOURCE_EXHAUSTED and the consumer retries (POLICYD_GRPC_MAX_STREAMS)",
+    )
     p.add_argument("--log-level", default=env("POLICYD_LOG_LEVEL", "info"))
     return p.parse_args(argv)
 
@@ -78,11 +112,37 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     engine = make_engine(args.database_url)
     upgrade(engine)
-    app = create_app(engine, tokens, secrets_dir=args.secrets_dir, ca_dir=args.ca_dir)
+    hub = WatchHub(
+        engine, secrets_dir=args.secrets_dir, ca_dir=args.ca_dir, poll_interval=args.revision_poll
+    )
+    app = create_app(engine, tokens, secrets_dir=args.secrets_dir, ca_dir=args.ca_dir, hub=hub)
+    grpc_server: WatchServer | None = None
+    if args.grpc_listen:
+        if not args.tls_dir:
+            print("--grpc-listen needs --tls-dir (mutual TLS)", file=sys.stderr)
+            return 2
+        try:
+            creds = tls.server_credentials(Path(args.tls_dir), args.tls_cert_name)
+            grpc_server = WatchServer(
+                hub, args.grpc_listen, creds, max_streams=args.grpc_max_streams
+            )
+        except (tls.TlsConfigError, RuntimeError) as e:
+            print(f"--grpc-listen: {e}", file=sys.stderr)
+            return 2
+        grpc_server.start()
     log.info(
         "policyd listening", extra={"listen": args.listen, "db": engine.url.render_as_string()}
     )
-    uvicorn.run(app, host=host.strip("[]") or "0.0.0.0", port=int(port), log_level=args.log_level)  # noqa: S104
+    try:
+        uvicorn.run(
+            app,
+            host=host.strip("[]") or "0.0.0.0",  # noqa: S104
+            port=int(port),
+            log_level=args.log_level,
+        )
+    finally:
+        if grpc_server is not None:
+            grpc_server.stop()
     return 0
 
 

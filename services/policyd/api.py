@@ -40,6 +40,8 @@ from services.policyd.schemas import (
     Change,
     CompiledOut,
     DocumentOut,
+    EnforcedListOut,
+    EnforcedOut,
     ErrorOut,
     FilterActionIn,
     FilterActionOut,
@@ -56,6 +58,7 @@ from services.policyd.schemas import (
 )
 from services.policyd.store import PolicyError, Writer, etag
 from services.policyd.templates import TEMPLATES
+from services.policyd.watch import WatchHub
 from services.runtime.logging import describe_exception
 
 log = logging.getLogger("policyd")
@@ -258,11 +261,17 @@ def create_app(
     *,
     secrets_dir: str = DEFAULT_SECRETS_DIR,
     ca_dir: str = DEFAULT_CA_DIR,
+    hub: WatchHub | None = None,
 ) -> FastAPI:
     """The policyd application on a migrated database ``engine``. ``secrets_dir`` and
     ``ca_dir`` are where the nodes find PSK files (``<secrets_dir>/<psk_ref>``) and CA
-    certificates (``<ca_dir>/<ca>.pem``) in compiled connections."""
+    certificates (``<ca_dir>/<ca>.pem``) in compiled connections. ``hub`` is the watch
+    stream's (made here when not given; ``app.state.watch_hub``): told every committed
+    revision, and the source of ``GET /v1/enforced``."""
     factory = session_factory(engine)
+    if hub is None:
+        hub = WatchHub(engine, secrets_dir=secrets_dir, ca_dir=ca_dir)
+    watch_hub = hub
     app = FastAPI(
         title="policyd",
         version="1",
@@ -272,6 +281,7 @@ def create_app(
             "a declarative apply. Authenticate with a bearer token (roles reader, admin)."
         ),
     )
+    app.state.watch_hub = watch_hub
     app.add_middleware(BodyLimit)
     bearer = HTTPBearer(auto_error=False, description="a token from policyd's tokens file")
 
@@ -325,7 +335,7 @@ def create_app(
     Admin = Annotated[Principal, Depends(admin)]
 
     def writer(s: Session, p: Principal, request: Request) -> Writer:
-        return Writer(s, p.name, f"{request.method} {request.url.path}")
+        return Writer(s, p.name, f"{request.method} {request.url.path}", watch_hub.notify)
 
     @app.get("/healthz", tags=["meta"])
     def healthz() -> dict[str, str]:
@@ -338,6 +348,26 @@ def create_app(
         rev = store.current_revision(s)
         response.headers["ETag"] = etag(rev)
         return RevisionOut(revision=rev)
+
+    @app.get("/v1/enforced", response_model=EnforcedListOut, tags=["policy"], responses=ERRORS)
+    def get_enforced(s: Db, _p: Reader) -> EnforcedListOut:
+        """The policy revision each watching component (keymgr, workers) reported it
+        enforces, by node and component."""
+        rev = store.current_revision(s)
+        return EnforcedListOut(
+            revision=rev,
+            enforced=[
+                EnforcedOut(
+                    node=e.node,
+                    component=e.component,
+                    revision=e.revision,
+                    digest=e.digest,
+                    reported_at=_utc(dt.datetime.fromtimestamp(e.reported_at, dt.UTC)),
+                    current=e.revision == rev,
+                )
+                for e in watch_hub.enforced()
+            ],
+        )
 
     @app.get(
         "/v1/document",

@@ -537,6 +537,20 @@ class RevisionOut(BaseModel):
     revision: int
 
 
+class EnforcedOut(BaseModel):
+    node: str
+    component: str
+    revision: int = Field(description="the policy revision the component reported it enforces")
+    digest: str
+    reported_at: str = Field(description="when it reported (UTC, ISO 8601)")
+    current: bool = Field(description="whether that is policyd's current revision")
+
+
+class EnforcedListOut(BaseModel):
+    revision: int = Field(description="policyd's current revision")
+    enforced: list[EnforcedOut]
+
+
 class AuditOut(BaseModel):
     id: int
     revision: int

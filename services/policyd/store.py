@@ -10,7 +10,7 @@ The audit rows and the new revision are committed with the change itself.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -213,8 +213,15 @@ class Writer:
     """One write transaction: takes the write lock, records changes, commits them with the new
     revision and their audit rows (or rolls back when nothing changed)."""
 
-    def __init__(self, session: Session, actor: str, via: str) -> None:
+    def __init__(
+        self,
+        session: Session,
+        actor: str,
+        via: str,
+        on_commit: Callable[[int], None] | None = None,
+    ) -> None:
         self.session = session
+        self.on_commit = on_commit  # told each committed revision (the watch stream)
         self.actor = actor
         self.via = via[:80]
         session.execute(update(Revision).where(Revision.id == 1).values(value=Revision.value))
@@ -263,6 +270,8 @@ class Writer:
         self.session.execute(update(Revision).where(Revision.id == 1).values(value=self.revision))
         self.session.add_all(self._audit)
         self.session.commit()
+        if self.on_commit is not None:
+            self.on_commit(self.revision)
         return self.revision
 
 

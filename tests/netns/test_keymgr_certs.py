@@ -153,7 +153,18 @@ class CertMixin:
 
     def capture(self) -> subprocess.Popen[bytes]:
         pcap = self.workdir / "ike.pcap"
-        cmd = ["ip", "netns", "exec", self.bench.ns_b, "tcpdump", "-i", "veth0", "-U", "-n", "--immediate-mode"]
+        cmd = [
+            "ip",
+            "netns",
+            "exec",
+            self.bench.ns_b,
+            "tcpdump",
+            "-i",
+            "veth0",
+            "-U",
+            "-n",
+            "--immediate-mode",
+        ]
         cmd += ["--immediate-mode"]  # deliver each packet at once (no block timeout)
         cmd += ["-w", str(pcap), "udp port 500 or udp port 4500"]
         err = self.workdir / "tcpdump.err"

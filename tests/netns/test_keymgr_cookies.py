@@ -105,7 +105,18 @@ class CookieLab(ResponderLab):
 
     def start_capture(self) -> subprocess.Popen[bytes]:
         pcap = self.workdir / "spoofed.pcap"
-        argv = ["ip", "netns", "exec", self.bench.ns_b, "tcpdump", "-i", "veth0", "-n", "-U", "--immediate-mode"]
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            self.bench.ns_b,
+            "tcpdump",
+            "-i",
+            "veth0",
+            "-n",
+            "-U",
+            "--immediate-mode",
+        ]
         argv += ["-w", str(pcap), "udp and dst net", str(SPOOF_NET)]
         proc = self._popen(argv, "tcpdump.log")
         deadline = time.monotonic() + 10

@@ -68,7 +68,18 @@ def lab() -> Iterator[KeymgrLab]:
 def start_capture(kl: KeymgrLab) -> subprocess.Popen[bytes]:
     """tcpdump on A's veth (IKE on 500/4500, ESP in UDP, plain ESP); returns once capturing."""
     pcap = kl.workdir / "link.pcap"
-    argv = ["ip", "netns", "exec", kl.bench.ns_a, "tcpdump", "-i", "veth0", "-U", "-n", "--immediate-mode"]
+    argv = [
+        "ip",
+        "netns",
+        "exec",
+        kl.bench.ns_a,
+        "tcpdump",
+        "-i",
+        "veth0",
+        "-U",
+        "-n",
+        "--immediate-mode",
+    ]
     argv += ["-w", str(pcap), "udp port 500 or udp port 4500 or esp"]
     err = kl.workdir / "tcpdump.log"
     with err.open("wb") as out:

@@ -249,7 +249,18 @@ def test_keymgr_behind_nat_sends_nat_keepalives(natlab: KeymgrLab) -> None:
     log_text = (natlab.workdir / "keymgr.log").read_text(errors="replace")
     assert re.search(r'"behind_nat": ?true', log_text), log_text
     pcap = natlab.workdir / "keepalive-b.pcap"
-    argv = ["ip", "netns", "exec", pair.ns_b, "tcpdump", "-i", "veth0", "-U", "-n", "--immediate-mode"]
+    argv = [
+        "ip",
+        "netns",
+        "exec",
+        pair.ns_b,
+        "tcpdump",
+        "-i",
+        "veth0",
+        "-U",
+        "-n",
+        "--immediate-mode",
+    ]
     argv += ["--immediate-mode", "-w", str(pcap), "udp port 4500"]
     err = natlab.workdir / "tcpdump-b.log"
     with err.open("wb") as out:

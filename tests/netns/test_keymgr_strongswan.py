@@ -190,7 +190,18 @@ class KeymgrLab:
 
     def _start_ike_capture(self) -> None:
         log_name = "tcpdump-ike.log"
-        argv = ["ip", "netns", "exec", self.bench.ns_a, "tcpdump", "-i", "veth0", "-U", "-n", "--immediate-mode"]
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            self.bench.ns_a,
+            "tcpdump",
+            "-i",
+            "veth0",
+            "-U",
+            "-n",
+            "--immediate-mode",
+        ]
         argv += ["--immediate-mode", "-w", str(self.ike_pcap), tshark.IKE_CAPTURE_FILTER]
         proc = self._popen(argv, log_name)
         self._ike_capture = proc

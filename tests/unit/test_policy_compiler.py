@@ -880,7 +880,8 @@ def test_any_damaged_document_compiles_or_is_a_compile_error(data: st.DataObject
         target = doc
         for k in path[:-1]:
             target = target[k]
-        target[path[-1]] = data.draw(st.sampled_from(JUNK))
+        # a fresh copy: the junk lists and dicts must not be shared (nor grow into cycles)
+        target[path[-1]] = copy.deepcopy(data.draw(st.sampled_from(JUNK)))
     try:
         c = compile_policy(doc, 1, NODE)
     except CompileError:

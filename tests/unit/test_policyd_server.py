@@ -30,8 +30,9 @@ def _free_port() -> int:
 
 
 class Policyd:
-    def __init__(self, db_url: str, workdir: Path) -> None:
+    def __init__(self, db_url: str, workdir: Path, extra: tuple[str, ...] = ()) -> None:
         self.db_url = db_url
+        self.extra = extra  # more flags
         self.tokens = workdir / "tokens.json"
         self.tokens.write_text(json.dumps(TOKENS))
         self.log = workdir / "policyd.log"
@@ -53,6 +54,7 @@ class Policyd:
                     f"127.0.0.1:{self.port}",
                     "--log-level",
                     "warning",
+                    *self.extra,
                 ],
                 cwd=ROOT,
                 env=env,
