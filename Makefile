@@ -10,11 +10,12 @@ APT_PACKAGES := iproute2 iputils-ping tshark tcpdump iperf3 procps python3-venv 
 PROTO_SRC := $(shell find proto -name '*.proto')
 PB_STAMP := services/pb/.stamp
 
-.PHONY: setup proto lint typecheck unit netns test demo bench clean help
+.PHONY: setup proto lint typecheck unit netns test demo demo-dataplane bench clean help
 
 help:
 	@echo "make test   - install everything (apt, venv, generated code) and run all tests"
-	@echo "make demo   - two dataplane workers in two namespaces carrying ESP traffic"
+	@echo "make demo   - two sites: policy applied over REST, enforced by keymgr + two workers vs strongSwan"
+	@echo "make demo-dataplane - two dataplane workers in two namespaces carrying ESP traffic"
 	@echo "make bench  - benchmarks, written to docs/benchmarks.md"
 	@echo "make proto  - regenerate services/pb from proto/"
 	@echo "make lint   - ruff check + format check, mypy on the core"
@@ -62,6 +63,9 @@ test: setup lint
 	$(PY) -m pytest -q tests
 
 demo: setup
+	$(PY) -m services.demo
+
+demo-dataplane: setup
 	$(PY) -m services.dataplane.demo
 
 BENCH_APT := strongswan-charon strongswan-swanctl libcharon-extra-plugins \

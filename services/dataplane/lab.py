@@ -1110,6 +1110,76 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _readline_text(proc: subprocess.Popen[str], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return proc.stdout.readline()
+        line = proc.stdout.readline()
+        if line:
+            return line
+    return ""
+
+
+def ns_tcp_sha256(
+    ns_src: str, src: str, ns_dst: str, dst: str, nbytes: int = 1 << 20, timeout: float = 60.0
+) -> tuple[str, str, int]:
+    """Send ``nbytes`` random octets over TCP from ``src`` (in namespace ``ns_src``) to
+    ``dst`` (in ``ns_dst``) with the ``tcp-send`` / ``tcp-recv`` commands of this module; both
+    ends hash what they saw. Returns (sender's sha256, receiver's sha256, bytes received)."""
+    port = 20000 + secrets.randbelow(20000)
+    labcmd = [sys.executable, "-m", "services.dataplane.lab"]
+    recv_cmd = ["ip", "netns", "exec", ns_dst, *labcmd, "tcp-recv", "--bind", dst]
+    recv_cmd += ["--port", str(port), "--timeout", str(timeout)]
+    send_cmd = [
+        "ip",
+        "netns",
+        "exec",
+        ns_src,
+        *labcmd,
+        "tcp-send",
+        "--source",
+        src,
+        "--connect",
+        dst,
+    ]
+    send_cmd += ["--port", str(port), "--bytes", str(nbytes), "--timeout", str(timeout)]
+    recv = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+        recv_cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env=_child_env(),
+    )
+    try:
+        line = _readline_text(recv, 15.0)
+        if not line.startswith("listening"):
+            raise LabError(f"tcp-recv did not start: {line!r}")
+        send = subprocess.run(  # noqa: S603 - fixed argv, no shell
+            send_cmd,
+            capture_output=True,
+            text=True,
+            cwd=REPO_ROOT,
+            env=_child_env(),
+            timeout=timeout + 15,
+            check=False,
+        )
+        if send.returncode != 0:
+            raise LabError(f"tcp-send failed ({send.returncode}): {send.stderr[-500:]}")
+        sent = json.loads(send.stdout.strip().splitlines()[-1])
+        out, err = recv.communicate(timeout=15)
+        if recv.returncode != 0:
+            raise LabError(f"tcp-recv failed ({recv.returncode}): {err[-500:]}")
+        got = json.loads(out.strip().splitlines()[-1])
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+            recv.wait()
+    return str(sent["sha256"]), str(got["sha256"]), int(got["bytes"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m services.dataplane.lab",
