@@ -228,8 +228,8 @@ def bench_throughput() -> list[tuple[str, str]]:
 
 
 # BENCH_ONLY values: transforms, TCP throughput, IKE handshakes, the worker's SA API per handshake,
-# SPD decision cost by number of entries
-PARTS = ("esp", "tput", "ike", "dpapi", "spd")
+# SPD decision cost by number of entries, REST-change-to-enforced latency
+PARTS = ("esp", "tput", "ike", "dpapi", "spd", "policy")
 
 
 def parse_only(value: str) -> tuple[str, ...]:
@@ -357,6 +357,10 @@ def main() -> int:
         from scripts.bench_spd import spd_section
 
         sections.append(spd_section())
+    if "policy" in parts:
+        from scripts.bench_policy import policy_section
+
+        sections.append(policy_section())
     out = ROOT / "docs" / "benchmarks.md"
     if parts == PARTS or not out.exists():
         head = ["# Benchmarks", "", f"Run by `make bench` on {today}; machine: {machine()}.", ""]

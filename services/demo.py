@@ -419,74 +419,54 @@ class Demo:
 
         _wait("policyd /healthz", up, 30)
 
-    def start_worker(self, g: Gateway) -> None:
-        state = self.workdir / g.name
+    def start_worker(self, node: str, wan: str, routes: Sequence[str] = (B_LAN,)) -> None:
+        """Start node ``node``'s worker in the namespace of the same name; it follows its
+        node's policy from policyd (state file under the working directory)."""
+        state = self.workdir / node
         state.mkdir(exist_ok=True)
-        self._popen(
-            f"worker-{g.name}",
-            [
-                sys.executable,
-                "-m",
-                "services.dataplane",
-                "--worker-id",
-                g.name,
-                "--grpc-listen",
-                f"unix:{self.sock(g.name)}",
-                "--tls-dir",
-                str(self.pki),
-                "--tls-cert-name",
-                "dataplane",
-                "--tun",
-                "ipsec0",
-                "--route",
-                B_LAN,
-                "--local-address",
-                g.wan,
-                "--policyd",
-                f"unix:{self.sock('policyd')}",
-                "--node",
-                g.name,
-                "--policy-state",
-                str(state / "policy.json"),
-                "--log-level",
-                "info",
-            ],
-            ns=g.name,
-        )
+        argv = [
+            sys.executable, "-m", "services.dataplane",
+            "--worker-id", node,
+            "--grpc-listen", f"unix:{self.sock(node)}",
+            "--tls-dir", str(self.pki), "--tls-cert-name", "dataplane",
+            "--tun", "ipsec0",
+            "--local-address", wan,
+            "--policyd", f"unix:{self.sock('policyd')}",
+            "--node", node,
+            "--policy-state", str(state / "policy.json"),
+            "--log-level", "info",
+        ]  # fmt: skip
+        for r in routes:
+            argv += ["--route", r]
+        self._popen(f"worker-{node}", argv, ns=node)
         _wait(
-            f"worker {g.name} socket",
-            lambda: self._exited(f"worker-{g.name}") or self.sock(g.name).exists(),
+            f"worker {node} socket",
+            lambda: self._exited(f"worker-{node}") or self.sock(node).exists(),
             30,
         )
 
-    def start_keymgr(self) -> None:
+    def start_keymgr(self, nodes: Sequence[str]) -> None:
         argv = [
-            sys.executable,
-            "-m",
-            "services.keymgr",
-            "--policyd",
-            f"unix:{self.sock('policyd')}",
-            "--tls-dir",
-            str(self.pki),
-            "--server-name",
-            "dataplane",
-            "--client-name",
-            "keymgr",
-            "--state-dir",
-            str(self.workdir / "keymgr"),
-            "--policy-state-dir",
-            str(self.workdir / "keymgr"),
-            "--api-listen",
-            f"unix:{self.sock('keymgr')}",
-            "--log-level",
-            "info",
-        ]
-        for g in GATEWAYS:
-            argv += ["--dataplane", f"{g.name}=unix:{self.sock(g.name)}"]
+            sys.executable, "-m", "services.keymgr",
+            "--policyd", f"unix:{self.sock('policyd')}",
+            "--tls-dir", str(self.pki),
+            "--server-name", "dataplane", "--client-name", "keymgr",
+            "--state-dir", str(self.workdir / "keymgr"),
+            "--policy-state-dir", str(self.workdir / "keymgr"),
+            "--api-listen", f"unix:{self.sock('keymgr')}",
+            "--log-level", "info",
+        ]  # fmt: skip
+        for n in nodes:
+            argv += ["--dataplane", f"{n}=unix:{self.sock(n)}"]
         self._popen("keymgr", argv)
         _wait(
             "keymgr API socket", lambda: self._exited("keymgr") or self.sock("keymgr").exists(), 30
         )
+
+    def enforced(self) -> dict[tuple[str, str], tuple[int, str]]:
+        """(node, component) -> (revision it reports enforcing, when it reported)."""
+        items = self.rest("GET", "/v1/enforced")["enforced"]
+        return {(i["node"], i["component"]): (int(i["revision"]), i["reported_at"]) for i in items}
 
     def start_strongswan(self) -> None:
         d = self.workdir / "charon"
@@ -672,7 +652,9 @@ class Demo:
     # -- teardown ----------------------------------------------------------------------------
 
     def cleanup(self) -> None:
-        for name in ("keymgr", *(f"worker-{g.name}" for g in GATEWAYS), "charon", "policyd"):
+        # keymgr first (it deletes its SAs through the workers), policyd last
+        order = sorted(self.procs, key=lambda n: (n != "keymgr", n == "policyd", n))
+        for name in order:
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
@@ -719,8 +701,8 @@ def run_demo(d: Demo) -> list[Check]:
     _say("[2/7] starting policyd (SQLite), both workers, keymgr and site B's strongSwan")
     d.start_policyd()
     for g in GATEWAYS:
-        d.start_worker(g)
-    d.start_keymgr()
+        d.start_worker(g.name, g.wan)
+    d.start_keymgr([g.name for g in GATEWAYS])
     d.start_strongswan()
 
     _say("[3/7] applying the policy document over REST (POST /v1/apply)")
@@ -734,8 +716,7 @@ def run_demo(d: Demo) -> list[Check]:
     )
 
     def enforced() -> dict[tuple[str, str], int]:
-        items = d.rest("GET", "/v1/enforced")["items"]
-        return {(i["node"], i["component"]): int(i["revision"]) for i in items}
+        return {k: rev for k, (rev, _at) in d.enforced().items()}
 
     want = {(g.name, c) for g in GATEWAYS for c in (g.name, "keymgr")}
     _wait(
