@@ -118,7 +118,7 @@ class PolicyLab:
 
     def build(self) -> None:
         d = self.d
-        for n, out, site in (("a", A_OUT, A_SITE), ("b", B_OUT, B_SITE)):
+        for n, site in (("a", A_SITE), ("b", B_SITE)):
             _run(["ip", "netns", "add", d.ns(n)])
             d.namespaces.append(d.ns(n))
             _run(["ip", "-n", d.ns(n), "link", "set", "lo", "up"])
