@@ -1032,7 +1032,9 @@ def compile_policy(doc: Mapping[str, Any], revision: int, ctx: NodeContext) -> C
                     origin,
                     reqid,
                     bundle if protect else (50,),
-                    protect and bool(fa.get("accept_unsecured")),
+                    # inbound clear is accepted with "accept unsecured" and with "allow
+                    # fallback": a peer without IPsec talks clear in both directions
+                    protect and bool(fa.get("accept_unsecured") or fa.get("allow_fallback")),
                     protect and bool(fa.get("allow_fallback")),
                 )
             )

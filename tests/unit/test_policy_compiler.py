@@ -443,6 +443,18 @@ def test_request_and_require_flags_on_protect_entries() -> None:
         assert not any(
             e.accept_clear or e.clear_fallback for e in c.entries if e.action is not Action.PROTECT
         )
+    # each flag alone: "accept unsecured" accepts clear inbound only; "allow fallback" also
+    # sends clear while there is no SA, and so accepts the peer's clear answers too
+    for extra, accept, fallback in (
+        ({"accept_unsecured": True}, True, False),
+        ({"allow_fallback": True}, True, True),
+    ):
+        action = {**REQUIRE, "name": "one", **extra}
+        c = compile_policy(_one_rule(f, action, auth_methods=PSK), 1, NODE)
+        protect = [e for e in c.entries if e.action is Action.PROTECT]
+        assert protect and all(
+            (e.accept_clear, e.clear_fallback) == (accept, fallback) for e in protect
+        )
     respond = {**REQUEST, "name": "respond", "initiate": False}
     c = compile_policy(_one_rule(f, respond, auth_methods=PSK), 1, NODE)
     assert [s.start_action for s in c.connections] == ["none"]
