@@ -22,6 +22,7 @@ address lengths do not fit its version is answered by a plain scan.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -203,6 +204,20 @@ class _Index:
         return None
 
 
+def check_entries(entries: Sequence[SpdEntry]) -> None:
+    """ValueError naming the first entry the SPD cannot hold (duplicate policy_id, PROTECT
+    without an ESP/AH bundle, prefix length out of range)."""
+    ids = {e.policy_id for e in entries}
+    if len(ids) != len(entries):
+        raise ValueError("duplicate policy_id in SPD")
+    for e in entries:
+        if e.action == Action.PROTECT and (not e.protocols or not set(e.protocols) <= {50, 51}):
+            raise ValueError("PROTECT entries need protocols from {50, 51}")
+        for p in (e.selector.src, e.selector.dst):
+            if not 0 <= p.length <= (32 if p.version == 4 else 128):
+                raise ValueError(f"policy {e.policy_id}: prefix length out of range")
+
+
 class Spd:
     """Ordered SPD with an index for first-match lookups and a bounded flow cache; both are
     rebuilt on every replace."""
@@ -224,15 +239,7 @@ class Spd:
         the index built before anything changes."""
         if revision < self.revision:
             raise ValueError(f"SPD revision {revision} is older than {self.revision}")
-        ids = {e.policy_id for e in entries}
-        if len(ids) != len(entries):
-            raise ValueError("duplicate policy_id in SPD")
-        for e in entries:
-            if e.action == Action.PROTECT and (not e.protocols or not set(e.protocols) <= {50, 51}):
-                raise ValueError("PROTECT entries need protocols from {50, 51}")
-            for p in (e.selector.src, e.selector.dst):
-                if not 0 <= p.length <= (32 if p.version == 4 else 128):
-                    raise ValueError(f"policy {e.policy_id}: prefix length out of range")
+        check_entries(entries)
         ordered = tuple(sorted(entries, key=lambda e: e.priority))
         index = _Index(ordered)
         self.entries = ordered
