@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the --tls-cert-name certificate)",
     )
     a(
+        "--policyd-retry-max",
+        metavar="SECONDS",
+        help="longest back-off between attempts to reach policyd (default: 30)",
+    )
+    a(
         "--inbound-filter",
         choices=["on", "off"],
         type=str.lower,

@@ -17,11 +17,17 @@ connection tracking) that
    engine) and on ``lo``;
 2. accepts packets whose source is not in a routed prefix (not the worker's business);
 3. accepts ESP (50), AH (51) and UDP to ports 500 / 4500 addressed to the worker's local
-   addresses (any local address of the host when none are configured) — counter ``exempt``;
-4. jumps to chain ``spd``: one rule per SPD entry, in SPD order, *mirrored* (the packet's
-   source is matched against the entry's destination, its destination against the entry's
-   source, its source port against the entry's destination ports and the other way round;
-   ICMP type / code are not swapped):
+   addresses (any local address of the host when none are configured), and IPv6 neighbour
+   discovery (ICMPv6 133-136, RFC 4861; without it the peer's outer IPv6 address could not be
+   resolved when it lies in a routed prefix) — counter ``exempt``;
+4. jumps to chain ``spd``: one rule per SPD entry, in SPD order. Entries of the *keymgr
+   layer* are outbound entries (local → remote, RFC 4301 SPD-O), so they are *mirrored*: the
+   packet's source is matched against the entry's destination, its destination against the
+   entry's source, its source port against the entry's destination ports and the other way
+   round (ICMP type / code are not swapped). Entries of the *policy layer* are already in
+   packet terms for both directions (policyd compiles a mirrored filter into the filter and
+   its mirror, and a filter with ``mirrored: false`` must not admit the reverse traffic;
+   docs/policyd.md, "Compilation"), so they are matched as they are:
 
    ============================= ========= =========
    entry                          verdict   counter
@@ -55,6 +61,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from services.core.engine import POLICY_ID_BASE
 from services.core.selectors import Prefix
 from services.core.spd import Action, SpdEntry
 
@@ -125,27 +132,30 @@ def _verdict(e: SpdEntry) -> str:
     return 'counter name "require" drop'
 
 
-def entry_rules(e: SpdEntry) -> list[str]:
-    """The nft rules of one SPD entry, mirrored for inbound packets (see the module
-    docstring); empty for an entry that can never match a packet."""
+def entry_rules(e: SpdEntry, *, mirror: bool = True) -> list[str]:
+    """The nft rules of one SPD entry for inbound packets, mirrored or as it is (see the
+    module docstring); empty for an entry that can never match a packet."""
     sel = e.selector
     if sel.src.version != sel.dst.version or sel.src.version not in (4, 6):
         return []
     kw, nfproto = _family(sel.src.version)
     base = [f"meta nfproto {nfproto}"]
-    # mirrored: the inbound packet comes from the entry's destination to its source
-    if src := _prefix(sel.dst):
+    # mirrored: the inbound packet comes from the entry's destination to its source, from
+    # the entry's destination ports to its source ports
+    src_p, dst_p = (sel.dst, sel.src) if mirror else (sel.src, sel.dst)
+    sports = (sel.dport_lo, sel.dport_hi) if mirror else (sel.sport_lo, sel.sport_hi)
+    dports = (sel.sport_lo, sel.sport_hi) if mirror else (sel.dport_lo, sel.dport_hi)
+    if src := _prefix(src_p):
         base.append(f"{kw} saddr {src}")
-    if dst := _prefix(sel.src):
+    if dst := _prefix(dst_p):
         base.append(f"{kw} daddr {dst}")
     verdict = _verdict(e)
-    ports_full = _full(sel.sport_lo, sel.sport_hi) and _full(sel.dport_lo, sel.dport_hi)
-    # inbound source port = the entry's destination port, and the other way round
+    ports_full = _full(*sports) and _full(*dports)
     port_match = []
-    if not _full(sel.dport_lo, sel.dport_hi):
-        port_match.append(f"th sport {_range(sel.dport_lo, sel.dport_hi)}")
-    if not _full(sel.sport_lo, sel.sport_hi):
-        port_match.append(f"th dport {_range(sel.sport_lo, sel.sport_hi)}")
+    if not _full(*sports):
+        port_match.append(f"th sport {_range(*sports)}")
+    if not _full(*dports):
+        port_match.append(f"th dport {_range(*dports)}")
     proto = sel.proto
     if proto:
         rule = [*base, f"meta l4proto {proto}"]
@@ -189,12 +199,14 @@ def _exemptions(cfg: FilterConfig) -> list[str]:
     for t in targets:
         rules.append(f'{t} meta l4proto {{ 50, 51 }} counter name "exempt" accept')
         rules.append(f'{t} udp dport {{ 500, 4500 }} counter name "exempt" accept')
+    rules.append('icmpv6 type { 133, 134, 135, 136 } counter name "exempt" accept')
     return rules
 
 
 def ruleset(entries: Iterable[SpdEntry], cfg: FilterConfig) -> str:
     """The nft script (for ``nft -f -``) that installs or replaces the filter for ``entries``
-    (the enforced SPD in order) in one transaction."""
+    (the enforced SPD in order: keymgr layer entries mirrored, policy layer entries, whose
+    ``policy_id`` is at least ``POLICY_ID_BASE``, as they are) in one transaction."""
     routes: dict[int, list[str]] = {4: [], 6: []}
     for r in cfg.routes:
         net = ipaddress.ip_network(r, strict=False)
@@ -223,7 +235,7 @@ def ruleset(entries: Iterable[SpdEntry], cfg: FilterConfig) -> str:
     lines += [f"\t\t{r}" for r in _exemptions(cfg)]
     lines += ["\t\tjump spd", "\t}", "\tchain spd {"]
     for e in entries:
-        lines += [f"\t\t{r}" for r in entry_rules(e)]
+        lines += [f"\t\t{r}" for r in entry_rules(e, mirror=e.policy_id < POLICY_ID_BASE)]
     lines += ['\t\tcounter name "nomatch" drop', "\t}", "}"]
     return "\n".join(lines) + "\n"
 

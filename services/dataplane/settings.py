@@ -6,7 +6,8 @@ worker does not follow policyd and only keymgr writes its SPD), ``node`` (defaul
 id), ``policy_state`` (default: /var/lib/ipsec-dataplane/<worker-id>/policy.json),
 ``policyd_server_name`` (the name policyd's certificate carries, default ``policyd``) and
 ``policyd_cert_name`` (the client certificate NAME.pem / NAME.key from ``tls_dir``; default: the
-worker's own ``tls_cert_name``). ``inbound_filter`` (``on`` / ``off``; default ``on`` with
+worker's own ``tls_cert_name``) and ``policyd_retry_max`` (longest back-off between connection
+attempts, seconds; default 30). ``inbound_filter`` (``on`` / ``off``; default ``on`` with
 ``policyd``, else ``off``) enforces the SPD on inbound clear packets with nftables
 (services.dataplane.nftfilter).
 
@@ -75,6 +76,7 @@ class Settings(BaseSettings):
     policyd_server_name: str = Field("policyd", min_length=1, max_length=253)
     policyd_cert_name: str = Field("", max_length=128)
     inbound_filter: Literal["on", "off"] | None = None
+    policyd_retry_max: float = Field(30.0, ge=0.5, le=600.0)
 
     @field_validator("tun_address", "route", "local_address", mode="before")
     @classmethod

@@ -911,6 +911,7 @@ class Worker:
             addresses=s.local_address,
             state_file=s.policy_state_file,
             on_update=policy_updater(host),
+            backoff=(min(0.5, s.policyd_retry_max), s.policyd_retry_max),
         )
         try:
             watcher.start()

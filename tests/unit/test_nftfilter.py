@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from services.core.engine import POLICY_ID_BASE
 from services.core.selectors import Selector
 from services.core.spd import Action, SpdEntry
 from services.dataplane.__main__ import settings_from_args
@@ -276,3 +277,22 @@ def test_policyd_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> N
 def test_policyd_settings_validation(kw: dict[str, str], match: str) -> None:
     with pytest.raises(ValidationError, match=match):
         Settings(worker_id="w", **kw)  # type: ignore[arg-type]
+
+
+def test_policy_layer_entries_are_matched_as_they_are() -> None:
+    """policyd compiles both directions of a mirrored filter; a one-way filter must not admit
+    the reverse traffic, so policy layer entries are not mirrored (keymgr's are)."""
+    pe = e(Action.BYPASS, proto=6, sport=(1024, 2047), dport=(443, 443), pid=POLICY_ID_BASE + 1)
+    assert entry_rules(pe, mirror=False) == [
+        "meta nfproto ipv4 ip saddr 10.1.0.0/16 ip daddr 10.2.0.0/16 meta l4proto 6 "
+        'th sport 1024-2047 th dport 443 counter name "bypass" accept'
+    ]
+    text = ruleset([e(Action.DISCARD, pid=3), pe], CFG)
+    spd = [ln.strip() for ln in text.splitlines()]
+    spd = spd[spd.index("chain spd {") + 1 :]
+    assert spd[0].startswith("meta nfproto ipv4 ip saddr 10.2.0.0/16 ip daddr 10.1.0.0/16")
+    assert spd[1].startswith("meta nfproto ipv4 ip saddr 10.1.0.0/16 ip daddr 10.2.0.0/16")
+
+
+def test_neighbour_discovery_is_exempt() -> None:
+    assert 'icmpv6 type { 133, 134, 135, 136 } counter name "exempt" accept' in ruleset([], CFG)
