@@ -213,6 +213,13 @@ def check_entries(entries: Sequence[SpdEntry]) -> None:
     for e in entries:
         if e.action == Action.PROTECT and (not e.protocols or not set(e.protocols) <= {50, 51}):
             raise ValueError("PROTECT entries need protocols from {50, 51}")
+        sel = e.selector
+        if not 0 <= sel.proto <= 255:
+            raise ValueError(f"policy {e.policy_id}: protocol must be 0..255")
+        if not (0 <= sel.sport_lo <= sel.sport_hi <= 0xFFFF) or not (
+            0 <= sel.dport_lo <= sel.dport_hi <= 0xFFFF
+        ):
+            raise ValueError(f"policy {e.policy_id}: port ranges must be 0 <= lo <= hi <= 65535")
         for p in (e.selector.src, e.selector.dst):
             if not 0 <= p.length <= (32 if p.version == 4 else 128):
                 raise ValueError(f"policy {e.policy_id}: prefix length out of range")

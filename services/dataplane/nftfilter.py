@@ -267,7 +267,10 @@ def parse_counters(text: str) -> dict[str, int]:
 
 
 class NftError(RuntimeError):
-    """nft refused a script or could not be run."""
+    """nft refused a script or could not be run (the message holds nft's answer: rules and
+    addresses, never secrets)."""
+
+    log_safe = True
 
 
 class NftRunner:

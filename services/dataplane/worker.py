@@ -850,6 +850,13 @@ class PacketLoop:
 # --- policyd ----------------------------------------------------------------------------------
 
 
+class PolicyStateError(RuntimeError):
+    """The saved policy cannot be enforced at start (the message names the file and the
+    reason; policies hold no secrets)."""
+
+    log_safe = True
+
+
 def policy_updater(host: EngineHost) -> Callable[[PolicyState], None]:
     """The PolicyWatcher callback: replace the engine's policy layer with a new revision under
     the engine lock. A policy the engine cannot hold (malformed entry, revision going back)
@@ -916,7 +923,7 @@ class Worker:
         try:
             watcher.start()
         except ValueError as e:
-            raise RuntimeError(
+            raise PolicyStateError(
                 f"the saved policy in {s.policy_state_file} cannot be enforced ({e}); remove "
                 "the file to start from policyd's current policy"
             ) from None

@@ -207,3 +207,18 @@ def test_get_stats_carries_both_revisions(served: tuple[EngineHost, DataplaneCli
     # ReplaceSPD keeps its own revision check and leaves the policy layer alone
     client.replace_spd([], 6)
     assert [e.policy_id for e in host.engine.spd.entries] == [POLICY_ID_BASE + 1]
+
+
+def test_policy_entries_with_out_of_range_selectors_are_refused() -> None:
+    """spd_entries builds selectors without Selector.make's checks; the engine checks."""
+    dp = Dataplane()
+    ok = Selector.make("10.1.0.0/16", "10.2.0.0/16")
+    for sel in (
+        Selector(ok.src, ok.dst, 256),
+        Selector(ok.src, ok.dst, 6, 5, 4),
+        Selector(ok.src, ok.dst, 6, 0, 65535, 0, 70000),
+        Selector(ok.src, ok.dst, 6, -1, 10),
+    ):
+        with pytest.raises(ValueError, match="policy 1"):
+            dp.replace_policy([SpdEntry(1, 1, Action.BYPASS, sel)], 1)
+    assert dp.spd.entries == () and dp.policy_revision == 0
