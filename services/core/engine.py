@@ -7,10 +7,10 @@ Two SPD layers (docs/design.md, "SPD layers"): the *keymgr layer* (``replace_spd
 and the *policy layer* (``replace_policy``: policyd's compiled policy for this node, revision
 ``policy_revision``). Each layer has its own revision that must not go backwards. The enforced
 SPD (``spd``, one index and flow cache) is the keymgr layer first, then the policy layer, each
-in its own priority order, with priorities renumbered 0..n-1 so that the merged order is
-exactly that: explicit local entries from keymgr are the more specific configuration. Policy
-layer entries carry ``POLICY_ID_BASE + policy_id`` in the merged SPD (and so in ACQUIRE
-events), so the two layers' ids never collide.
+in its own priority order, ranked 0..n-1 in exactly that order (the entries keep their own
+``priority`` values; the rank decides): explicit local entries from keymgr are the more
+specific configuration. Policy layer entries carry ``POLICY_ID_BASE + policy_id`` in the
+merged SPD (and so in ACQUIRE events), so the two layers' ids never collide.
 
 A worker feeds datagrams and ``now`` in and sends what comes back; nothing here does I/O.
 """
@@ -122,9 +122,10 @@ class Dataplane:
 
     def __init__(self) -> None:
         self.spd = Spd()  # the enforced (merged) SPD; spd.revision is the keymgr layer's
-        self.keymgr_entries: tuple[SpdEntry, ...] = ()
-        self.policy_entries: tuple[SpdEntry, ...] = ()  # as policyd numbered them
+        self.keymgr_entries: tuple[SpdEntry, ...] = ()  # in rank order
+        self.policy_entries: tuple[SpdEntry, ...] = ()  # as policyd numbered them, in order
         self.policy_revision = 0
+        self._policy_merged: tuple[SpdEntry, ...] = ()  # policy_entries with merged ids
         self.inbound_sas: dict[SaKey, AnySa] = {}
         self.outbound_sas: dict[int, dict[int, list[AnySa]]] = {}  # reqid -> proto -> SAs
         self.events: deque[Event] = deque(maxlen=10000)
@@ -285,7 +286,8 @@ class Dataplane:
         if revision < self.spd.revision:
             raise ValueError(f"SPD revision {revision} is older than {self.spd.revision}")
         check_entries(entries)
-        self._install(tuple(entries), self.policy_entries, revision)
+        keymgr = tuple(sorted(entries, key=lambda e: e.priority))
+        self._install(keymgr, self.policy_entries, self._policy_merged, revision)
 
     def replace_policy(self, entries: Sequence[SpdEntry], revision: int) -> None:
         """Replace the policy layer with policyd's compiled entries of ``revision``
@@ -299,22 +301,37 @@ class Dataplane:
         for e in entries:
             if not 0 <= e.policy_id < POLICY_ID_BASE:
                 raise ValueError(f"policy_id {e.policy_id} out of range 0..{POLICY_ID_BASE - 1}")
-        self._install(self.keymgr_entries, tuple(entries), self.spd.revision)
+        policy = tuple(sorted(entries, key=lambda e: e.priority))
+        merged = tuple(
+            SpdEntry(
+                POLICY_ID_BASE + e.policy_id,
+                e.priority,
+                e.action,
+                e.selector,
+                e.reqid,
+                e.protocols,
+                e.accept_clear,
+                e.clear_fallback,
+            )
+            for e in policy
+        )
+        self._install(self.keymgr_entries, policy, merged, self.spd.revision)
         self.policy_revision = revision
 
     def _install(
-        self, keymgr: tuple[SpdEntry, ...], policy: tuple[SpdEntry, ...], revision: int
+        self,
+        keymgr: tuple[SpdEntry, ...],
+        policy: tuple[SpdEntry, ...],
+        policy_merged: tuple[SpdEntry, ...],
+        revision: int,
     ) -> None:
-        """Merge the layers (keymgr first) into the enforced SPD; the flow cache, SA bundle
-        cache and ACQUIRE limiter start afresh."""
-        ordered = sorted(keymgr, key=lambda e: e.priority) + [
-            replace(e, policy_id=POLICY_ID_BASE + e.policy_id)
-            for e in sorted(policy, key=lambda e: e.priority)
-        ]
-        merged = [replace(e, priority=i) for i, e in enumerate(ordered)]
-        self.spd.replace(merged, revision)
+        """Rank the layers (keymgr first) into the enforced SPD; the flow cache, SA bundle
+        cache and ACQUIRE limiter start afresh. Both layers are checked already, and their
+        ids cannot collide."""
+        self.spd.replace(keymgr + policy_merged, revision, in_order=True, checked=True)
         self.keymgr_entries = keymgr
         self.policy_entries = policy
+        self._policy_merged = policy_merged
         self._chains.clear()
         self._acquire_at.clear()
 

@@ -241,13 +241,23 @@ class Spd:
         self.cache_hits = 0
         self.cache_misses = 0
 
-    def replace(self, entries: list[SpdEntry], revision: int) -> None:
+    def replace(
+        self,
+        entries: Sequence[SpdEntry],
+        revision: int,
+        *,
+        in_order: bool = False,
+        checked: bool = False,
+    ) -> None:
         """Install a whole new SPD; revisions must not go backwards. Everything is checked and
-        the index built before anything changes."""
+        the index built before anything changes. Entries are ranked by priority (stable), or,
+        with ``in_order``, exactly in the order given; ``checked`` skips
+        :func:`check_entries` for entries the caller has checked."""
         if revision < self.revision:
             raise ValueError(f"SPD revision {revision} is older than {self.revision}")
-        check_entries(entries)
-        ordered = tuple(sorted(entries, key=lambda e: e.priority))
+        if not checked:
+            check_entries(entries)
+        ordered = tuple(entries) if in_order else tuple(sorted(entries, key=lambda e: e.priority))
         index = _Index(ordered)
         self.entries = ordered
         self._index = index

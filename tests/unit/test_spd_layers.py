@@ -44,7 +44,7 @@ def test_keymgr_layer_comes_first_whatever_the_priorities() -> None:
     out = dp.outbound(_pkt("10.1.0.1", "10.2.0.1"), 0.0)
     assert out is not None and dp.bypass_packets == 1  # keymgr's entry wins
     assert [e.policy_id for e in dp.spd.entries] == [1, POLICY_ID_BASE + 1]
-    assert [e.priority for e in dp.spd.entries] == [0, 1]
+    assert [e.priority for e in dp.spd.entries] == [500, 1]  # the rank decides, not these
     assert dp.spd.revision == 3 and dp.policy_revision == 7
     # the policy layer decides what keymgr does not cover
     assert dp.outbound(_pkt("10.1.0.1", "10.3.0.1"), 0.0) is None
