@@ -2,6 +2,16 @@
 decisions on outbound traffic (§5.1), inbound processing of nested AH/ESP (§5.2), ESP-in-UDP
 demultiplexing and NAT keepalives (RFC 3948 §2.2, §2.3), ACQUIRE and lifetime events.
 
+Two SPD layers (docs/design.md, "SPD layers"): the *keymgr layer* (``replace_spd`` /
+``apply_batch``: the entries keymgr installs for its connections, revision ``spd.revision``)
+and the *policy layer* (``replace_policy``: policyd's compiled policy for this node, revision
+``policy_revision``). Each layer has its own revision that must not go backwards. The enforced
+SPD (``spd``, one index and flow cache) is the keymgr layer first, then the policy layer, each
+in its own priority order, ranked 0..n-1 in exactly that order (the entries keep their own
+``priority`` values; the rank decides): explicit local entries from keymgr are the more
+specific configuration. Policy layer entries carry ``POLICY_ID_BASE + policy_id`` in the
+merged SPD (and so in ACQUIRE events), so the two layers' ids never collide.
+
 A worker feeds datagrams and ``now`` in and sends what comes back; nothing here does I/O.
 """
 
@@ -20,7 +30,7 @@ from services.core.events import Acquire, Drop, DropReason, Event
 from services.core.iana import IpProto
 from services.core.packet import MalformedPacket, build_ipv4, build_ipv6, flow_key, parse_ip
 from services.core.sa import ConfigError, Direction, Lifetime, SaConfig
-from services.core.spd import Action, Spd, SpdEntry
+from services.core.spd import Action, Spd, SpdEntry, check_entries
 
 SaKey = tuple[int, bytes, int]  # (spi, outer destination, protocol)
 SaIdent = tuple[int, bytes, int, Direction]  # (spi, outer destination, protocol, direction)
@@ -30,6 +40,7 @@ _U32 = struct.Struct("!I")
 NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2
 ACQUIRE_INTERVAL = 1.0  # at most one ACQUIRE per policy per interval
 MAX_NESTING = 3
+POLICY_ID_BASE = 1 << 31  # policy layer ids in the merged SPD (policy_id is a uint32 on the wire)
 
 
 class UdpKind(Enum):
@@ -110,7 +121,11 @@ class Dataplane:
     """SAD + SPD + counters + events for one worker."""
 
     def __init__(self) -> None:
-        self.spd = Spd()
+        self.spd = Spd()  # the enforced (merged) SPD; spd.revision is the keymgr layer's
+        self.keymgr_entries: tuple[SpdEntry, ...] = ()  # in rank order
+        self.policy_entries: tuple[SpdEntry, ...] = ()  # as policyd numbered them, in order
+        self.policy_revision = 0
+        self._policy_merged: tuple[SpdEntry, ...] = ()  # policy_entries with merged ids
         self.inbound_sas: dict[SaKey, AnySa] = {}
         self.outbound_sas: dict[int, dict[int, list[AnySa]]] = {}  # reqid -> proto -> SAs
         self.events: deque[Event] = deque(maxlen=10000)
@@ -265,8 +280,58 @@ class Dataplane:
                 out.extend(lst)
         return out
 
-    def replace_spd(self, entries: list[SpdEntry], revision: int) -> None:
-        self.spd.replace(entries, revision)
+    def replace_spd(self, entries: Sequence[SpdEntry], revision: int) -> None:
+        """Replace the keymgr layer (ValueError, nothing changed, for an older revision or an
+        entry the SPD cannot hold)."""
+        if revision < self.spd.revision:
+            raise ValueError(f"SPD revision {revision} is older than {self.spd.revision}")
+        check_entries(entries)
+        keymgr = tuple(sorted(entries, key=lambda e: e.priority))
+        self._install(keymgr, self.policy_entries, self._policy_merged, revision)
+
+    def replace_policy(self, entries: Sequence[SpdEntry], revision: int) -> None:
+        """Replace the policy layer with policyd's compiled entries of ``revision``
+        (ValueError, nothing changed, for an older revision or an entry the SPD cannot hold:
+        duplicate or out-of-range policy_id, bad bundle, bad prefix)."""
+        if revision < self.policy_revision:
+            raise ValueError(
+                f"policy revision {revision} is older than the enforced {self.policy_revision}"
+            )
+        check_entries(entries)
+        for e in entries:
+            if not 0 <= e.policy_id < POLICY_ID_BASE:
+                raise ValueError(f"policy_id {e.policy_id} out of range 0..{POLICY_ID_BASE - 1}")
+        policy = tuple(sorted(entries, key=lambda e: e.priority))
+        merged = tuple(
+            SpdEntry(
+                POLICY_ID_BASE + e.policy_id,
+                e.priority,
+                e.action,
+                e.selector,
+                e.reqid,
+                e.protocols,
+                e.accept_clear,
+                e.clear_fallback,
+            )
+            for e in policy
+        )
+        self._install(self.keymgr_entries, policy, merged, self.spd.revision)
+        self.policy_revision = revision
+
+    def _install(
+        self,
+        keymgr: tuple[SpdEntry, ...],
+        policy: tuple[SpdEntry, ...],
+        policy_merged: tuple[SpdEntry, ...],
+        revision: int,
+    ) -> None:
+        """Rank the layers (keymgr first) into the enforced SPD; the flow cache, SA bundle
+        cache and ACQUIRE limiter start afresh. Both layers are checked already, and their
+        ids cannot collide."""
+        self.spd.replace(keymgr + policy_merged, revision, in_order=True, checked=True)
+        self.keymgr_entries = keymgr
+        self.policy_entries = policy
+        self._policy_merged = policy_merged
         self._chains.clear()
         self._acquire_at.clear()
 

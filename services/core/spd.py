@@ -22,6 +22,7 @@ address lengths do not fit its version is answered by a plain scan.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -203,6 +204,27 @@ class _Index:
         return None
 
 
+def check_entries(entries: Sequence[SpdEntry]) -> None:
+    """ValueError naming the first entry the SPD cannot hold (duplicate policy_id, PROTECT
+    without an ESP/AH bundle, prefix length out of range)."""
+    ids = {e.policy_id for e in entries}
+    if len(ids) != len(entries):
+        raise ValueError("duplicate policy_id in SPD")
+    for e in entries:
+        if e.action == Action.PROTECT and (not e.protocols or not set(e.protocols) <= {50, 51}):
+            raise ValueError("PROTECT entries need protocols from {50, 51}")
+        sel = e.selector
+        if not 0 <= sel.proto <= 255:
+            raise ValueError(f"policy {e.policy_id}: protocol must be 0..255")
+        if not (0 <= sel.sport_lo <= sel.sport_hi <= 0xFFFF) or not (
+            0 <= sel.dport_lo <= sel.dport_hi <= 0xFFFF
+        ):
+            raise ValueError(f"policy {e.policy_id}: port ranges must be 0 <= lo <= hi <= 65535")
+        for p in (e.selector.src, e.selector.dst):
+            if not 0 <= p.length <= (32 if p.version == 4 else 128):
+                raise ValueError(f"policy {e.policy_id}: prefix length out of range")
+
+
 class Spd:
     """Ordered SPD with an index for first-match lookups and a bounded flow cache; both are
     rebuilt on every replace."""
@@ -219,21 +241,23 @@ class Spd:
         self.cache_hits = 0
         self.cache_misses = 0
 
-    def replace(self, entries: list[SpdEntry], revision: int) -> None:
+    def replace(
+        self,
+        entries: Sequence[SpdEntry],
+        revision: int,
+        *,
+        in_order: bool = False,
+        checked: bool = False,
+    ) -> None:
         """Install a whole new SPD; revisions must not go backwards. Everything is checked and
-        the index built before anything changes."""
+        the index built before anything changes. Entries are ranked by priority (stable), or,
+        with ``in_order``, exactly in the order given; ``checked`` skips
+        :func:`check_entries` for entries the caller has checked."""
         if revision < self.revision:
             raise ValueError(f"SPD revision {revision} is older than {self.revision}")
-        ids = {e.policy_id for e in entries}
-        if len(ids) != len(entries):
-            raise ValueError("duplicate policy_id in SPD")
-        for e in entries:
-            if e.action == Action.PROTECT and (not e.protocols or not set(e.protocols) <= {50, 51}):
-                raise ValueError("PROTECT entries need protocols from {50, 51}")
-            for p in (e.selector.src, e.selector.dst):
-                if not 0 <= p.length <= (32 if p.version == 4 else 128):
-                    raise ValueError(f"policy {e.policy_id}: prefix length out of range")
-        ordered = tuple(sorted(entries, key=lambda e: e.priority))
+        if not checked:
+            check_entries(entries)
+        ordered = tuple(entries) if in_order else tuple(sorted(entries, key=lambda e: e.priority))
         index = _Index(ordered)
         self.entries = ordered
         self._index = index

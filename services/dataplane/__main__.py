@@ -77,6 +77,42 @@ def build_parser() -> argparse.ArgumentParser:
         type=str.lower,
         help="log level (default: info)",
     )
+    a(
+        "--policyd",
+        metavar="ADDR",
+        help="follow this node's compiled policy from policyd's watch stream (mTLS gRPC, "
+        "unix:/path or HOST:PORT) as the SPD's policy layer; empty: off (default)",
+    )
+    a("--node", metavar="NAME", help="node name in policyd (default: the worker id)")
+    a(
+        "--policy-state",
+        metavar="FILE",
+        help="cache of the last policy, enforced at start and while policyd is down "
+        "(default: /var/lib/ipsec-dataplane/<worker-id>/policy.json)",
+    )
+    a(
+        "--policyd-server-name",
+        metavar="NAME",
+        help="name in policyd's server certificate (default: policyd)",
+    )
+    a(
+        "--policyd-cert-name",
+        metavar="NAME",
+        help="client certificate NAME.pem / NAME.key in --tls-dir presented to policyd "
+        "(default: the --tls-cert-name certificate)",
+    )
+    a(
+        "--policyd-retry-max",
+        metavar="SECONDS",
+        help="longest back-off between attempts to reach policyd (default: 30)",
+    )
+    a(
+        "--inbound-filter",
+        choices=["on", "off"],
+        type=str.lower,
+        help="drop inbound clear packets from --route prefixes that the SPD blocks or that "
+        "require security, with nftables (default: on with --policyd, else off)",
+    )
     return ap
 
 

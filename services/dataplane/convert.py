@@ -106,6 +106,8 @@ class WorkerStats:
     local_addresses: tuple[str, ...] = ()
     internal_errors: int = 0
     keepalives_sent: int = 0
+    policy_revision: int = 0
+    inbound_filter: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -711,6 +713,8 @@ def stats_to_pb(s: WorkerStats) -> pb.GetStatsResponse:
         local_addresses=list(s.local_addresses),
         internal_errors=_u(s.internal_errors),
         keepalives_sent=_u(s.keepalives_sent),
+        policy_revision=_u(s.policy_revision),
+        inbound_filter={k: _u(v) for k, v in s.inbound_filter.items()},
     )
 
 
@@ -730,6 +734,8 @@ def stats_from_pb(m: pb.GetStatsResponse) -> WorkerStats:
         local_addresses=tuple(m.local_addresses),
         internal_errors=m.internal_errors,
         keepalives_sent=m.keepalives_sent,
+        policy_revision=m.policy_revision,
+        inbound_filter=dict(m.inbound_filter),
     )
 
 

@@ -547,8 +547,15 @@ class Lab:
 
     # --- workers ---------------------------------------------------------------------------
 
-    def start_worker(self, node: Node, *, timeout: float = WORKER_START_TIMEOUT) -> None:
-        """Start ``node``'s worker and wait until its gRPC API answers ListSAs."""
+    def start_worker(
+        self,
+        node: Node,
+        *,
+        timeout: float = WORKER_START_TIMEOUT,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        """Start ``node``'s worker (with ``extra_args`` appended to its command line) and wait
+        until its gRPC API answers ListSAs."""
         from services.dataplane.client import DataplaneClient
 
         peer = self.peer(node).side
@@ -588,6 +595,7 @@ class Lab:
             str(ROUTE_TABLE),
             "--metrics-listen",
             f"127.0.0.1:{METRICS_PORT}",
+            *extra_args,
         ]
         with node.log_path.open("ab") as log:
             node.proc = subprocess.Popen(  # noqa: S603

@@ -44,6 +44,7 @@ class WorkerCollector(Collector):
             }
             drops = {r.value: n for r, n in eng.drops.items()}
             revision = eng.spd.revision
+            policy_revision = eng.policy_revision
             spd_entries = len(eng.spd.entries)
             for sa in eng.all_sas():
                 c = sa.cfg
@@ -114,9 +115,26 @@ class WorkerCollector(Collector):
         g = GaugeMetricFamily(f"{PREFIX}_sas", "Installed SAs", labels=["worker"])
         g.add_metric([w], len(per_sa))
         yield g
-        g = GaugeMetricFamily(f"{PREFIX}_spd_revision", "SPD revision enforced", labels=["worker"])
+        g = GaugeMetricFamily(
+            f"{PREFIX}_spd_revision", "keymgr layer SPD revision enforced", labels=["worker"]
+        )
         g.add_metric([w], revision)
         yield g
+        g = GaugeMetricFamily(
+            f"{PREFIX}_policy_revision",
+            "policyd policy revision of the SPD's policy layer (0 = none)",
+            labels=["worker"],
+        )
+        g.add_metric([w], policy_revision)
+        yield g
+        f = CounterMetricFamily(
+            f"{PREFIX}_inbound_filter_packets",
+            "Inbound clear packets by filter decision",
+            labels=["worker", "decision"],
+        )
+        for decision, n in sorted(host.filter_counters().items()):
+            f.add_metric([w, decision], n)
+        yield f
         g = GaugeMetricFamily(f"{PREFIX}_spd_entries", "SPD entries", labels=["worker"])
         g.add_metric([w], spd_entries)
         yield g

@@ -16,7 +16,11 @@ Pieces, from the inside out:
   per local address. Every socket that sends carries SO_MARK = fwmark, so the worker's own
   traffic uses the main table and not the TUN (see services.dataplane.tun).
 * :class:`Worker` — wires settings, TUN + routing, sockets, gRPC, metrics and signals together
-  and tears everything down again on SIGTERM/SIGINT.
+  and tears everything down again on SIGTERM/SIGINT. With ``--policyd`` it follows the node's
+  compiled policy (services.runtime.policywatch) into the SPD's policy layer
+  (:func:`policy_updater`; docs/policyd.md, "Consumers"); with the inbound filter on it keeps an
+  nftables filter equal to the enforced SPD for clear packets from the routed prefixes
+  (services.dataplane.nftfilter, RFC 4301 §5.2).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from types import FrameType
-from typing import Generic, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, NamedTuple, Protocol, TypeVar
 
 from services.core.engine import (
     NON_ESP_MARKER,
@@ -51,9 +55,14 @@ from services.core.events import (
 from services.core.iana import ESP_UDP_PORT, IKE_UDP_PORT, IpProto
 from services.core.packet import MalformedPacket, build_ipv6
 from services.core.sa import Direction
+from services.core.spd import SpdEntry
 from services.dataplane.convert import IkeDatagram, WorkerEvent, WorkerStats, addr_text
 from services.dataplane.settings import Settings
 from services.runtime.logging import describe_exception
+from services.runtime.policywatch import PolicyState, spd_entries
+
+if TYPE_CHECKING:
+    from services.runtime.policywatch import PolicyWatcher
 
 log = logging.getLogger("services.dataplane.worker")
 
@@ -228,6 +237,16 @@ class EngineHost:
         self.wallclock = wallclock
         self._last_error_log: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
+        self._filter_counters: dict[str, int] = {}
+
+    def set_filter_counters(self, counters: dict[str, int]) -> None:
+        """Publish the inbound filter's packet counters (read from nftables by the worker)."""
+        with self._io_lock:
+            self._filter_counters = dict(counters)
+
+    def filter_counters(self) -> dict[str, int]:
+        with self._io_lock:
+            return dict(self._filter_counters)
 
     def now(self) -> float:
         return self.clock()
@@ -295,6 +314,8 @@ class EngineHost:
                 local_addresses=self.local_addresses,
                 internal_errors=self.io.internal_errors,
                 keepalives_sent=eng.keepalives_sent,
+                policy_revision=eng.policy_revision,
+                inbound_filter=self.filter_counters(),
             )
         return s
 
@@ -826,6 +847,41 @@ class PacketLoop:
             )
 
 
+# --- policyd ----------------------------------------------------------------------------------
+
+
+class PolicyStateError(RuntimeError):
+    """The saved policy cannot be enforced at start (the message names the file and the
+    reason; policies hold no secrets)."""
+
+    log_safe = True
+
+
+def policy_updater(host: EngineHost) -> Callable[[PolicyState], None]:
+    """The PolicyWatcher callback: replace the engine's policy layer with a new revision under
+    the engine lock. A policy the engine cannot hold (malformed entry, revision going back)
+    raises ValueError: nothing changes, the revision is not reported as enforced, and the
+    reason is logged here."""
+
+    def on_update(state: PolicyState) -> None:
+        try:
+            entries = spd_entries(state.policy)
+            with host.locked() as eng:
+                eng.replace_policy(entries, state.revision)
+        except ValueError as e:
+            log.error(
+                "policy refused",
+                extra={"revision": state.revision, "reason": str(e)[:300]},
+            )
+            raise
+        log.info(
+            "policy enforced",
+            extra={"revision": state.revision, "entries": len(entries)},
+        )
+
+    return on_update
+
+
 # --- the whole worker --------------------------------------------------------------------------
 
 
@@ -835,11 +891,77 @@ class Worker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._stop = threading.Event()
+        self.watcher: PolicyWatcher | None = None
 
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
         if signum is not None:
             log.info("signal received", extra={"signal": signal.Signals(signum).name})
         self._stop.set()
+
+    def _start_policy_watch(
+        self, host: EngineHost, cleanup: list[tuple[str, Callable[[], object]]]
+    ) -> None:
+        """Follow policyd; the saved policy is enforced before this returns."""
+        from services.runtime.policywatch import PolicyWatcher, mtls_channel_factory
+
+        s = self.settings
+        factory = mtls_channel_factory(
+            s.policyd,
+            s.tls_dir,
+            server_name=s.policyd_server_name,
+            client_name=s.policyd_client_cert,
+        )
+        watcher = PolicyWatcher(
+            factory,
+            node=s.policy_node,
+            component=s.worker_id,
+            addresses=s.local_address,
+            state_file=s.policy_state_file,
+            on_update=policy_updater(host),
+            backoff=(min(0.5, s.policyd_retry_max), s.policyd_retry_max),
+        )
+        try:
+            watcher.start()
+        except ValueError as e:
+            raise PolicyStateError(
+                f"the saved policy in {s.policy_state_file} cannot be enforced ({e}); remove "
+                "the file to start from policyd's current policy"
+            ) from None
+        cleanup.append(("policy-watch", watcher.stop))
+        self.watcher = watcher
+        log.info(
+            "following policyd",
+            extra={
+                "policyd": s.policyd,
+                "node": s.policy_node,
+                "state_file": str(s.policy_state_file),
+                "revision": watcher.revision,
+            },
+        )
+
+    def _start_inbound_filter(
+        self, host: EngineHost, tun_name: str, cleanup: list[tuple[str, Callable[[], object]]]
+    ) -> None:
+        """Load the nftables filter for the enforced SPD and keep it current."""
+        from services.dataplane import nftfilter
+
+        s = self.settings
+        cfg = nftfilter.FilterConfig(
+            table=nftfilter.table_name(s.worker_id),
+            tun=tun_name,
+            routes=tuple(s.route),
+            local_addresses=tuple(s.local_address),
+        )
+
+        def entries() -> tuple[SpdEntry, ...]:
+            with host.lock:
+                return host.engine.spd.entries
+
+        sync = nftfilter.FilterSync(
+            nftfilter.NftRunner(cfg.table), cfg, entries, host.set_filter_counters
+        )
+        cleanup.append(("inbound-filter", sync.stop))  # also removes a half-loaded table
+        sync.start()
 
     def run(self) -> int:
         from services.dataplane import grpc_api, metrics, tun  # they import this module
@@ -862,6 +984,10 @@ class Worker:
             host = EngineHost(
                 s.worker_id, local_addresses=s.local_address, interfaces=(device.name,)
             )
+            if s.policyd:
+                self._start_policy_watch(host, cleanup)
+            if s.inbound_filter_enabled:
+                self._start_inbound_filter(host, device.name, cleanup)
             loop = PacketLoop(host, [TunSource(device), *wire.sources], tun=device, sender=wire)
             loop.start()
             cleanup.append(("packet-loop", loop.stop))
@@ -880,6 +1006,8 @@ class Worker:
                     "routes": s.route,
                     "local_addresses": s.local_address,
                     "metrics": s.metrics_listen or None,
+                    "policyd": s.policyd or None,
+                    "inbound_filter": s.inbound_filter_enabled,
                 },
             )
             while not self._stop.wait(1.0):
