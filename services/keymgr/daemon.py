@@ -139,7 +139,7 @@ from services.dataplane.client import (
 )
 from services.dataplane.convert import MAX_BATCH_DELETES, MAX_BATCH_INSTALLS
 from services.keymgr import events as ev
-from services.keymgr.config import Connection
+from services.keymgr.config import Connection, connection_reqids
 from services.keymgr.credentials import authentication
 from services.keymgr.events import ChildSaView, EventBus, IkeSaView, KeyExporter, KeymgrEvent
 from services.keymgr.leases import (
@@ -372,8 +372,13 @@ class Keymgr:
         jitter: Callable[[float], float] | None = None,
         leases: LeaseStore | None = None,
         seq_lease_block: int = DEFAULT_BLOCK,
+        policy_mode: bool = False,
     ) -> None:
         self.client = client
+        # policy mode: the worker's SPD comes from policyd (its policy layer); keymgr never
+        # sends SPD changes, only SAs under the policy's reqids
+        self.policy_mode = policy_mode
+        self.policy_revision = 0  # the policy revision last applied by reconfigure()
         # sequence-number leases of outbound SAs (None: whole sequence space, no durable marks)
         self.leases = leases
         self.seq_lease_block = seq_lease_block
@@ -394,10 +399,9 @@ class Keymgr:
         self._ikes: dict[bytes, IkeSaState] = {}  # established IKE SAs by ``key``
         self._wev: queue.Queue[WorkerEvent] = queue.Queue()
         self._events: EventStream | None = None
-        self.sessions = [
-            Session(c, reqid=i + 1) for i, c in enumerate(connections) if not c.responds
-        ]
-        self.responder_conns = [(c, i + 1) for i, c in enumerate(connections) if c.responds]
+        reqids = connection_reqids(connections)  # ConfigError for clashing reqids
+        self.sessions = [Session(c, reqid=reqids[c.name][0]) for c in connections if not c.responds]
+        self.responder_conns = [(c, reqids[c.name][0]) for c in connections if c.responds]
         # keyed by the initiator's IKE SPI (from the IKE header)
         self.responders: dict[bytes, ResponderSession] = {}
         self.half_open_dropped = 0  # IKE_SA_INIT requests refused by the MAX_HALF_OPEN bound
@@ -426,23 +430,21 @@ class Keymgr:
         self._stop = threading.Event()
         self._stream: PuntStream | _Outbox | None = None
         self._spd_revision = 0
-        # (connection, child) -> (reqid, SPD entry key): a connection's first child keeps the
-        # connection's reqid and its name as SPD key; further children follow all of those
+        # (connection, child) -> (reqid, SPD entry key): a connection's first child has the
+        # connection's name as SPD key (reqids: config.connection_reqids)
         self._child_ids: dict[tuple[str, str], tuple[int, str]] = {}
-        extra = len(connections)
-        for i, c in enumerate(connections):
-            for j, child in enumerate(c.child_names):
-                if j == 0:
-                    self._child_ids[(c.name, child)] = (i + 1, c.name)
-                else:
-                    extra += 1
-                    # names are printable: a newline cannot make two keys equal
-                    self._child_ids[(c.name, child)] = (extra, f"{c.name}\n{child}")
+        for c in connections:
+            self._set_child_ids(c, reqids[c.name])
         # installed Child SAs per (IKE SA key SPIi | SPIr, child name)
         self._children: dict[tuple[bytes, str], _Child] = {}
         # Child SAs replaced by a rekey, kept until the peer deletes them (make-before-break)
         self._retiring: dict[tuple[bytes, str], list[tuple[SaConfig, SaConfig]]] = {}
         self.failed = False  # the punt stream broke (worker gone): the caller should exit non-zero
+
+    def _set_child_ids(self, c: Connection, reqids: tuple[int, ...]) -> None:
+        for j, (child, reqid) in enumerate(zip(c.child_names, reqids, strict=True)):
+            # names are printable: a newline cannot make two keys equal
+            self._child_ids[(c.name, child)] = (reqid, c.name if j == 0 else f"{c.name}\n{child}")
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -517,13 +519,7 @@ class Keymgr:
         try:
             now = self.clock()
             for s in self.sessions:
-                if s.conn.start_action == "trap":
-                    self._trap(s, now)
-                else:
-                    self._initiate(s, now)
-                for child in s.conn.child_names[1:]:
-                    if s.conn.child(child).start_action == "trap":
-                        self._trap_child(s, child)
+                self._start(s, now)
             sweep_at = now  # the timers' next sweep (see SWEEP_INTERVAL)
             while not self._stop.is_set():
                 try:
@@ -574,6 +570,16 @@ class Keymgr:
             self._refuse_calls()
 
     # --- sessions ---------------------------------------------------------------------------
+
+    def _start(self, s: Session, now: float) -> None:
+        """Start an initiating connection per its start_action (and its trap children)."""
+        if s.conn.start_action == "trap":
+            self._trap(s, now)
+        else:
+            self._initiate(s, now)
+        for child in s.conn.child_names[1:]:
+            if s.conn.child(child).start_action == "trap":
+                self._trap_child(s, child)
 
     def _wait(self) -> float:
         now = self.clock()
@@ -1764,7 +1770,10 @@ class Keymgr:
                 return
             s.installed = True
             s.held = False
-            s.spd = self._spd.get(s.conn.name)
+            # (policy mode: the policy's entry, which keymgr does not send, keeps dpd hold/trap)
+            s.spd = (
+                connection_spd(s.conn, s.reqid) if self.policy_mode else self._spd.get(s.conn.name)
+            )
             s.spis = {"in": r.child.spi_in.hex(), "out": r.child.spi_out.hex()}
             if ini is not None and ini.info is not None:
                 send = functools.partial(self._send, s)
@@ -2015,7 +2024,7 @@ class Keymgr:
     def _spd_change(self, spd: tuple[str, SpdEntry | None] | None) -> dict[str, SpdEntry] | None:
         """The SPD after setting (withdrawing) a connection's entry; None when unchanged. The
         view includes batches in flight (a refused one restores it, see _finish)."""
-        if spd is None:
+        if spd is None or self.policy_mode:  # policy mode: the policy layer has the entries
             return None
         name, entry = spd
         if entry is None:
