@@ -51,6 +51,7 @@ EVENT_KINDS = {
     "rekeyed": pb.KEYMGR_EVENT_KIND_REKEYED,
     "auth_failed": pb.KEYMGR_EVENT_KIND_AUTH_FAILED,
     "negotiation_failed": pb.KEYMGR_EVENT_KIND_NEGOTIATION_FAILED,
+    "config": pb.KEYMGR_EVENT_KIND_CONFIG,
 }
 
 

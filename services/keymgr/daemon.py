@@ -97,7 +97,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -139,7 +139,7 @@ from services.dataplane.client import (
 )
 from services.dataplane.convert import MAX_BATCH_DELETES, MAX_BATCH_INSTALLS
 from services.keymgr import events as ev
-from services.keymgr.config import Connection, connection_reqids
+from services.keymgr.config import ConfigError, Connection, connection_reqids
 from services.keymgr.credentials import authentication
 from services.keymgr.events import ChildSaView, EventBus, IkeSaView, KeyExporter, KeymgrEvent
 from services.keymgr.leases import (
@@ -2405,6 +2405,110 @@ class Keymgr:
         if aborted:
             detail += f"; {aborted} negotiation(s) abandoned"
         return sent, detail
+
+    # --- live reconfiguration ---------------------------------------------------------------
+
+    def connections(self) -> tuple[Connection, ...]:
+        """The connections keymgr runs now (initiating ones, then responding ones)."""
+        return (*(s.conn for s in self.sessions), *(c for c, _ in self.responder_conns))
+
+    def _reqids(self, c: Connection) -> tuple[int, ...]:
+        return tuple(self._child_ids[(c.name, n)][0] for n in c.child_names)
+
+    def reconfigure(
+        self, connections: Sequence[Connection], now: float, *, revision: int = 0
+    ) -> dict[str, list[str]]:
+        """Replace the running connections by ``connections`` without a restart (main loop
+        only; other threads use :meth:`submit`). Connections are compared by name, full
+        configuration and reqids: a removed one has its IKE SAs deleted (a Delete sent to the
+        peer, its Child SAs removed from the worker) and its state dropped; an added one starts
+        per its start_action (trap: its reqid's ACQUIRE initiates); a changed one is removed,
+        then added. Unchanged connections and their SAs are not touched. ``revision``: the
+        policy revision this configuration comes from (0: none), published with the "config"
+        event. ConfigError (nothing changed) for duplicate names or clashing reqids."""
+        names = [c.name for c in connections]
+        if len(set(names)) != len(names):
+            raise ConfigError("duplicate connection name")
+        reqids = connection_reqids(connections)
+        old = {c.name: (c, self._reqids(c)) for c in self.connections()}
+        new = {c.name: (c, reqids[c.name]) for c in connections}
+        removed = [n for n in old if n not in new]
+        changed = [n for n in old if n in new and old[n] != new[n]]
+        added = [n for n in new if n not in old]
+        for n in removed:
+            self._drop_connection(n, now, "connection removed from the configuration")
+        for n in changed:
+            self._drop_connection(n, now, "connection changed in the configuration")
+        for c in connections:
+            if c.name in added or c.name in changed:
+                self._add_connection(c, reqids[c.name], now)
+        if revision:
+            self.policy_revision = revision
+        out = {"added": added, "removed": removed, "changed": changed}
+        log.info(
+            "configuration applied",
+            extra={"revision": revision, **{k: ",".join(v) for k, v in out.items()}},
+        )
+        parts = [f"{k} {','.join(v)}" for k, v in out.items() if v]
+        self.events.publish(
+            KeymgrEvent(
+                kind=ev.CONFIG,
+                time=time.time(),
+                connection="",
+                reason=f"revision {revision}: " + ("; ".join(parts) or "no change"),
+            )
+        )
+        return out
+
+    def _add_connection(self, c: Connection, reqids: tuple[int, ...], now: float) -> None:
+        self._set_child_ids(c, reqids)
+        if c.responds:
+            self.responder_conns.append((c, reqids[0]))
+            return
+        s = Session(c, reqid=reqids[0])
+        self.sessions.append(s)
+        if self._stream is not None:  # running (else run() starts it)
+            self._start(s, now)
+
+    def _drop_connection(self, name: str, now: float, reason: str) -> None:
+        """Forget connection ``name``: one Delete of each of its IKE SAs to the peer (not
+        retransmitted: the connection is gone, and a peer that misses it finds out by its
+        liveness checks), its Child SAs removed from the worker with their SPD entries (file
+        mode), negotiations abandoned, and every per-connection state dropped."""
+        for rec in [r for r in self.records.values() if r.conn.name == name]:
+            found = self._ike_of(rec)
+            if found is not None and not rec.closing:
+                ike, send = found
+                log.info(
+                    "ike deleting",
+                    extra={"conn": name, "spi_i": rec.spi_i.hex(), "by": "reconfiguration"},
+                )
+                rec.closing = reason
+                send(ike.delete_ike(now))
+        keys = [k for k, st in self._ikes.items() if st.conn.name == name]
+        keys += [k[0] for k, ch in self._children.items() if ch.conn.name == name]
+        for key in dict.fromkeys(keys):
+            self._untrack(key)
+            self._remove_children(key, reason)
+        for rec in [r for r in self.records.values() if r.conn.name == name]:
+            self._down(rec, reason)
+        for s in [s for s in self.sessions if s.conn.name == name]:
+            s.initiator, s.retry_at, s.held, s.want = None, None, False, set()
+            self.sessions.remove(s)
+        self.responder_conns = [(c, r) for c, r in self.responder_conns if c.name != name]
+        for spi in [spi for spi, rs in self.responders.items() if rs.conn.name == name]:
+            del self.responders[spi]
+        for k in [k for k in self._child_ids if k[0] == name]:
+            del self._child_ids[k]
+        self._auth_cache.pop(name, None)
+        self._responder_cfgs.pop(name, None)
+        self.responder_drops.pop(name, None)
+        self.responder_error_answers.pop(name, None)
+        # trap / hold entries without SAs (file mode; policy mode keeps no SPD)
+        for spd_key in [k for k in self._spd if k == name or k.startswith(name + "\n")]:
+            self._apply(
+                None, _on_error("policy withdrawal failed", {"conn": name}), spd=(spd_key, None)
+            )
 
     def _closing_timers(self, now: float) -> None:
         """Retransmit our operator-requested Deletes; give up after TERMINATE_WAIT."""
