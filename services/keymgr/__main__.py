@@ -2,6 +2,11 @@
 
 keymgr needs no host network: IKE travels through the dataplane worker's punt/inject gRPC
 stream and the negotiated SAs are installed into the same worker, both over mutual TLS.
+
+Connections come from ``--config`` (file mode) or, with ``--policyd``, from the compiled policy
+of the worker's node, followed live (policy mode, :mod:`services.keymgr.policymode`; docs/keymgr.md
+"Policy mode"): then keymgr sends the worker no SPD changes, and a ``--config`` file may be
+given only without connections.
 """
 
 from __future__ import annotations
@@ -12,16 +17,21 @@ import os
 import pathlib
 import signal
 import sys
+import threading
 from types import FrameType
+
+import grpc
 
 from services.core.ike.cookies import DEFAULT_PERIOD, DEFAULT_THRESHOLD
 from services.dataplane.client import DataplaneClient
 from services.keymgr.api import ApiServer
-from services.keymgr.config import ConfigError, load_config
+from services.keymgr.config import ConfigError, KeymgrConfig, load_config
 from services.keymgr.daemon import Keymgr
 from services.keymgr.events import KeyExporter
 from services.keymgr.leases import DEFAULT_BLOCK, LeaseStore, LeaseStoreError
+from services.keymgr.policymode import PolicyFollower, state_file
 from services.runtime.logging import configure_logging
+from services.runtime.policywatch import PolicyWatcher, mtls_channel_factory
 from services.runtime.tls import TlsConfigError
 
 log = logging.getLogger("keymgr")
@@ -71,13 +81,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--config",
         type=pathlib.Path,
         default=env("KEYMGR_CONFIG"),
-        required=env("KEYMGR_CONFIG") is None,
-        help="JSON file with the connections (see services/keymgr/config.py)",
+        help="JSON file with the connections (see services/keymgr/config.py); required "
+        "without --policyd, and without connections with it",
     )
     p.add_argument(
         "--dataplane",
         default=env("KEYMGR_DATAPLANE", "unix:/run/ipsec-dataplane/worker.sock"),
-        help="the worker's gRPC address: unix:/path/worker.sock or HOST:PORT",
+        metavar="[NODE=]ADDR",
+        help="the worker's gRPC address: unix:/path/worker.sock or HOST:PORT, optionally "
+        "with the policy node it enforces (default: the worker's id)",
+    )
+    p.add_argument(
+        "--policyd",
+        default=env("KEYMGR_POLICYD", ""),
+        metavar="ADDR",
+        help="policy mode: follow the worker's node's compiled policy from policyd's watch "
+        "stream (unix:/path or HOST:PORT, mutual TLS with --tls-dir) instead of --config",
+    )
+    p.add_argument(
+        "--policyd-server-name",
+        default=env("KEYMGR_POLICYD_SERVER_NAME", "policyd"),
+        help="DNS name expected in policyd's certificate",
+    )
+    p.add_argument(
+        "--policy-state-dir",
+        type=pathlib.Path,
+        default=pathlib.Path(env("KEYMGR_POLICY_STATE_DIR", "/var/lib/ipsec-keymgr")),
+        metavar="DIR",
+        help="policy mode: the last policy revision of each node, enforced at start "
+        "before policyd answers (one file per node)",
     )
     p.add_argument(
         "--tls-dir",
@@ -153,13 +185,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level, background=True)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        log.error("invalid configuration", extra={"reason": str(e)})
+    cfg = KeymgrConfig(())
+    if args.config is None and not args.policyd:
+        log.error("no connections: give --config FILE (KEYMGR_CONFIG) or --policyd ADDR")
         return 2
+    if args.config is not None:
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as e:
+            log.error("invalid configuration", extra={"reason": str(e)})
+            return 2
+    if args.policyd and cfg.connections:
+        log.error(
+            "--config has connections and --policyd is given: in policy mode the connections "
+            "come from policyd; remove them from the file or leave out --policyd"
+        )
+        return 2
+    node, _, address = args.dataplane.rpartition("=")
     client = DataplaneClient(
-        args.dataplane, args.tls_dir, server_name=args.server_name, client_name=args.client_name
+        address, args.tls_dir, server_name=args.server_name, client_name=args.client_name
     )
     exporter = None
     if args.export_keys is not None:
@@ -188,7 +232,17 @@ def main(argv: list[str] | None = None) -> int:
         key_export=exporter,
         leases=leases,
         seq_lease_block=args.seq_lease_block,
+        policy_mode=bool(args.policyd),
     )
+    watcher = None
+    if args.policyd:
+        try:
+            watcher = _policy_mode(km, args, node)
+        except (grpc.RpcError, TlsConfigError, OSError, ConfigError) as e:
+            reason = _details(e)
+            log.error("cannot start policy mode", extra={"reason": reason})
+            client.close()
+            return 2
     api = None
     if args.api_listen:
         try:
@@ -214,11 +268,59 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("keymgr failed")
         return 1
     finally:
+        if watcher is not None:
+            watcher.stop()
         if api is not None:
             api.stop()
         km.events.close()
         client.close()
     return 1 if km.failed else 0
+
+
+def _details(e: BaseException) -> str:
+    if isinstance(e, grpc.Call):
+        return f"{e.code().name}: {e.details()}"
+    return str(e) or type(e).__name__
+
+
+def _policy_mode(km: Keymgr, args: argparse.Namespace, node: str) -> PolicyWatcher:
+    """Follow the worker's node's policy: the saved revision is enforced at once (keymgr
+    starts with its connections), then the watcher's updates reconfigure keymgr live. The
+    watcher asks for the node with the worker's local addresses (the compiler's ``me``), so
+    keymgr and the worker compile with the same addresses."""
+    km.client.wait_ready(timeout=30.0)
+    stats = km.client.stats()
+    node = node or stats.worker_id
+    path = state_file(args.policy_state_dir, node)
+    follower = PolicyFollower(km)
+    initial = follower.initial(path)
+    km.reconfigure(initial, km.clock(), revision=follower.revision)  # not running yet
+    watcher = PolicyWatcher(
+        mtls_channel_factory(
+            args.policyd,
+            args.tls_dir,
+            server_name=args.policyd_server_name,
+            client_name=args.client_name,
+        ),
+        node=node,
+        component="keymgr",
+        addresses=stats.local_addresses,
+        state_file=path,
+        on_update=follower.on_update,
+    )
+    log.info(
+        "policy mode",
+        extra={
+            "policyd": args.policyd,
+            "node": node,
+            "addresses": list(stats.local_addresses),
+            "revision": follower.revision,
+        },
+    )
+    # started beside the main loop: the saved state's on_update waits for nothing (enforced
+    # already), later ones wait for the loop that km.run() is about to start
+    threading.Thread(target=watcher.start, name="policywatch-start", daemon=True).start()
+    return watcher
 
 
 if __name__ == "__main__":
