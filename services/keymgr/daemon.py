@@ -373,6 +373,7 @@ class Keymgr:
         leases: LeaseStore | None = None,
         seq_lease_block: int = DEFAULT_BLOCK,
         policy_mode: bool = False,
+        ike_sa_ids: tuple[int, int] = (0, 1),
     ) -> None:
         self.client = client
         # policy mode: the worker's SPD comes from policyd (its policy layer); keymgr never
@@ -392,7 +393,9 @@ class Keymgr:
         self.key_export = key_export
         self._exported_ike: set[bytes] = set()  # SPIi | SPIr of IKE SAs whose keys were exported
         self.records: dict[bytes, IkeRecord] = {}  # established IKE SAs, key SPIi | SPIr
-        self._next_id = 0
+        # operator IDs of IKE SAs: base + k * step, so several shards of one process (one per
+        # worker, sharing one API) never hand out the same ID
+        self._next_id, self._id_step = ike_sa_ids
         self.rand = RandomPool()  # SPIs, nonces and DH private keys of new IKE SAs
         # a random delay in [0, x] (rekey jitter, strongSwan's rand_time)
         self.jitter = jitter or (lambda x: random.uniform(0.0, x) if x > 0 else 0.0)  # noqa: S311
@@ -2198,7 +2201,7 @@ class Keymgr:
         if self.key_export is not None:
             self._export_ike(r.spi_i, r.spi_r, r.keys, r.suite)
             self.key_export.child_sas(sas)
-        self._next_id += 1
+        self._next_id += self._id_step
         wall = time.time()
         rec = IkeRecord(
             id=self._next_id,
