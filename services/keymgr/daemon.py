@@ -83,6 +83,14 @@ peer may create any configured child (:meth:`InfoSession.configure_children`). E
 has its own reqid, SPD entry (the first child's is keyed by the connection's name, as before),
 SAs, lifetimes and events; the operator can create and delete one child by name.
 
+Reqids come from the configuration (:func:`~services.keymgr.config.connection_reqids`:
+explicit ones, as policyd's compiled connections carry, else positional). Policy mode
+(``policy_mode``, docs/keymgr.md "Policy mode"): the worker's SPD policy layer holds the
+PROTECT entries, so keymgr sends no SPD change at all and only installs SAs under the policy's
+reqids. :meth:`Keymgr.reconfigure` replaces the connections live: removed ones have their IKE
+SAs deleted, added ones start, changed ones both, unchanged ones are not touched. Several
+workers run one Keymgr each (``ike_sa_ids`` keeps the operator's IKE SA IDs apart).
+
 Scope: one IKE SA per connection. Keys are never logged: only SPIs appear in logs.
 """
 
