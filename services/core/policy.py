@@ -165,9 +165,9 @@ class ChildSpec:
 @dataclass(frozen=True, slots=True)
 class ConnectionSpec:
     """A keymgr connection, field for field ``services.keymgr.config.Connection`` (keymgr's
-    JSON configuration object: :meth:`config`). ``reqids`` are the reqids keymgr gives its
-    Child SAs (in ``children`` order) when handed :attr:`CompiledPolicy.connections` in order,
-    and that the PROTECT entries carry. ``psk_file`` is a path, never a secret."""
+    JSON configuration object: :meth:`config`). ``reqids`` are the reqids of its Child SAs (in
+    ``children`` order; :func:`stable_reqids`), which the PROTECT entries carry and
+    :meth:`config` hands to keymgr explicitly. ``psk_file`` is a path, never a secret."""
 
     name: str
     policy: str
@@ -211,6 +211,8 @@ class ConnectionSpec:
             "rekey_bytes": self.rekey_bytes,
             "ike_rekey_time": self.ike_rekey_time,
         }
+        if self.reqids:
+            d["reqid"] = self.reqids[0]
         if self.ah_proposals:
             d["ah_proposals"] = list(self.ah_proposals)
         else:
@@ -228,6 +230,9 @@ class ConnectionSpec:
                 {"name": c.name, "local_ts": c.local_ts, "remote_ts": c.remote_ts}
                 for c in self.children
             ]
+            if self.reqids:
+                for item, reqid in zip(d["children"], self.reqids, strict=True):
+                    item["reqid"] = reqid
         return d
 
     def to_dict(self) -> dict[str, Any]:
@@ -939,26 +944,39 @@ def _connections(
                         children=kids,
                     )
                 )
-    # reqids as keymgr numbers them: a connection's first child gets its position + 1, the
-    # other children follow all connections, in order
-    reqids: list[tuple[int, ...]] = []
-    extra = len(specs)
-    for spec in specs:
-        ids = [len(reqids) + 1]
-        for _ in spec.children[1:]:
-            extra += 1
-            ids.append(extra)
-        reqids.append(tuple(ids))
-    final = [
-        ConnectionSpec(**{**_fields(spec), "reqids": ids})
-        for spec, ids in zip(specs, reqids, strict=True)
-    ]
+    ids = stable_reqids([(spec.name, [c.name for c in spec.children]) for spec in specs])
+    final = [ConnectionSpec(**{**_fields(spec), "reqids": ids[spec.name]}) for spec in specs]
     where: dict[tuple[int, Prefix, Prefix], tuple[str, str, int]] = {}
     for key, (ci, child) in child_of.items():
         spec = final[ci]
         j = [c.name for c in spec.children].index(child)
         where[key] = (spec.name, child, spec.reqids[j])
     return final, where
+
+
+REQID_BASE = 1 << 20  # compiled reqids: [REQID_BASE, REQID_LIMIT); keymgr's positional ones
+REQID_LIMIT = 1 << 30  # (one per configured Child SA, at most 1024 * 8) stay below REQID_BASE
+
+
+def stable_reqids(conns: Sequence[tuple[str, Sequence[str]]]) -> dict[str, tuple[int, ...]]:
+    """The reqid of every (connection, child): a function of the two names alone, so adding or
+    removing a rule leaves the other connections' reqids (and with them their SAs and the
+    worker's PROTECT entries) alone. reqid = REQID_BASE + sha256("<connection>\\n<child>") mod
+    (REQID_LIMIT - REQID_BASE); on a collision (about n^2 / 2^31 for n Child SAs) the later
+    pair in (connection name, child name) order takes the next free value (wrapping within
+    the range), so only colliding pairs depend on each other. Names are printable: the
+    newline cannot make two pairs hash the same text."""
+    span = REQID_LIMIT - REQID_BASE
+    taken: set[int] = set()
+    got: dict[tuple[str, str], int] = {}
+    for conn, child in sorted((c, k) for c, kids in conns for k in kids):
+        h = int.from_bytes(hashlib.sha256(f"{conn}\n{child}".encode()).digest()[:8], "big")
+        value = h % span
+        while REQID_BASE + value in taken:
+            value = (value + 1) % span
+        taken.add(REQID_BASE + value)
+        got[(conn, child)] = REQID_BASE + value
+    return {c: tuple(got[(c, k)] for k in kids) for c, kids in conns}
 
 
 def _fields(s: ConnectionSpec) -> dict[str, Any]:
@@ -1067,4 +1085,5 @@ __all__ = [
     "entry_to_dict",
     "selector_overlap",
     "specificity_key",
+    "stable_reqids",
 ]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -51,6 +51,7 @@ EVENT_KINDS = {
     "rekeyed": pb.KEYMGR_EVENT_KIND_REKEYED,
     "auth_failed": pb.KEYMGR_EVENT_KIND_AUTH_FAILED,
     "negotiation_failed": pb.KEYMGR_EVENT_KIND_NEGOTIATION_FAILED,
+    "config": pb.KEYMGR_EVENT_KIND_CONFIG,
 }
 
 
@@ -182,16 +183,20 @@ def child_sa_to_pb(v: ChildSaView, counters: Counters | None) -> pb.ChildSaInfo:
 class KeyManagerService(pb_grpc.KeyManagerServicer):
     """The servicer: thin glue between gRPC threads and keymgr's main loop."""
 
-    def __init__(self, km: Keymgr, *, call_timeout: float = CALL_TIMEOUT) -> None:
-        self.km = km
+    def __init__(
+        self, km: Keymgr | Sequence[Keymgr], *, call_timeout: float = CALL_TIMEOUT
+    ) -> None:
+        # one shard per worker; they share one event bus (the first shard's)
+        self.shards: tuple[Keymgr, ...] = (km,) if isinstance(km, Keymgr) else tuple(km)
+        self.km = self.shards[0]
         self.call_timeout = call_timeout
         self._stopping = threading.Event()
 
     def shutdown(self) -> None:
         self._stopping.set()
 
-    def _call(self, fn: Callable[[float], R]) -> R:
-        fut = self.km.submit(fn)
+    def _call_on(self, km: Keymgr, fn: Callable[[Keymgr, float], R]) -> R:
+        fut = km.submit(lambda now: fn(km, now))
         try:
             return fut.result(timeout=self.call_timeout)
         except FutureTimeout:
@@ -201,13 +206,37 @@ class KeyManagerService(pb_grpc.KeyManagerServicer):
                 f"keymgr did not answer within {self.call_timeout:g}s (busy or not running)",
             ) from None
 
+    def _all(self, fn: Callable[[Keymgr, float], R]) -> list[R]:
+        """``fn`` on every shard's main loop; shards raising LookupError (not theirs) are left
+        out, and when every shard raises it, the first one's error is raised."""
+        out: list[R] = []
+        first: LookupError | None = None
+        for km in self.shards:
+            try:
+                out.append(self._call_on(km, fn))
+            except LookupError as e:
+                first = first or e
+        if not out and first is not None:
+            raise first
+        return out
+
+    def _pairs(self, fn: Callable[[Keymgr, float], tuple[Any, str]]) -> tuple[Any, str]:
+        """A command for the shard(s) holding its target: one shard's answer as it is, the
+        answers of several combined (counts summed, started if any started)."""
+        got = self._all(fn)
+        if len(got) == 1:
+            return got[0]
+        first = got[0][0]
+        total = any(v for v, _ in got) if isinstance(first, bool) else sum(v for v, _ in got)
+        return total, "; ".join(d for _, d in got)
+
     @_unary("Initiate")
     def Initiate(
         self, request: pb.InitiateRequest, context: grpc.ServicerContext
     ) -> pb.InitiateResponse:
         name = check_name(request.connection)
         child = check_name(request.child, required=False)
-        started, detail = self._call(lambda now: self.km.initiate(name, now, child))
+        started, detail = self._pairs(lambda km, now: km.initiate(name, now, child))
         log.info("operator initiate", extra={"conn": name, "child": child, "started": started})
         return pb.InitiateResponse(started=started, detail=detail)
 
@@ -218,23 +247,23 @@ class KeyManagerService(pb_grpc.KeyManagerServicer):
         which = request.WhichOneof("target")
         if which == "connection":
             name = check_name(request.connection)
-            sent, detail = self._call(lambda now: self.km.terminate(now, name=name))
+            sent, detail = self._pairs(lambda km, now: km.terminate(now, name=name))
         elif which == "ike_sa_id":
             sa_id = request.ike_sa_id
             if sa_id == 0:
                 raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "ike_sa_id 0 names no IKE SA")
-            sent, detail = self._call(lambda now: self.km.terminate(now, ike_sa_id=sa_id))
+            sent, detail = self._pairs(lambda km, now: km.terminate(now, ike_sa_id=sa_id))
         elif which == "child_sa":
             ref = request.child_sa
             if ref.connection or ref.child:
                 name = check_name(ref.connection)
                 child = check_name(ref.child)
-                n, detail = self._call(
-                    lambda now: self.km.terminate_child(now, name=name, child=child)
+                n, detail = self._pairs(
+                    lambda km, now: km.terminate_child(now, name=name, child=child)
                 )
             elif ref.spi_in:
                 spi = ref.spi_in
-                n, detail = self._call(lambda now: self.km.terminate_child(now, spi_in=spi))
+                n, detail = self._pairs(lambda km, now: km.terminate_child(now, spi_in=spi))
             else:
                 raise Abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -255,7 +284,7 @@ class KeyManagerService(pb_grpc.KeyManagerServicer):
         self, request: pb.ListIkeSasRequest, context: grpc.ServicerContext
     ) -> pb.ListIkeSasResponse:
         name = check_name(request.connection, required=False)
-        views = self._call(lambda _now: self.km.ike_sa_views())
+        views = [v for vs in self._all(lambda km, _now: km.ike_sa_views()) for v in vs]
         return pb.ListIkeSasResponse(
             ike_sas=[ike_sa_to_pb(v) for v in views if not name or v.connection == name]
         )
@@ -267,7 +296,8 @@ class KeyManagerService(pb_grpc.KeyManagerServicer):
         name = check_name(request.connection, required=False)
         views = [
             v
-            for v in self._call(lambda _now: self.km.child_sa_views())
+            for vs in self._all(lambda km, _now: km.child_sa_views())
+            for v in vs
             if not name or v.connection == name
         ]
         counters: Counters | None = None
@@ -277,12 +307,15 @@ class KeyManagerService(pb_grpc.KeyManagerServicer):
 
     def _counters(self) -> Counters | None:
         """Per-SA packet and byte counters from the worker, None if it cannot say."""
-        try:
-            sas = self.km.client.list_sas()
-        except grpc.RpcError as e:
-            log.info("worker counters unavailable", extra={"code": str(e.code())})
-            return None
-        return {(s.spi, s.direction): (s.packets, s.bytes) for s in sas}
+        out: Counters = {}
+        for km in self.shards:
+            try:
+                sas = km.client.list_sas()
+            except grpc.RpcError as e:
+                log.info("worker counters unavailable", extra={"code": str(e.code())})
+                return None
+            out.update({(s.spi, s.direction): (s.packets, s.bytes) for s in sas})
+        return out
 
     def WatchEvents(
         self, request: pb.WatchEventsKeymgrRequest, context: grpc.ServicerContext
@@ -307,7 +340,7 @@ class ApiServer:
 
     def __init__(
         self,
-        km: Keymgr,
+        km: Keymgr | Sequence[Keymgr],
         listen: str,
         credentials: grpc.ServerCredentials,
         *,
@@ -334,7 +367,9 @@ class ApiServer:
         self._stopped = False
 
     @classmethod
-    def with_tls(cls, km: Keymgr, listen: str, tls_dir: Path, cert_name: str) -> ApiServer:
+    def with_tls(
+        cls, km: Keymgr | Sequence[Keymgr], listen: str, tls_dir: Path, cert_name: str
+    ) -> ApiServer:
         return cls(km, listen, tls.server_credentials(tls_dir, cert_name))
 
     def start(self) -> None:

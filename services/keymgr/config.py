@@ -61,6 +61,11 @@ lifetimes. ``children`` is a list of objects ``{"name", "local_ts", "remote_ts",
 and inherits the connection's value (top-level ``local_ts`` / ``remote_ts`` then default to the
 first child's). The first child is negotiated in IKE_AUTH, the others with CREATE_CHILD_SA
 (RFC 7296 §1.3.1). Child names are unique within a connection.
+
+``reqid`` (optional, 1..2^32-1) on a connection (its first Child SA) and on ``children`` items
+fixes the reqid that ties a Child SA's SAs to the worker's PROTECT entry (RFC 4301 §4.4.1: the
+SPD entry names its SA bundle); policyd's compiled connections carry theirs. Without one keymgr
+numbers positionally (:func:`connection_reqids`); all reqids must be unique.
 """
 
 from __future__ import annotations
@@ -204,9 +209,11 @@ class ChildConfig:
     rand_time: float | None = None
     rekey_bytes: int | None = None
     rekey_packets: int | None = None
+    reqid: int | None = None  # None: keymgr's positional numbering (connection_reqids)
 
 
 _CHILD_FIELDS = {f.name for f in fields(ChildConfig)}
+_NOT_INHERITED = {"name", "reqid"}  # a child's reqid is its own, never the connection's
 
 
 @dataclass(frozen=True)
@@ -248,11 +255,13 @@ class Connection:
     fragment_size: int = DEFAULT_FRAGMENT_SIZE
     keepalive: float = DEFAULT_KEEPALIVE  # NAT keepalives when we are behind a NAT; 0 = off
     children: tuple[ChildConfig, ...] = field(default=())
+    reqid: int | None = None  # the first Child SA's reqid; None: positional (connection_reqids)
 
     def __post_init__(self) -> None:
         _name(self.name, "connection name")
         w = f"connection {self.name!r}"
         self._check(w)
+        _reqid(self.reqid, f"{w} reqid")
         if not isinstance(self.children, tuple) or not all(
             isinstance(ch, ChildConfig) for ch in self.children
         ):
@@ -265,6 +274,7 @@ class Connection:
             if ch.name in seen:
                 raise ConfigError(f"{w} children[{i}].name: duplicate child name {ch.name!r}")
             seen.add(ch.name)
+            _reqid(ch.reqid, f"{w} children[{i}].reqid")
             if ch.esp_proposals is not None:
                 _proposals(ch.esp_proposals, f"{w} children[{i}].esp_proposals")
             try:
@@ -275,7 +285,9 @@ class Connection:
 
     def _child_view(self, ch: ChildConfig) -> Connection:
         """This connection with child ``ch``'s fields (inherited ones as they are)."""
-        over = {k: getattr(ch, k) for k in _CHILD_FIELDS - {"name"} if getattr(ch, k) is not None}
+        over = {
+            k: getattr(ch, k) for k in _CHILD_FIELDS - _NOT_INHERITED if getattr(ch, k) is not None
+        }
         return replace(self, children=(), **over)
 
     @property
@@ -298,6 +310,7 @@ class Connection:
                     v.child_rand_time,
                     v.rekey_bytes,
                     v.rekey_packets,
+                    ch.reqid,
                 )
             )
         return tuple(out)
@@ -491,6 +504,76 @@ class KeymgrConfig:
         names = [c.name for c in self.connections]
         if len(set(names)) != len(names):
             raise ConfigError("duplicate connection name")
+        connection_reqids(self.connections)  # ConfigError for clashing reqids
+
+    @property
+    def reqids(self) -> dict[str, tuple[int, ...]]:
+        """The reqid of every connection's Child SAs (see :func:`connection_reqids`)."""
+        return connection_reqids(self.connections)
+
+
+MAX_REQID = (1 << 32) - 1
+
+
+def _reqid(value: object, what: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_REQID:
+        raise ConfigError(f"{what} must be an integer in 1..{MAX_REQID} (or left out)")
+
+
+def connection_reqids(connections: Sequence[Connection]) -> dict[str, tuple[int, ...]]:
+    """The reqid of each connection's Child SAs, in ``child_names`` order: the explicit one
+    (``children[i].reqid``; for the first child also the connection's ``reqid``), else keymgr's
+    positional numbering: a connection's first child gets its position + 1, the connection's
+    further children follow all connections, in order. Every reqid must be unique: a clash
+    between explicit reqids, or between an explicit one and the positional number another
+    child gets, raises ConfigError naming both (give the other child an explicit reqid, or
+    pick another value)."""
+    owner: dict[int, str] = {}
+    out: dict[str, tuple[int, ...]] = {}
+
+    def take(reqid: int, who: str) -> int:
+        if reqid in owner:
+            raise ConfigError(
+                f"{who}: reqid {reqid} is also the reqid of {owner[reqid]}; reqids must be "
+                "unique (a child without an explicit reqid gets a positional one: its "
+                "connection's position + 1, further children after all connections)"
+            )
+        owner[reqid] = who
+        return reqid
+
+    explicit: dict[tuple[str, int], int] = {}
+    for c in connections:
+        kids = c.children or (ChildConfig(c.name),)
+        first = kids[0].reqid
+        if c.reqid is not None and first is not None and first != c.reqid:
+            raise ConfigError(
+                f"connection {c.name!r}: reqid {c.reqid} and children[0].reqid {first} differ "
+                "(the first child's reqid is the connection's; give one of them)"
+            )
+        for j, ch in enumerate(kids):
+            value = ch.reqid if ch.reqid is not None else (c.reqid if j == 0 else None)
+            if value is not None:
+                where = "reqid" if j == 0 and ch.reqid is None else f"children[{j}].reqid"
+                explicit[(c.name, j)] = take(value, f"connection {c.name!r} {where}")
+    extra = len(connections)
+    ids: dict[str, list[int]] = {}
+    for i, c in enumerate(connections):
+        lst = ids.setdefault(c.name, [])
+        for j, child in enumerate(c.child_names):
+            if (c.name, j) in explicit:
+                lst.append(explicit[(c.name, j)])
+                continue
+            if j == 0:
+                pos = i + 1
+            else:
+                extra += 1
+                pos = extra
+            lst.append(take(pos, f"connection {c.name!r} child {child!r} (positional)"))
+    for name, lst in ids.items():
+        out[name] = tuple(lst)
+    return out
 
 
 _FIELDS = {
@@ -514,6 +597,7 @@ _FIELDS = {
     "ca_files",
     "crl_files",
     "fragment_size",
+    "reqid",
 }
 _LIFETIME_FIELDS = {
     "rekey_time",
@@ -608,6 +692,7 @@ def connection_from_dict(d: Mapping[str, Any], *, base: pathlib.Path | None = No
         crl_files=crls,
         fragment_size=d.get("fragment_size", DEFAULT_FRAGMENT_SIZE),
         children=children,
+        reqid=d.get("reqid"),
     )
 
 
@@ -685,6 +770,6 @@ def connection_from_spec(spec: ConnectionSpec) -> Connection:
 
 
 def config_from_specs(specs: Sequence[ConnectionSpec]) -> KeymgrConfig:
-    """keymgr's configuration for compiled connections, in order (the reqids the compiled SPD
-    entries carry are the ones keymgr gives them in this order)."""
+    """keymgr's configuration for compiled connections: each Child SA with the explicit reqid
+    the compiler gave it (the one its PROTECT entries carry)."""
     return KeymgrConfig(tuple(connection_from_spec(s) for s in specs))

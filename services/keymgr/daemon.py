@@ -83,6 +83,14 @@ peer may create any configured child (:meth:`InfoSession.configure_children`). E
 has its own reqid, SPD entry (the first child's is keyed by the connection's name, as before),
 SAs, lifetimes and events; the operator can create and delete one child by name.
 
+Reqids come from the configuration (:func:`~services.keymgr.config.connection_reqids`:
+explicit ones, as policyd's compiled connections carry, else positional). Policy mode
+(``policy_mode``, docs/keymgr.md "Policy mode"): the worker's SPD policy layer holds the
+PROTECT entries, so keymgr sends no SPD change at all and only installs SAs under the policy's
+reqids. :meth:`Keymgr.reconfigure` replaces the connections live: removed ones have their IKE
+SAs deleted, added ones start, changed ones both, unchanged ones are not touched. Several
+workers run one Keymgr each (``ike_sa_ids`` keeps the operator's IKE SA IDs apart).
+
 Scope: one IKE SA per connection. Keys are never logged: only SPIs appear in logs.
 """
 
@@ -97,7 +105,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -139,7 +147,7 @@ from services.dataplane.client import (
 )
 from services.dataplane.convert import MAX_BATCH_DELETES, MAX_BATCH_INSTALLS
 from services.keymgr import events as ev
-from services.keymgr.config import Connection
+from services.keymgr.config import ConfigError, Connection, connection_reqids
 from services.keymgr.credentials import authentication
 from services.keymgr.events import ChildSaView, EventBus, IkeSaView, KeyExporter, KeymgrEvent
 from services.keymgr.leases import (
@@ -372,8 +380,14 @@ class Keymgr:
         jitter: Callable[[float], float] | None = None,
         leases: LeaseStore | None = None,
         seq_lease_block: int = DEFAULT_BLOCK,
+        policy_mode: bool = False,
+        ike_sa_ids: tuple[int, int] = (0, 1),
     ) -> None:
         self.client = client
+        # policy mode: the worker's SPD comes from policyd (its policy layer); keymgr never
+        # sends SPD changes, only SAs under the policy's reqids
+        self.policy_mode = policy_mode
+        self.policy_revision = 0  # the policy revision last applied by reconfigure()
         # sequence-number leases of outbound SAs (None: whole sequence space, no durable marks)
         self.leases = leases
         self.seq_lease_block = seq_lease_block
@@ -387,17 +401,18 @@ class Keymgr:
         self.key_export = key_export
         self._exported_ike: set[bytes] = set()  # SPIi | SPIr of IKE SAs whose keys were exported
         self.records: dict[bytes, IkeRecord] = {}  # established IKE SAs, key SPIi | SPIr
-        self._next_id = 0
+        # operator IDs of IKE SAs: base + k * step, so several shards of one process (one per
+        # worker, sharing one API) never hand out the same ID
+        self._next_id, self._id_step = ike_sa_ids
         self.rand = RandomPool()  # SPIs, nonces and DH private keys of new IKE SAs
         # a random delay in [0, x] (rekey jitter, strongSwan's rand_time)
         self.jitter = jitter or (lambda x: random.uniform(0.0, x) if x > 0 else 0.0)  # noqa: S311
         self._ikes: dict[bytes, IkeSaState] = {}  # established IKE SAs by ``key``
         self._wev: queue.Queue[WorkerEvent] = queue.Queue()
         self._events: EventStream | None = None
-        self.sessions = [
-            Session(c, reqid=i + 1) for i, c in enumerate(connections) if not c.responds
-        ]
-        self.responder_conns = [(c, i + 1) for i, c in enumerate(connections) if c.responds]
+        reqids = connection_reqids(connections)  # ConfigError for clashing reqids
+        self.sessions = [Session(c, reqid=reqids[c.name][0]) for c in connections if not c.responds]
+        self.responder_conns = [(c, reqids[c.name][0]) for c in connections if c.responds]
         # keyed by the initiator's IKE SPI (from the IKE header)
         self.responders: dict[bytes, ResponderSession] = {}
         self.half_open_dropped = 0  # IKE_SA_INIT requests refused by the MAX_HALF_OPEN bound
@@ -426,23 +441,21 @@ class Keymgr:
         self._stop = threading.Event()
         self._stream: PuntStream | _Outbox | None = None
         self._spd_revision = 0
-        # (connection, child) -> (reqid, SPD entry key): a connection's first child keeps the
-        # connection's reqid and its name as SPD key; further children follow all of those
+        # (connection, child) -> (reqid, SPD entry key): a connection's first child has the
+        # connection's name as SPD key (reqids: config.connection_reqids)
         self._child_ids: dict[tuple[str, str], tuple[int, str]] = {}
-        extra = len(connections)
-        for i, c in enumerate(connections):
-            for j, child in enumerate(c.child_names):
-                if j == 0:
-                    self._child_ids[(c.name, child)] = (i + 1, c.name)
-                else:
-                    extra += 1
-                    # names are printable: a newline cannot make two keys equal
-                    self._child_ids[(c.name, child)] = (extra, f"{c.name}\n{child}")
+        for c in connections:
+            self._set_child_ids(c, reqids[c.name])
         # installed Child SAs per (IKE SA key SPIi | SPIr, child name)
         self._children: dict[tuple[bytes, str], _Child] = {}
         # Child SAs replaced by a rekey, kept until the peer deletes them (make-before-break)
         self._retiring: dict[tuple[bytes, str], list[tuple[SaConfig, SaConfig]]] = {}
         self.failed = False  # the punt stream broke (worker gone): the caller should exit non-zero
+
+    def _set_child_ids(self, c: Connection, reqids: tuple[int, ...]) -> None:
+        for j, (child, reqid) in enumerate(zip(c.child_names, reqids, strict=True)):
+            # names are printable: a newline cannot make two keys equal
+            self._child_ids[(c.name, child)] = (reqid, c.name if j == 0 else f"{c.name}\n{child}")
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -517,13 +530,7 @@ class Keymgr:
         try:
             now = self.clock()
             for s in self.sessions:
-                if s.conn.start_action == "trap":
-                    self._trap(s, now)
-                else:
-                    self._initiate(s, now)
-                for child in s.conn.child_names[1:]:
-                    if s.conn.child(child).start_action == "trap":
-                        self._trap_child(s, child)
+                self._start(s, now)
             sweep_at = now  # the timers' next sweep (see SWEEP_INTERVAL)
             while not self._stop.is_set():
                 try:
@@ -574,6 +581,16 @@ class Keymgr:
             self._refuse_calls()
 
     # --- sessions ---------------------------------------------------------------------------
+
+    def _start(self, s: Session, now: float) -> None:
+        """Start an initiating connection per its start_action (and its trap children)."""
+        if s.conn.start_action == "trap":
+            self._trap(s, now)
+        else:
+            self._initiate(s, now)
+        for child in s.conn.child_names[1:]:
+            if s.conn.child(child).start_action == "trap":
+                self._trap_child(s, child)
 
     def _wait(self) -> float:
         now = self.clock()
@@ -1764,7 +1781,10 @@ class Keymgr:
                 return
             s.installed = True
             s.held = False
-            s.spd = self._spd.get(s.conn.name)
+            # (policy mode: the policy's entry, which keymgr does not send, keeps dpd hold/trap)
+            s.spd = (
+                connection_spd(s.conn, s.reqid) if self.policy_mode else self._spd.get(s.conn.name)
+            )
             s.spis = {"in": r.child.spi_in.hex(), "out": r.child.spi_out.hex()}
             if ini is not None and ini.info is not None:
                 send = functools.partial(self._send, s)
@@ -2015,7 +2035,7 @@ class Keymgr:
     def _spd_change(self, spd: tuple[str, SpdEntry | None] | None) -> dict[str, SpdEntry] | None:
         """The SPD after setting (withdrawing) a connection's entry; None when unchanged. The
         view includes batches in flight (a refused one restores it, see _finish)."""
-        if spd is None:
+        if spd is None or self.policy_mode:  # policy mode: the policy layer has the entries
             return None
         name, entry = spd
         if entry is None:
@@ -2189,7 +2209,7 @@ class Keymgr:
         if self.key_export is not None:
             self._export_ike(r.spi_i, r.spi_r, r.keys, r.suite)
             self.key_export.child_sas(sas)
-        self._next_id += 1
+        self._next_id += self._id_step
         wall = time.time()
         rec = IkeRecord(
             id=self._next_id,
@@ -2396,6 +2416,110 @@ class Keymgr:
         if aborted:
             detail += f"; {aborted} negotiation(s) abandoned"
         return sent, detail
+
+    # --- live reconfiguration ---------------------------------------------------------------
+
+    def connections(self) -> tuple[Connection, ...]:
+        """The connections keymgr runs now (initiating ones, then responding ones)."""
+        return (*(s.conn for s in self.sessions), *(c for c, _ in self.responder_conns))
+
+    def _reqids(self, c: Connection) -> tuple[int, ...]:
+        return tuple(self._child_ids[(c.name, n)][0] for n in c.child_names)
+
+    def reconfigure(
+        self, connections: Sequence[Connection], now: float, *, revision: int = 0
+    ) -> dict[str, list[str]]:
+        """Replace the running connections by ``connections`` without a restart (main loop
+        only; other threads use :meth:`submit`). Connections are compared by name, full
+        configuration and reqids: a removed one has its IKE SAs deleted (a Delete sent to the
+        peer, its Child SAs removed from the worker) and its state dropped; an added one starts
+        per its start_action (trap: its reqid's ACQUIRE initiates); a changed one is removed,
+        then added. Unchanged connections and their SAs are not touched. ``revision``: the
+        policy revision this configuration comes from (0: none), published with the "config"
+        event. ConfigError (nothing changed) for duplicate names or clashing reqids."""
+        names = [c.name for c in connections]
+        if len(set(names)) != len(names):
+            raise ConfigError("duplicate connection name")
+        reqids = connection_reqids(connections)
+        old = {c.name: (c, self._reqids(c)) for c in self.connections()}
+        new = {c.name: (c, reqids[c.name]) for c in connections}
+        removed = [n for n in old if n not in new]
+        changed = [n for n in old if n in new and old[n] != new[n]]
+        added = [n for n in new if n not in old]
+        for n in removed:
+            self._drop_connection(n, now, "connection removed from the configuration")
+        for n in changed:
+            self._drop_connection(n, now, "connection changed in the configuration")
+        for c in connections:
+            if c.name in added or c.name in changed:
+                self._add_connection(c, reqids[c.name], now)
+        if revision:
+            self.policy_revision = revision
+        out = {"added": added, "removed": removed, "changed": changed}
+        log.info(
+            "configuration applied",
+            extra={"revision": revision, **{k: ",".join(v) for k, v in out.items()}},
+        )
+        parts = [f"{k} {','.join(v)}" for k, v in out.items() if v]
+        self.events.publish(
+            KeymgrEvent(
+                kind=ev.CONFIG,
+                time=time.time(),
+                connection="",
+                reason=f"revision {revision}: " + ("; ".join(parts) or "no change"),
+            )
+        )
+        return out
+
+    def _add_connection(self, c: Connection, reqids: tuple[int, ...], now: float) -> None:
+        self._set_child_ids(c, reqids)
+        if c.responds:
+            self.responder_conns.append((c, reqids[0]))
+            return
+        s = Session(c, reqid=reqids[0])
+        self.sessions.append(s)
+        if self._stream is not None:  # running (else run() starts it)
+            self._start(s, now)
+
+    def _drop_connection(self, name: str, now: float, reason: str) -> None:
+        """Forget connection ``name``: one Delete of each of its IKE SAs to the peer (not
+        retransmitted: the connection is gone, and a peer that misses it finds out by its
+        liveness checks), its Child SAs removed from the worker with their SPD entries (file
+        mode), negotiations abandoned, and every per-connection state dropped."""
+        for rec in [r for r in self.records.values() if r.conn.name == name]:
+            found = self._ike_of(rec)
+            if found is not None and not rec.closing:
+                ike, send = found
+                log.info(
+                    "ike deleting",
+                    extra={"conn": name, "spi_i": rec.spi_i.hex(), "by": "reconfiguration"},
+                )
+                rec.closing = reason
+                send(ike.delete_ike(now))
+        keys = [k for k, st in self._ikes.items() if st.conn.name == name]
+        keys += [k[0] for k, ch in self._children.items() if ch.conn.name == name]
+        for key in dict.fromkeys(keys):
+            self._untrack(key)
+            self._remove_children(key, reason)
+        for rec in [r for r in self.records.values() if r.conn.name == name]:
+            self._down(rec, reason)
+        for s in [s for s in self.sessions if s.conn.name == name]:
+            s.initiator, s.retry_at, s.held, s.want = None, None, False, set()
+            self.sessions.remove(s)
+        self.responder_conns = [(c, r) for c, r in self.responder_conns if c.name != name]
+        for spi in [spi for spi, rs in self.responders.items() if rs.conn.name == name]:
+            del self.responders[spi]
+        for k in [k for k in self._child_ids if k[0] == name]:
+            del self._child_ids[k]
+        self._auth_cache.pop(name, None)
+        self._responder_cfgs.pop(name, None)
+        self.responder_drops.pop(name, None)
+        self.responder_error_answers.pop(name, None)
+        # trap / hold entries without SAs (file mode; policy mode keeps no SPD)
+        for spd_key in [k for k in self._spd if k == name or k.startswith(name + "\n")]:
+            self._apply(
+                None, _on_error("policy withdrawal failed", {"conn": name}), spd=(spd_key, None)
+            )
 
     def _closing_timers(self, now: float) -> None:
         """Retransmit our operator-requested Deletes; give up after TERMINATE_WAIT."""

@@ -45,7 +45,8 @@ CHILD_DOWN = "child_down"
 REKEYED = "rekeyed"
 AUTH_FAILED = "auth_failed"
 NEGOTIATION_FAILED = "negotiation_failed"
-KINDS = (UP, DOWN, CHILD_UP, CHILD_DOWN, REKEYED, AUTH_FAILED, NEGOTIATION_FAILED)
+CONFIG = "config"  # Keymgr.reconfigure applied a configuration (connection "")
+KINDS = (UP, DOWN, CHILD_UP, CHILD_DOWN, REKEYED, AUTH_FAILED, NEGOTIATION_FAILED, CONFIG)
 
 
 @dataclass(frozen=True, slots=True)

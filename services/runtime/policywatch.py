@@ -177,8 +177,8 @@ def spd_entries(policy: Mapping[str, Any]) -> tuple[SpdEntry, ...]:
 
 
 def connection_configs(policy: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """keymgr's JSON configuration objects of the policy's connections, in order (the order
-    that gives the Child SAs the reqids the SPD entries carry)."""
+    """keymgr's JSON configuration objects of the policy's connections, in order, each with
+    the explicit reqids its SPD entries carry."""
     return [dict(c["config"]) for c in policy["connections"]]
 
 

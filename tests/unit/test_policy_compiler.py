@@ -14,10 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.core.policy import (
+    REQID_BASE,
+    REQID_LIMIT,
     CompiledPolicy,
     CompileError,
     NodeContext,
     compile_policy,
+    stable_reqids,
 )
 from services.core.selectors import FlowKey
 from services.core.spd import Action, Spd
@@ -663,7 +666,8 @@ def test_more_children_than_keymgr_allows_are_split_into_connections() -> None:
     assert len({x.name for x in cfg.connections}) == 2
     km = Keymgr(FakeClient(), cfg.connections)  # type: ignore[arg-type]
     ids = [r for s in c.connections for r in s.reqids]
-    assert sorted(ids) == list(range(1, len(ids) + 1))
+    assert len(set(ids)) == len(ids)
+    assert all(REQID_BASE <= r < REQID_LIMIT for r in ids)
     for spec in c.connections:
         for child, reqid in zip(spec.children, spec.reqids, strict=True):
             assert km._child_ids[(spec.name, child.name)][0] == reqid
@@ -899,3 +903,71 @@ def test_any_damaged_document_compiles_or_is_a_compile_error(data: st.DataObject
     except CompileError:
         return
     json.dumps(c.to_dict())
+
+
+def _gateway_rules(names: list[str]) -> dict[str, Any]:
+    """One tunnel rule per name, each to its own peer and its own remote network."""
+    lists = [
+        {"name": f"fl-{n}", "filters": [{"source": "10.1.0.0/24", "destination": f"10.{i}.0.0/24"}]}
+        for i, n in enumerate(names, start=2)
+    ]
+    rules = [
+        {
+            "name": n,
+            "filter_list": f"fl-{n}",
+            "filter_action": "require",
+            "auth_methods": PSK,
+            "tunnel_endpoint": f"192.0.2.{i + 2}",
+        }
+        for i, n in enumerate(names)
+    ]
+    return _doc({"filter_lists": lists, "filter_actions": [REQUIRE], "policies": [_policy(rules)]})
+
+
+def _reqids_by_connection(names: list[str]) -> dict[str, tuple[int, ...]]:
+    c = compile_policy(_gateway_rules(names), 1, NODE)
+    out = {s.name: s.reqids for s in c.connections}
+    # the PROTECT entries carry them, and keymgr's configuration says them explicitly
+    protect = {e.reqid for e in c.entries if e.action is Action.PROTECT}
+    assert protect == {r for ids in out.values() for r in ids}
+    cfg = config_from_specs(c.connections)
+    assert cfg.reqids == out
+    return out
+
+
+def test_reqids_are_stable_when_rules_are_added_or_removed() -> None:
+    base = _reqids_by_connection(["b", "c", "d"])
+    assert len({r for ids in base.values() for r in ids}) == 3
+    # a rule added before the others (it sorts and is listed first) shifts nothing
+    grown = _reqids_by_connection(["a", "b", "c", "d"])
+    assert {k: v for k, v in grown.items() if k in base} == base
+    # removing one leaves the rest alone
+    shrunk = _reqids_by_connection(["b", "d"])
+    assert shrunk == {k: v for k, v in base.items() if k in shrunk}
+    assert all(REQID_BASE <= r < REQID_LIMIT for ids in grown.values() for r in ids)
+
+
+def test_stable_reqids_probe_on_collisions_deterministically() -> None:
+    conns = [(f"c{i}", [f"c{i}", f"c{i}.1"]) for i in range(300)]
+    ids = stable_reqids(conns)
+    flat = [r for v in ids.values() for r in v]
+    assert len(set(flat)) == len(flat) == 600
+    assert stable_reqids(list(reversed(conns))) == ids  # the listed order does not matter
+    # the same function of the names whatever else is there
+    assert stable_reqids([("c7", ["c7", "c7.1"])])["c7"] == ids["c7"]
+
+
+def test_stable_reqids_collision_takes_the_next_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    import services.core.policy as policy
+
+    class Same:
+        def __init__(self, _data: bytes) -> None:
+            pass
+
+        def digest(self) -> bytes:
+            return bytes(32)
+
+    monkeypatch.setattr(policy.hashlib, "sha256", Same)
+    ids = stable_reqids([("b", ["b"]), ("a", ["a", "a.1"])])
+    # every pair hashes alike: (connection, child) name order decides who probes
+    assert ids == {"a": (REQID_BASE, REQID_BASE + 1), "b": (REQID_BASE + 2,)}
