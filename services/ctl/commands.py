@@ -583,7 +583,8 @@ def render_compiled(c: dict[str, Any]) -> str:
         action = e.get("action")
         if action == "protect":
             prot = {50: "esp", 51: "ah"}
-            ps = e.get("protocols") if isinstance(e.get("protocols"), list) else []
+            ps = e.get("protocols")
+            ps = ps if isinstance(ps, list) else []
             action = "protect(" + "+".join(prot.get(p, str(p)) for p in ps) + ")"
             if e.get("accept_clear"):
                 action += " accept-clear"

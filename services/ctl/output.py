@@ -52,5 +52,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def dump(obj: Any, fmt: str) -> str:
     """``obj`` as JSON (indented, sorted as given) or YAML (block style, order kept)."""
     if fmt == "yaml":
-        return yaml.safe_dump(obj, sort_keys=False, allow_unicode=False).rstrip("\n")
+        text: str = yaml.safe_dump(obj, sort_keys=False, allow_unicode=False)
+        return text.rstrip("\n")
     return json.dumps(obj, indent=2, ensure_ascii=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +139,7 @@ class Keymgr:
             )
         except tls.TlsConfigError as e:
             raise UsageError(f"keymgr TLS: {e} (--tls-dir/IPSECCTL_TLS_DIR)") from None
-        self.stub = pb_grpc.KeyManagerStub(self._channel)
+        self.stub = pb_grpc.KeyManagerStub(self._channel)  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
         self._channel.close()
@@ -192,7 +192,7 @@ class Keymgr:
             req = pb.TerminateRequest(connection=connection)
         return self._rpc(lambda: self.stub.Terminate(req, timeout=self.timeout))  # type: ignore[no-any-return]
 
-    def events(self) -> Iterator[pb.KeymgrEvent]:
+    def events(self) -> Generator[pb.KeymgrEvent, None, None]:
         stream = self.stub.WatchEvents(pb.WatchEventsKeymgrRequest())
         try:
             yield from stream
@@ -225,6 +225,6 @@ def sa_dicts(
 
 
 def event_dict(e: pb.KeymgrEvent) -> dict[str, Any]:
-    d = MessageToDict(e, preserving_proto_field_name=True)
+    d: dict[str, Any] = MessageToDict(e, preserving_proto_field_name=True)
     d["kind"] = KIND_NAMES.get(e.kind, str(e.kind)).removeprefix("KEYMGR_EVENT_KIND_").lower()
     return d
