@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import io
 import json
 import os
 import queue
@@ -104,6 +105,7 @@ def policyd(tmp_path: Path) -> Iterator[Policyd]:
 def _hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No settings from the machine: no config files, no IPSECCTL_* variables."""
     monkeypatch.setattr(ctl_config, "CONFIG_FILES", ())
+    monkeypatch.setattr(ctl_config, "DEFAULT_KEYMGR_API", f"unix:{tmp_path / 'no-keymgr'}")
     for k in list(os.environ):
         if k.startswith("IPSECCTL_"):
             monkeypatch.delenv(k)
@@ -163,6 +165,20 @@ def test_apply_twice_then_no_change_and_dry_run(run: Run, tmp_path: Path) -> Non
     res = run.json("policy", "apply", f)
     assert res == {"revision": 1, "changed": False, "changes": []}
     assert run("revision") == 0 and run.out.strip() == "1"
+
+
+def test_apply_from_stdin_and_prune(
+    run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(yaml.safe_dump(DOC).encode())))
+    assert run("policy", "apply", "-") == 0 and "revision 1" in run.out
+    empty = write(tmp_path, "empty.json", {"policies": []})
+    assert run("policy", "apply", empty) == 0 and run.out.strip() == "no change; revision 1"
+    assert run("policy", "apply", empty, "--prune", "--dry-run") == 0
+    assert ["delete", "policy", "gw-a"] in [ln.split() for ln in run.out.splitlines()]
+    assert run("policy", "apply", empty, "--prune") == 0 and "revision 2" in run.out
+    assert run("policy", "list") == 0 and run.out.strip() == "no policies"
+    assert run("policy", "apply", empty, "--if-revision", "1") == 1 and "412" in run.err
 
 
 def test_export_round_trips_and_every_object_is_listed(
