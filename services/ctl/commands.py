@@ -75,6 +75,19 @@ def _rows(items: list[Any], what: str) -> list[dict[str, Any]]:
 # -- policy document: apply, export ------------------------------------------------------------
 
 
+class _AliasFound(Exception):
+    pass
+
+
+class _NoAliasLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML has no stubs here
+    """policyd refuses YAML anchors/aliases ("billion laughs"); so do we, before expanding."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise _AliasFound
+        return super().compose_node(parent, index)
+
+
 def load_policy_file(path: str) -> tuple[bytes, str, dict[str, Any]]:
     """The file's bytes, its content type and its parsed form; malformed input is a
     UsageError that names the file and the line."""
@@ -99,7 +112,7 @@ def load_policy_file(path: str) -> tuple[bytes, str, dict[str, Any]]:
         if is_json:
             doc = json.loads(text)
         else:
-            doc = yaml.safe_load(text)
+            doc = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader
     except json.JSONDecodeError as e:
         raise UsageError(
             f"policy file {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
@@ -111,6 +124,11 @@ def load_policy_file(path: str) -> tuple[bytes, str, dict[str, Any]]:
         raise UsageError(f"policy file {path} is not valid YAML: {problem}{where}") from None
     except RecursionError:
         raise UsageError(f"policy file {path} is nested too deeply") from None
+    except _AliasFound:
+        raise UsageError(
+            f"policy file {path} uses YAML anchors/aliases, which policyd refuses; "
+            "write the values out"
+        ) from None
     if not isinstance(doc, dict):
         raise UsageError(
             f"policy file {path}: expected a document with filter_lists, filter_actions and "

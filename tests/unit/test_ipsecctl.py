@@ -320,6 +320,9 @@ def test_malformed_and_invalid_policy_files(run: Run, tmp_path: Path) -> None:
     badj.write_text('{"filter_lists": [}')
     assert run("policy", "apply", str(badj)) == 2
     assert "not valid JSON" in run.err and "line 1 column 19" in run.err
+    laughs = tmp_path / "laughs.yaml"
+    laughs.write_text("a: &a [x, x, x]\nb: &b [*a, *a, *a]\nc: [*b, *b, *b]\n")
+    assert run("policy", "apply", str(laughs)) == 2 and "anchors/aliases" in run.err
     assert run("policy", "apply", write(tmp_path, "list.json", [1, 2])) == 2
     assert "expected a document" in run.err
     assert run("policy", "apply", str(tmp_path / "missing.yaml")) == 2
