@@ -14,6 +14,7 @@ import http.client
 import json
 import socket
 import ssl
+import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,8 @@ from services.ctl.output import clean
 
 MAX_ANSWER = 64 * 1024 * 1024  # bytes; a 1000-rule document is about 1 MiB
 MAX_PAGES = 10_000
+READ_CHUNK = 1 << 16
+READ_BUDGET = 60.0  # seconds at least for a whole answer
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -139,7 +142,7 @@ class Policyd:
                     "runs and --policyd-url/IPSECCTL_POLICYD_URL"
                 ) from None
             try:
-                data = resp.read(MAX_ANSWER + 1)
+                data = self._read(resp, method, path)
             except TimeoutError:
                 raise ConnectError(
                     f"policyd at {self.url} stopped answering within {self.timeout:g} s"
@@ -156,6 +159,24 @@ class Policyd:
             return Answer(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
         finally:
             conn.close()
+
+    def _read(self, resp: http.client.HTTPResponse, method: str, path: str) -> bytes:
+        """The body, at most MAX_ANSWER + 1 bytes, within a total time budget (a server
+        that trickles bytes cannot hold the client forever)."""
+        deadline = time.monotonic() + max(READ_BUDGET, 4 * self.timeout)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_ANSWER:
+            chunk = resp.read(min(READ_CHUNK, MAX_ANSWER + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if time.monotonic() > deadline:
+                raise ConnectError(
+                    f"policyd at {self.url} sent its answer to {method} {path} too slowly"
+                )
+        return b"".join(chunks)
 
     def call(
         self,

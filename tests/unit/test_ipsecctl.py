@@ -486,6 +486,41 @@ def test_hostile_lists_and_pages(
         srv.server_close()
 
 
+def test_a_trickling_answer_is_cut_off(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rest, "READ_BUDGET", 0.5)
+    monkeypatch.setattr(rest, "READ_CHUNK", 1)
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = lsock.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+            while not stop.is_set():
+                try:
+                    conn.sendall(b" ")
+                except OSError:
+                    return
+                time.sleep(0.05)
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    try:
+        r = Run(capsys, monkeypatch)
+        url = f"http://127.0.0.1:{lsock.getsockname()[1]}"
+        assert r("--policyd-url", url, "--timeout", "0.1", "revision") == 3
+        assert "too slowly" in r.err
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        lsock.close()
+
+
 # --- keymgr -------------------------------------------------------------------------------------
 
 
