@@ -18,7 +18,7 @@ help:
 	@echo "make demo-dataplane - two dataplane workers in two namespaces carrying ESP traffic"
 	@echo "make bench  - benchmarks, written to docs/benchmarks.md"
 	@echo "make proto  - regenerate services/pb from proto/"
-	@echo "make lint   - ruff check + format check, mypy on the core"
+	@echo "make lint   - ruff check + format check, mypy (core, policyd, policywatch, ctl)"
 
 $(APT_STAMP):
 	@if ! command -v tshark >/dev/null || ! command -v iperf3 >/dev/null \

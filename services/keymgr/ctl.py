@@ -1,4 +1,6 @@
-"""``python -m services.keymgr.ctl``: operator command line for keymgr's gRPC API (mutual TLS).
+"""``python -m services.keymgr.ctl``: keymgr's operator command line with its original flags,
+kept as a thin alias of ``ipsecctl sa ...`` (services/ctl/sa.py holds the implementation;
+docs/ipsecctl.md). Operates keymgr's mutual-TLS gRPC API (proto/ipsec/v1/keymgr.proto).
 
 ::
 
@@ -12,32 +14,28 @@
     ... --events                     # print SA events until Ctrl-C (or --count N)
 
 Exit status: 0 on success, 1 when keymgr answered with an error (its status and message are
-printed), 2 on bad usage.
+printed), 2 on bad usage, 3 when keymgr cannot be reached.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import pathlib
 import sys
 from collections.abc import Sequence
 
-import grpc
+from services.ctl.errors import CtlError
+from services.ctl.sa import KIND_NAMES, Keymgr, format_event, format_sas
 
-from services.pb.ipsec.v1 import keymgr_pb2 as pb
-from services.pb.ipsec.v1 import keymgr_pb2_grpc as pb_grpc
-from services.runtime import tls
-
-KIND_NAMES = {v: k for k, v in pb.KeymgrEventKind.items()}
+__all__ = ["KIND_NAMES", "format_event", "format_sas", "main", "parse_args", "run"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(
         prog="python -m services.keymgr.ctl",
-        description="Operate keymgr over its mutual-TLS gRPC API.",
+        description="Operate keymgr over its mutual-TLS gRPC API (also: ipsecctl sa ...).",
     )
     p.add_argument(
         "--api",
@@ -70,116 +68,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _when(t: float) -> str:
-    if not t:
-        return "-"
-    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def format_sas(ike: Sequence[pb.IkeSaInfo], children: Sequence[pb.ChildSaInfo]) -> str:
-    """swanctl-like text for ListIkeSas + ListChildSas."""
-    lines: list[str] = []
-    for s in ike:
-        lines.append(
-            f"{s.connection}: #{s.id}, {s.state.upper()}, IKEv2, {s.spi_i}_i {s.spi_r}_r"
-            + (" (NAT-T)" if s.nat_t else "")
-        )
-        lines.append(
-            f"  local  {s.local_addr}[{s.local_port}]  remote {s.remote_addr}[{s.remote_port}]"
-            f"  role {s.role}"
-        )
-        lines.append(f"  {s.encryption}/{s.integrity}/{s.prf}/{s.dh_group}")
-        if s.established_time:
-            lines.append(f"  established {_when(s.established_time)}")
-        if s.failure_reason:
-            lines.append(f"  failed: {s.failure_reason}")
-        for c in children:
-            if c.ike_sa_id != s.id or not s.id:
-                continue
-            lines.append(
-                f"  {c.name or c.connection}: {c.state.upper()}, {c.mode.upper()}"
-                f"{'-in-UDP' if c.udp_encap else ''}, reqid {c.reqid}, "
-                f"{c.protocol.upper()}:"
-                + "/".join(
-                    x for x in (c.encryption, c.integrity if c.integrity != "NONE" else "") if x
-                )
-            )
-            counters = (
-                f"{c.bytes_in} bytes_i ({c.packets_in} pkts), "
-                f"{c.bytes_out} bytes_o ({c.packets_out} pkts)"
-                if c.counters_known
-                else "counters unavailable"
-            )
-            lines.append(f"    installed {_when(c.install_time)}")
-            lines.append(f"    in  {c.spi_in},  out {c.spi_out}; {counters}")
-            lines.append(f"    local  {' '.join(c.local_ts)}")
-            lines.append(f"    remote {' '.join(c.remote_ts)}")
-    orphans = [c for c in children if c.ike_sa_id not in {s.id for s in ike if s.id}]
-    for c in orphans:
-        lines.append(
-            f"{c.connection}: child {c.name + ' ' if c.name else ''}"
-            f"{c.spi_in}/{c.spi_out} {c.state.upper()}"
-        )
-    return "\n".join(lines) if lines else "no SAs"
-
-
-def format_event(e: pb.KeymgrEvent) -> str:
-    kind = KIND_NAMES.get(e.kind, str(e.kind)).removeprefix("KEYMGR_EVENT_KIND_").lower()
-    parts = [_when(e.time), kind, e.connection]
-    if e.ike_sa_id:
-        parts.append(f"#{e.ike_sa_id}")
-    if e.spi_i:
-        parts.append(f"ike {e.spi_i}_i {e.spi_r}_r")
-    if e.child:
-        parts.append(f"child {e.child}")
-    if e.spi_in:
-        parts.append(f"child in {e.spi_in} out {e.spi_out}")
-    if e.old_spi_in:
-        parts.append(f"replaces in {e.old_spi_in} out {e.old_spi_out}")
-    if e.reason:
-        parts.append(f"- {e.reason}")
-    return " ".join(parts)
-
-
 def run(args: argparse.Namespace) -> int:
-    channel = tls.secure_channel(
-        args.api, args.tls_dir, server_name=args.server_name, client_name=args.client_name
-    )
-    stub = pb_grpc.KeyManagerStub(channel)
-    t = args.timeout
-    try:
+    with Keymgr(
+        args.api,
+        args.tls_dir,
+        server_name=args.server_name,
+        client_name=args.client_name,
+        timeout=args.timeout,
+    ) as km:
         if args.list_sas:
-            ike = stub.ListIkeSas(pb.ListIkeSasRequest(), timeout=t).ike_sas
-            children = stub.ListChildSas(pb.ListChildSasRequest(), timeout=t).child_sas
-            print(format_sas(ike, children))
+            print(format_sas(*km.list()))
         elif args.initiate is not None:
-            req = pb.InitiateRequest(connection=args.initiate, child=args.child)
-            r = stub.Initiate(req, timeout=t)
+            r = km.initiate(args.initiate, args.child)
             print(f"{args.initiate}{'/' + args.child if args.child else ''}: {r.detail}")
-        elif args.terminate is not None and args.child:
-            ref = pb.ChildSaRef(connection=args.terminate, child=args.child)
-            r = stub.Terminate(pb.TerminateRequest(child_sa=ref), timeout=t)
-            print(f"{args.terminate}/{args.child}: {r.detail}")
         elif args.terminate is not None:
-            r = stub.Terminate(pb.TerminateRequest(connection=args.terminate), timeout=t)
-            print(f"{args.terminate}: {r.detail}")
+            r = km.terminate(args.terminate, args.child)
+            print(f"{args.terminate}{'/' + args.child if args.child else ''}: {r.detail}")
         elif args.terminate_id is not None:
-            r = stub.Terminate(pb.TerminateRequest(ike_sa_id=args.terminate_id), timeout=t)
+            r = km.terminate(ike_sa_id=args.terminate_id)
             print(f"#{args.terminate_id}: {r.detail}")
         else:
             seen = 0
-            for e in stub.WatchEvents(pb.WatchEventsKeymgrRequest()):
-                print(format_event(e), flush=True)
-                seen += 1
-                if args.count and seen >= args.count:
-                    break
-    except grpc.RpcError as e:
-        print(f"keymgr: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    finally:
-        channel.close()
+            events = km.events()
+            try:
+                for e in events:
+                    print(format_event(e), flush=True)
+                    seen += 1
+                    if args.count and seen >= args.count:
+                        break
+            except KeyboardInterrupt:
+                pass
+            finally:
+                events.close()
     return 0
 
 
@@ -187,9 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except tls.TlsConfigError as e:
+    except CtlError as e:
         print(f"keymgr ctl: {e}", file=sys.stderr)
-        return 2
+        return e.status
 
 
 if __name__ == "__main__":

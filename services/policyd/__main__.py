@@ -2,7 +2,8 @@
 
 Settings come from flags or ``POLICYD_*`` environment variables (flags win): the database URL
 (SQLite file by default, ``postgresql+psycopg://...`` for PostgreSQL), the tokens file and the
-listen address. The schema is migrated to the newest version at start. With
+listen address (HOST:PORT or a unix socket, ``unix:/PATH``). The schema is migrated to the
+newest version at start. With
 ``--grpc-listen`` (and ``--tls-dir``) the same process serves the policy watch stream
 (gRPC ``ipsec.v1.PolicyWatch`` over mutual TLS) to keymgr and the workers.
 """
@@ -50,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--listen",
         default=env("POLICYD_LISTEN", "127.0.0.1:8080"),
-        help="HOST:PORT to serve on (POLICYD_LISTEN)",
+        help="HOST:PORT or unix:/PATH (a unix socket) to serve on (POLICYD_LISTEN)",
     )
     p.add_argument(
         "--secrets-dir",
@@ -101,9 +102,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level)
+    uds = args.listen.removeprefix("unix:") if args.listen.startswith("unix:") else None
     host, sep, port = args.listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        print(f"--listen: expected HOST:PORT, got {args.listen!r}", file=sys.stderr)
+    if uds is not None:
+        if not uds.startswith("/"):
+            print(f"--listen: expected unix:/ABSOLUTE/PATH, got {args.listen!r}", file=sys.stderr)
+            return 2
+    elif not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        print(f"--listen: expected HOST:PORT or unix:/PATH, got {args.listen!r}", file=sys.stderr)
         return 2
     try:
         tokens = TokenStore.load(Path(args.tokens_file))
@@ -134,12 +140,15 @@ def main(argv: list[str] | None = None) -> int:
         "policyd listening", extra={"listen": args.listen, "db": engine.url.render_as_string()}
     )
     try:
-        uvicorn.run(
-            app,
-            host=host.strip("[]") or "0.0.0.0",  # noqa: S104
-            port=int(port),
-            log_level=args.log_level,
-        )
+        if uds is not None:
+            uvicorn.run(app, uds=uds, log_level=args.log_level)
+        else:
+            uvicorn.run(
+                app,
+                host=host.strip("[]") or "0.0.0.0",  # noqa: S104
+                port=int(port),
+                log_level=args.log_level,
+            )
     finally:
         if grpc_server is not None:
             grpc_server.stop()

@@ -10,7 +10,7 @@ import ipaddress
 import json
 import logging
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from fastapi import Body, Depends, FastAPI, Header, Path, Query, Request, Response
@@ -201,7 +201,7 @@ class _AliasRefused(Exception):
     pass
 
 
-class _NoAliasLoader(yaml.SafeLoader):
+class _NoAliasLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML has no stubs here
     """YAML without anchors/aliases (no 'billion laughs') and only safe types."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
@@ -832,11 +832,14 @@ def _page(items: list[Any], limit: int) -> dict[str, Any]:
     return {"items": items[:limit], "next": nxt}
 
 
-def _tagged(response: Response, out: Any) -> Any:
+_Out = TypeVar("_Out", FilterListOut, FilterActionOut, PolicyOut, RuleOut)
+
+
+def _tagged(response: Response, out: _Out) -> _Out:
     response.headers["ETag"] = etag(out.revision)
     return out
 
 
-def _created(response: Response, location: str, out: Any) -> Any:
+def _created(response: Response, location: str, out: _Out) -> _Out:
     response.headers["Location"] = location
     return _tagged(response, out)

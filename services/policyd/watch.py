@@ -341,7 +341,9 @@ class WatchServer:
             ],
             maximum_concurrent_rpcs=max_streams + 8,
         )
-        pb_grpc.add_PolicyWatchServicer_to_server(self.service, self.server)
+        pb_grpc.add_PolicyWatchServicer_to_server(  # type: ignore[no-untyped-call]
+            self.service, self.server
+        )
         self._unix_path: Path | None = None
         if listen.startswith("unix:"):
             path = Path(listen[5:].removeprefix("//"))

@@ -356,7 +356,7 @@ class PolicyWatcher:
 
     def _watch(self, channel: grpc.Channel) -> bool:
         """One stream; True when it got at least one update or was current."""
-        stub = pb_grpc.PolicyWatchStub(channel)
+        stub = pb_grpc.PolicyWatchStub(channel)  # type: ignore[no-untyped-call]
         have = self.state
         req = pb.WatchRequest(
             node=self.node,
