@@ -49,6 +49,7 @@ from typing import Any
 
 from scripts import bench_strongswan as bsw
 from services.dataplane.client import DataplaneClient
+from services.dataplane.convert import WorkerStats
 from services.dataplane.lab import ns_tcp_sha256
 from services.runtime import devpki
 
@@ -463,6 +464,12 @@ class Demo:
             "keymgr API socket", lambda: self._exited("keymgr") or self.sock("keymgr").exists(), 30
         )
 
+    def stats(self, node: str) -> WorkerStats:
+        with DataplaneClient(
+            f"unix:{self.sock(node)}", self.pki, server_name="dataplane", client_name="keymgr"
+        ) as c:
+            return c.stats()
+
     def enforced(self) -> dict[tuple[str, str], tuple[int, str]]:
         """(node, component) -> (revision it reports enforcing, when it reported)."""
         items = self.rest("GET", "/v1/enforced")["enforced"]
@@ -728,14 +735,19 @@ def run_demo(d: Demo) -> list[Check]:
 
     _say("[4/7] first traffic: the worker's ACQUIRE makes keymgr negotiate with strongSwan")
     with d.capture("b", "wan0", "tunnel-a1") as pcap:
-        for g in GATEWAYS:
-            d.ping(f"h{g.name}", B_HOST, count=2)  # the first packets trigger ACQUIRE
+        t0 = time.monotonic()
+        first = {g.name: d.ping(f"h{g.name}", B_HOST, count=2) for g in GATEWAYS}
         for g in GATEWAYS:
             _wait(
                 f"tunnel {g.name} installed on strongSwan",
                 lambda g=g: "INSTALLED" in d.swanctl("--list-sas", "--child", g.name),  # type: ignore[misc]
                 30,
             )
+        up = time.monotonic() - t0
+        _say(
+            f"      both tunnels up {up:.1f} s after the first packet (replies to the first two "
+            f"pings while negotiating: {', '.join(f'{k} {v}/2' for k, v in first.items())})"
+        )
         got = {g.name: d.ping(f"h{g.name}", B_HOST, count=5) for g in GATEWAYS}
         sha_a, sha_b, n = ns_tcp_sha256(
             d.ns(f"h{g1.name}"), g1.host, d.ns("hb"), B_HOST, nbytes=1 << 20
@@ -792,15 +804,17 @@ def run_demo(d: Demo) -> list[Check]:
             got_ex == 3 and clear_ex >= 6,
         )
     )
+    before = d.stats(g1.name).inbound_filter.get("require", 0)
     with d.capture(g1.name, "wan0", "require-a1") as pcap:
         got_rq = d.ping("b", g1.host, count=3, src="10.2.0.1")
     arrived = d.packets(pcap, f"icmp and ip.src == 10.2.0.1 and ip.dst == {g1.host}")
+    dropped = d.stats(g1.name).inbound_filter.get("require", 0) - before
     checks.append(
         Check(
             f"clear ping 10.2.0.1 -> h{g1.name}",
-            "dropped (require security)",
-            f"{arrived} arrived clear, {got_rq}/3 replies",
-            arrived == 3 and got_rq == 0,
+            "dropped at a1 (require security)",
+            f"{arrived} arrived clear, {dropped} dropped by a1, {got_rq}/3 replies",
+            arrived == 3 and dropped == 3 and got_rq == 0,
         )
     )
 
@@ -847,14 +861,21 @@ def run_demo(d: Demo) -> list[Check]:
         _say(d.ipsecctl(*args).rstrip())
     rows = []
     for g in GATEWAYS:
-        with DataplaneClient(
-            f"unix:{d.sock(g.name)}", d.pki, server_name="dataplane", client_name="keymgr"
-        ) as c:
-            st = c.stats()
+        st = d.stats(g.name)
         drops = ", ".join(f"{k} {v}" for k, v in sorted(st.drops.items()) if v) or "-"
-        rows.append((g.name, st.sa_count, st.tx_packets, st.rx_packets, st.bypass_packets, drops))
+        inbound = ", ".join(f"{k} {v}" for k, v in sorted(st.inbound_filter.items()) if v)
+        rows.append(
+            (g.name, st.policy_revision, st.sa_count, st.tx_packets, st.rx_packets,
+             st.bypass_packets, drops, inbound or "-")
+        )  # fmt: skip
     _say("$ worker counters (GetStats)")
-    _say(_table(["worker", "SAs", "ESP out", "ESP in", "clear (permit)", "drops"], rows))
+    _say(
+        _table(
+            ["worker", "policy rev", "SAs", "ESP out", "ESP in", "clear out (permit)",
+             "dropped out", "inbound clear filter"],
+            rows,
+        )
+    )  # fmt: skip
     return checks
 
 
