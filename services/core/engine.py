@@ -326,8 +326,16 @@ class Dataplane:
         revision: int,
     ) -> None:
         """Rank the layers (keymgr first) into the enforced SPD; the flow cache, SA bundle
-        cache and ACQUIRE limiter start afresh. Both layers are checked already, and their
-        ids cannot collide."""
+        cache and ACQUIRE limiter start afresh. Both layers are checked already; their ids
+        collide only if keymgr uses ids from POLICY_ID_BASE up (refused then)."""
+        if policy_merged and any(e.policy_id >= POLICY_ID_BASE for e in keymgr):
+            taken = {e.policy_id for e in policy_merged}
+            for e in keymgr:
+                if e.policy_id in taken:
+                    raise ValueError(
+                        f"policy_id {e.policy_id} is the policy layer's; keymgr's SPD entries "
+                        f"need ids below {POLICY_ID_BASE} while a policy is enforced"
+                    )
         self.spd.replace(keymgr + policy_merged, revision, in_order=True, checked=True)
         self.keymgr_entries = keymgr
         self.policy_entries = policy

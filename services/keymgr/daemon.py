@@ -1439,6 +1439,11 @@ class Keymgr:
 
             self._apply(None, done, spd=(s.conn.name, s.spd))
 
+    @property
+    def _trap_msg(self) -> str:
+        # policy mode: the worker's policy layer has the PROTECT entry, keymgr installs nothing
+        return "trap waiting for acquire" if self.policy_mode else "trap installed"
+
     def _trap(self, s: Session, now: float) -> None:
         """start_action trap: install the connection's PROTECT entry without SAs; the first
         matching packet makes the worker report an ACQUIRE, which initiates (_worker_events)."""
@@ -1451,7 +1456,7 @@ class Keymgr:
                 s.held = False
                 s.retry_at = now + RETRY_AFTER_FAILURE  # then like start_action start
                 return
-            log.info("trap installed", extra={"conn": s.conn.name, "reqid": s.reqid})
+            log.info(self._trap_msg, extra={"conn": s.conn.name, "reqid": s.reqid})
 
         self._apply(None, done, spd=(s.conn.name, s.spd))
 
@@ -1466,7 +1471,7 @@ class Keymgr:
             if err is not None:
                 _log_failure("trap policy install failed", extra, err)
                 return
-            log.info("trap installed", extra=extra)
+            log.info(self._trap_msg, extra=extra)
 
         self._apply(None, done, spd=(spd_key, spd))
 

@@ -222,3 +222,15 @@ def test_policy_entries_with_out_of_range_selectors_are_refused() -> None:
         with pytest.raises(ValueError, match="policy 1"):
             dp.replace_policy([SpdEntry(1, 1, Action.BYPASS, sel)], 1)
     assert dp.spd.entries == () and dp.policy_revision == 0
+
+
+def test_colliding_ids_between_the_layers_are_refused() -> None:
+    dp = Dataplane()
+    dp.replace_spd([entry(POLICY_ID_BASE + 1, Action.BYPASS, "10.1.0.0/16", "10.9.0.0/16")], 1)
+    with pytest.raises(ValueError, match="policy layer"):
+        dp.replace_policy([entry(1, Action.DISCARD, "10.1.0.0/16", "10.2.0.0/16")], 1)
+    assert dp.policy_revision == 0 and len(dp.spd.entries) == 1
+    dp.replace_policy([entry(2, Action.DISCARD, "10.1.0.0/16", "10.2.0.0/16")], 1)
+    with pytest.raises(ValueError, match="below"):
+        dp.replace_spd([entry(POLICY_ID_BASE + 2, Action.BYPASS, "10.1.0.0/16", "0.0.0.0/0")], 2)
+    assert dp.spd.revision == 1 and len(dp.spd.entries) == 2
