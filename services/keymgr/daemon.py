@@ -656,10 +656,17 @@ class Keymgr:
             if _matches(d, c):
                 self._respond(c, reqid, d, now)
                 return
+        if self.responders and self._peer_ike_sa(d, now):
+            return
         for s in self.sessions:
             c = s.conn
             if not _matches(d, c):
                 continue
+            if _is_sa_init_request(d):
+                # the peer initiates (its traffic came first, or both sides' traps fired): a
+                # start/trap connection answers like a responder one, as strongSwan does
+                self._respond(c, s.reqid, d, now)
+                return
             ini = s.initiator
             if ini is not None and ini.state is State.ESTABLISHED:
                 self._established_datagram(s, ini, d, now)
@@ -683,6 +690,19 @@ class Keymgr:
             self._check(s, now)
             return
         log.debug("IKE datagram for no connection", extra={"remote": d.remote_addr})
+
+    def _peer_ike_sa(self, d: IkeDatagram, now: float) -> bool:
+        """A datagram of an IKE SA that the peer initiated towards one of our start/trap
+        connections (answered with :meth:`_respond`); True when it was handled."""
+        try:
+            hdr = decode_header(d.data)
+        except IkeDecodeError:
+            return False
+        rs = self.responders.get(hdr.spi_i)
+        if rs is None or rs.conn.responds or not _matches(d, rs.conn):
+            return False
+        self._respond(rs.conn, rs.reqid, d, now)
+        return True
 
     # --- responder role --------------------------------------------------------------------
 
@@ -2696,6 +2716,21 @@ def _same_addr(a: str, b: str) -> bool:
         return ipaddress.ip_address(a) == ipaddress.ip_address(b)
     except ValueError:
         return False
+
+
+def _is_sa_init_request(d: IkeDatagram) -> bool:
+    """An IKE_SA_INIT request (RFC 7296 §1.2): message ID 0, Initiator flag, no SPIr."""
+    try:
+        hdr = decode_header(d.data)
+    except IkeDecodeError:
+        return False
+    return (
+        hdr.exchange_type == ExchangeType.IKE_SA_INIT
+        and hdr.initiator
+        and not hdr.response
+        and hdr.message_id == 0
+        and not any(hdr.spi_r)
+    )
 
 
 def _matches(d: IkeDatagram, c: Connection) -> bool:

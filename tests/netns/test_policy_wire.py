@@ -125,9 +125,11 @@ class PolicyLab:
             _run(["ip", "-n", d.ns(n), "addr", "add", f"{site}/32", "dev", "lo"])
         _run(["ip", "-n", d.ns("a"), "link", "add", "wan0", "type", "veth", "peer", "name",
               "wan0", "netns", d.ns("b")])  # fmt: skip
-        for n, out in (("a", A_OUT), ("b", B_OUT)):
+        for n, out, peer_site, peer in (("a", A_OUT, B_SITE, B_OUT), ("b", B_OUT, A_SITE, A_OUT)):
             _run(["ip", "-n", d.ns(n), "addr", "add", f"{out}/24", "dev", "wan0"])
             _run(["ip", "-n", d.ns(n), "link", "set", "wan0", "up"])
+            # what the worker sends in clear (permit) leaves through the main table
+            _run(["ip", "-n", d.ns(n), "route", "add", f"{peer_site}/32", "via", peer])
         devpki.create(d.pki, ["policyd", "dataplane", "keymgr", "admin"])
         (d.workdir / "secrets").mkdir(mode=0o700)
         (d.workdir / "secrets" / PSK_REF).write_text(d.psk)
