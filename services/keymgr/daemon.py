@@ -358,6 +358,7 @@ class ResponderSession:
     installed: bool = False
     installing: bool = False  # the Child SA's ApplySAs is in flight (IKE_AUTH response held)
     port: int = IKE_PORT  # the UDP port IKE uses (500, or 4500 after the initiator floated)
+    dropped: bool = False  # its connection was removed by reconfigure()
 
 
 class Keymgr:
@@ -889,6 +890,8 @@ class Keymgr:
                 # RFC 7296 §1.2 as strongSwan does it: our SAs are in the worker before the
                 # peer learns that the Child SA exists, so its first ESP packet finds them
                 rs.installing = False
+                if rs.dropped:  # its connection was removed meanwhile (reconfigure)
+                    return
                 if not ok:
                     if self.responders.get(spi_i) is rs:
                         del self.responders[spi_i]
@@ -2521,16 +2524,23 @@ class Keymgr:
                 )
                 rec.closing = reason
                 send(ike.delete_ike(now))
+        # abandoned first: an install in flight that finishes while its removal waits for it
+        # (_settle) must neither answer the peer nor track the IKE SA
+        for rs in self.responders.values():
+            if rs.conn.name == name:
+                rs.dropped = True
+        for s in [s for s in self.sessions if s.conn.name == name]:
+            s.initiator, s.retry_at, s.held, s.want = None, None, False, set()
+            self.sessions.remove(s)
         keys = [k for k, st in self._ikes.items() if st.conn.name == name]
         keys += [k[0] for k, ch in self._children.items() if ch.conn.name == name]
         for key in dict.fromkeys(keys):
             self._untrack(key)
             self._remove_children(key, reason)
+        for key in [k for k, st in self._ikes.items() if st.conn.name == name]:
+            self._untrack(key)
         for rec in [r for r in self.records.values() if r.conn.name == name]:
             self._down(rec, reason)
-        for s in [s for s in self.sessions if s.conn.name == name]:
-            s.initiator, s.retry_at, s.held, s.want = None, None, False, set()
-            self.sessions.remove(s)
         self.responder_conns = [(c, r) for c, r in self.responder_conns if c.name != name]
         for spi in [spi for spi, rs in self.responders.items() if rs.conn.name == name]:
             del self.responders[spi]

@@ -10,8 +10,10 @@ policy's reqids) with ReplaceSPD itself; keymgr in policy mode never sends SPD c
 Steps: a tunnel policy (template ``tunnel``, PSK by reference) over REST -> keymgr enforces
 its revision (policyd's GET /v1/enforced) and waits (trap) -> ping triggers the worker's
 ACQUIRE -> tunnel up -> an unrelated rule is added over REST -> keymgr reports the new revision
-and the tunnel keeps its SPIs (worker and charon) and passes traffic -> the tunnel policy is
-deleted -> keymgr deletes the IKE SA: charon shows none and the worker holds no SA.
+and the tunnel keeps its SPIs (worker and charon) and passes traffic -> keymgr restarts while
+policyd is down: it enforces its saved revision and traffic brings the tunnel up again ->
+policyd back: keymgr reports the revision again -> the tunnel policy is deleted -> keymgr
+deletes the IKE SA: charon shows none and the worker holds no SA.
 """
 
 from __future__ import annotations
@@ -81,8 +83,15 @@ class PolicyLab(KeymgrLab):
         argv += ["--listen", f"127.0.0.1:{port}", "--secrets-dir", str(self.secrets)]
         argv += ["--grpc-listen", f"unix:{self.watch_sock}", "--tls-dir", str(self.pki)]
         argv += ["--tls-cert-name", POLICYD, "--revision-poll", "0.2", "--log-level", "info"]
-        env = {**_env(), "POLICYD_TOKENS_FILE": str(tokens)}
-        with (self.workdir / "policyd.log").open("wb") as out:
+        self._policyd_cmd = (argv, {**_env(), "POLICYD_TOKENS_FILE": str(tokens)})
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10, headers=ADMIN)
+        self.restart_policyd()
+        return self.http
+
+    def restart_policyd(self) -> None:
+        """Start policyd (again: same database, sockets and port)."""
+        argv, env = self._policyd_cmd
+        with (self.workdir / "policyd.log").open("ab") as out:
             self.policyd = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -93,16 +102,19 @@ class PolicyLab(KeymgrLab):
                 start_new_session=True,
             )
         self.bench.procs.append(self.policyd)
-        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10, headers=ADMIN)
 
         def up() -> bool:
             assert self.policyd is not None and self.policyd.poll() is None, self.log("policyd.log")
             with contextlib.suppress(httpx.HTTPError):
-                return http.get("/healthz").status_code == 200
+                return self.http.get("/healthz").status_code == 200
             return False
 
         _wait(up, "policyd did not start")
-        return http
+
+    def stop_policyd(self) -> None:
+        assert self.policyd is not None
+        self.policyd.send_signal(signal.SIGKILL)
+        self.policyd.wait(timeout=10)
 
     def start_policy_keymgr(self) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "services.keymgr", "--policyd", f"unix:{self.watch_sock}"]
@@ -182,7 +194,9 @@ def test_keymgr_follows_policyd_and_live_changes_keep_the_tunnel(plab: PolicyLab
     def enforced(rev: int) -> Callable[[], bool]:
         def check() -> bool:
             assert keymgr.poll() is None, f"keymgr exited\n{plab.logs()}"
-            return _enforced(http) == rev
+            with contextlib.suppress(httpx.HTTPError):
+                return _enforced(http) == rev
+            return False
 
         return check
 
@@ -219,6 +233,27 @@ def test_keymgr_follows_policyd_and_live_changes_keep_the_tunnel(plab: PolicyLab
     assert "ESTABLISHED" in sas_b2 and all(f"{spi:08x}" in sas_b2 for spi in spis), sas_b2
     log_text = plab.log("keymgr.log", 600)
     assert "ike deleting" not in log_text, log_text
+
+    # keymgr restarts while policyd is down: it enforces its saved revision, and traffic
+    # brings the tunnel up again without policyd
+    keymgr.send_signal(signal.SIGTERM)
+    assert keymgr.wait(timeout=15) == 0, plab.logs()
+    plab.stop_policyd()
+    _wait(lambda: not _spis(plab), f"keymgr left SAs behind\n{plab.logs()}")
+    keymgr = plab.start_policy_keymgr()
+    ok = False
+    deadline = time.monotonic() + 20
+    while not ok and time.monotonic() < deadline:
+        assert keymgr.poll() is None, f"keymgr exited\n{plab.logs()}"
+        ok = plab.ping().returncode == 0
+    assert ok, plab.logs()
+    log_text = plab.log("keymgr.log", 800)
+    assert f'"msg":"saved policy loaded","revision":{rev2}' in log_text, log_text
+    spis = _spis(plab)
+    assert len(spis) == 2
+    plab.restart_policyd()
+    _wait(enforced(rev2), f"keymgr did not report {rev2} again\n{plab.logs()}", timeout=40)
+    assert _spis(plab) == spis
 
     # the tunnel's policy goes: keymgr deletes its IKE SA
     r = http.delete("/v1/policies/gw", headers={**ADMIN, "If-Match": "*"})

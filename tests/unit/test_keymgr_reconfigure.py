@@ -15,6 +15,9 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import secrets
+import threading
+from concurrent.futures import Future
+from typing import Any
 
 import pytest
 
@@ -23,12 +26,12 @@ from services.core.ike.constants import ExchangeType
 from services.core.ike.exchange import State
 from services.core.ike.message import decode_header
 from services.core.ike.responder import Ikev2Responder, ResponderConfig, ResponderState
-from services.dataplane.client import IkeDatagram, WorkerEvent
+from services.dataplane.client import ApplyFuture, IkeDatagram, WorkerEvent
 from services.keymgr import events as ev
 from services.keymgr.config import ConfigError, Connection
 from services.keymgr.daemon import Keymgr
 from tests.unit.test_keymgr_lifecycle import DeletingClient
-from tests.unit.test_keymgr_responder import NET_A, NET_B, A, B, FakeStream
+from tests.unit.test_keymgr_responder import NET_A, NET_B, A, B, FakeStream, _initiator
 
 ACQ = Acquire(1, 1 << 20, b"\xc6\x33\x64\x01", b"\xcb\x00\x71\x01", 1, 0, 0)
 C = "192.0.2.3"  # the address of connections that are only trapped (nobody answers there)
@@ -219,3 +222,58 @@ def test_policy_mode_sends_no_spd_changes(tmp_path: pathlib.Path) -> None:
     km.reconfigure((lab.d,), t, revision=4)
     assert client.spd == [] and all(spd is None for _, _, spd in client.applies)
     assert km._spd == {} and km.policy_revision == 4
+
+
+class DeferredClient(DeletingClient):
+    """Answers ApplySAs only when the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[Future[Any]] = []
+
+    def apply_sas_async(self, install: Any = (), delete: Any = (), spd: Any = None) -> ApplyFuture:
+        self.applies.append((list(install), list(delete), spd))
+        for ref in delete:
+            self.delete_sa(*ref)
+        for cfg in install:
+            self.install_sa(cfg)
+        fut: Future[Any] = Future()
+        self.waiting.append(fut)
+        return ApplyFuture(fut)
+
+    def answer_soon(self) -> None:
+        """Answer every call in flight from another thread (keymgr waits for them)."""
+
+        def answer() -> None:
+            for fut in self.waiting:
+                fut.set_result(None)
+
+        threading.Timer(0.2, answer).start()
+
+
+def test_responder_removed_while_its_install_is_in_flight(tmp_path: pathlib.Path) -> None:
+    psk = secrets.token_bytes(32)
+    f = tmp_path / "psk"
+    f.write_bytes(b"0x" + psk.hex().encode())
+    conn = Connection("r", A, B, f, NET_A, NET_B, remote_id=B, start_action="respond")
+    client = DeferredClient()
+    km = Keymgr(client, (conn,))  # type: ignore[arg-type]
+    stream = FakeStream()
+    km._stream = stream  # type: ignore[assignment]
+    ini = _initiator(psk)
+    (init,) = ini.start(0.0)
+    km._dispatch(IkeDatagram(A, 500, B, 500, init), 0.0)
+    (resp,) = [d.data for d in stream.sent]
+    (auth,) = ini.receive(resp, 0.0)
+    km._dispatch(IkeDatagram(A, 500, B, 500, auth), 0.0)
+    assert len(client.sas) == 2 and len(stream.sent) == 1  # IKE_AUTH response held
+    client.answer_soon()
+    km.reconfigure((), 0.5)  # the removal waits for the install in flight
+    for fut in client.waiting:
+        if not fut.done():
+            fut.set_result(None)  # the removals
+    km._settle_all()
+    # the held response never leaves, nothing is tracked, the SAs are removed again
+    assert len(stream.sent) == 1 and km._ikes == {} and km.responders == {}
+    assert sorted(x[0] for x in client.deleted) == sorted(sa.spi for sa in client.sas)
+    assert km._children == {} and km.records == {}
