@@ -343,6 +343,7 @@ class FilterSync:
         self._turn = 0
         self.reloads = 0
         self.errors = 0
+        self._lock = threading.Lock()  # sync() runs on the follower thread and the watcher's
 
     def start(self) -> None:
         """Remove a stale table, load the filter for the current SPD (raises NftError when
@@ -354,12 +355,13 @@ class FilterSync:
 
     def sync(self, *, force: bool = False) -> bool:
         """Reload when the SPD changed; True when a reload happened."""
-        entries = self._entries()
-        if not force and entries is self._applied:
-            return False
-        self.runner.apply(ruleset(entries, self.cfg))
-        self._applied = entries
-        self.reloads += 1
+        with self._lock:
+            entries = self._entries()
+            if not force and entries is self._applied:
+                return False
+            self.runner.apply(ruleset(entries, self.cfg))
+            self._applied = entries
+            self.reloads += 1
         log.info("inbound filter loaded", extra={"table": self.cfg.table, "entries": len(entries)})
         return True
 

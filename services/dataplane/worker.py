@@ -62,6 +62,7 @@ from services.runtime.logging import describe_exception
 from services.runtime.policywatch import PolicyState, spd_entries
 
 if TYPE_CHECKING:
+    from services.dataplane.nftfilter import FilterSync
     from services.runtime.policywatch import PolicyWatcher
 
 log = logging.getLogger("services.dataplane.worker")
@@ -857,11 +858,15 @@ class PolicyStateError(RuntimeError):
     log_safe = True
 
 
-def policy_updater(host: EngineHost) -> Callable[[PolicyState], None]:
+def policy_updater(
+    host: EngineHost, after: Callable[[], object] | None = None
+) -> Callable[[PolicyState], None]:
     """The PolicyWatcher callback: replace the engine's policy layer with a new revision under
-    the engine lock. A policy the engine cannot hold (malformed entry, revision going back)
-    raises ValueError: nothing changes, the revision is not reported as enforced, and the
-    reason is logged here."""
+    the engine lock, then run ``after`` (the inbound filter's reload), so the revision is
+    reported as enforced only once both directions enforce it. A policy the engine cannot hold
+    (malformed entry, revision going back) raises ValueError: nothing changes, the revision is
+    not reported as enforced, and the reason is logged here; an ``after`` that raises also
+    keeps the revision unreported (the watcher retries it)."""
 
     def on_update(state: PolicyState) -> None:
         try:
@@ -874,6 +879,8 @@ def policy_updater(host: EngineHost) -> Callable[[PolicyState], None]:
                 extra={"revision": state.revision, "reason": str(e)[:300]},
             )
             raise
+        if after is not None:
+            after()
         log.info(
             "policy enforced",
             extra={"revision": state.revision, "entries": len(entries)},
@@ -892,6 +899,12 @@ class Worker:
         self.settings = settings
         self._stop = threading.Event()
         self.watcher: PolicyWatcher | None = None
+        self._filter: FilterSync | None = None
+
+    def _sync_filter(self) -> None:
+        """Load the inbound filter for the SPD just replaced (once the filter runs)."""
+        if self._filter is not None:
+            self._filter.sync()
 
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
         if signum is not None:
@@ -917,7 +930,7 @@ class Worker:
             component=s.worker_id,
             addresses=s.local_address,
             state_file=s.policy_state_file,
-            on_update=policy_updater(host),
+            on_update=policy_updater(host, after=self._sync_filter),
             backoff=(min(0.5, s.policyd_retry_max), s.policyd_retry_max),
         )
         try:
@@ -962,6 +975,7 @@ class Worker:
         )
         cleanup.append(("inbound-filter", sync.stop))  # also removes a half-loaded table
         sync.start()
+        self._filter = sync
 
     def run(self) -> int:
         from services.dataplane import grpc_api, metrics, tun  # they import this module

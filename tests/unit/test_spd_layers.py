@@ -234,3 +234,19 @@ def test_colliding_ids_between_the_layers_are_refused() -> None:
     with pytest.raises(ValueError, match="below"):
         dp.replace_spd([entry(POLICY_ID_BASE + 2, Action.BYPASS, "10.1.0.0/16", "0.0.0.0/0")], 2)
     assert dp.spd.revision == 1 and len(dp.spd.entries) == 2
+
+
+def test_policy_updater_reloads_the_inbound_filter_before_the_revision_counts() -> None:
+    """The watcher reports a revision once on_update returned: the inbound filter must be
+    loaded by then (``after``), and a failed load must make on_update fail."""
+    host = EngineHost("w")
+    seen: list[int] = []
+    update = policy_updater(host, after=lambda: seen.append(host.engine.policy_revision))
+    update(_policy(4, [_entry_json(1, "bypass")]))
+    assert seen == [4]
+
+    def broken() -> None:
+        raise RuntimeError("nft failed")
+
+    with pytest.raises(RuntimeError):
+        policy_updater(host, after=broken)(_policy(5, [_entry_json(1, "bypass")]))
