@@ -213,7 +213,8 @@ def flow_key_general(pkt: bytes | memoryview) -> tuple[int, bytes, bytes, int, i
     if not info.fragment and info.l4_offset + 4 <= info.length:
         if info.proto in _PORT_PROTOS:
             sport, dport = _PORTS.unpack_from(pkt, info.l4_offset)
-        elif info.proto in (IpProto.ICMP, IpProto.ICMPV6):
+        elif info.proto == (IpProto.ICMP if info.version == 4 else IpProto.ICMPV6):
+            # type and code of the version's own ICMP (ICMPv6 inside IPv4 is just a protocol)
             sport, dport = pkt[info.l4_offset], pkt[info.l4_offset + 1]
     return info.version, info.src, info.dst, info.proto, sport, dport
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.all import ICMP, IP, TCP, UDP, IPv6, IPv6ExtHdrHopByHop, Raw
@@ -51,3 +52,14 @@ def test_fast_path_matches_on_length_and_protocol_variants(
     pkt = bytes(hdr) + body
     pkt = pkt[:2] + total.to_bytes(2, "big") + pkt[4:]
     _same(pkt)
+
+
+@pytest.mark.parametrize(("version", "proto"), [(4, 58), (6, 1)])
+def test_the_other_versions_icmp_has_no_type_and_code(version: int, proto: int) -> None:
+    """ICMPv6 inside IPv4 (and ICMP inside IPv6) is only a protocol number: both paths give
+    ports 0 (hypothesis once found the general walk reading its type and code)."""
+    if version == 4:
+        pkt = bytes(IP(src="192.0.2.1", dst="192.0.2.2", proto=proto)) + b"\x01\x02\x03\x04"
+    else:
+        pkt = bytes(IPv6(src="2001:db8::1", dst="2001:db8::2", nh=proto)) + b"\x01\x02\x03\x04"
+    assert flow_key(pkt)[3:] == flow_key_general(pkt)[3:] == (proto, 0, 0)
