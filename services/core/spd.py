@@ -5,23 +5,34 @@ The first matching entry is found through an index instead of a scan over the en
 cost of a decision does not grow with the number of entries; decisions are also kept in a
 bounded per-flow cache.
 
-Index. Entries are ranked by (priority, position). Per IP version, they are grouped by the
-length of their destination prefix (one dict per length, keyed by the masked destination),
-then, under each destination prefix, by the length of their source prefix (one dict per
-length, keyed by the masked source). A leaf holds the entries sharing both prefixes in rank
-order; a large leaf is split by (protocol, single destination port), by protocol alone and
-"any protocol", so that port-specific rules between the same two prefixes are not scanned
-one by one. A lookup probes one dict per destination-prefix length present, and under each
-hit one dict per source-prefix length present there, and keeps the lowest rank that matches;
-groups whose lowest rank cannot beat the best match so far are skipped. The number of probes
-depends on how many distinct prefix lengths the policy uses (at most 33 x 33 for IPv4), not
-on how many entries it has. Entries whose two prefixes are of different versions can never
-match a flow key (both addresses of a key have the same version) and are left out; a key whose
-address lengths do not fit its version is answered by a plain scan.
+Index. Entries are ranked by (priority, position). Per IP version, they are grouped by their
+pair of (destination, source) prefix lengths, one dict per pair keyed by both masked addresses.
+A leaf holds the entries sharing both prefixes in rank order; a large leaf is split by
+(protocol, single destination port), by protocol alone and "any protocol", so that
+port-specific rules between the same two prefixes are not scanned one by one. A lookup probes
+the groups lowest rank first and keeps the lowest rank that matches; groups whose lowest rank
+cannot beat the best match so far are skipped. The number of probes depends on how many
+distinct prefix-length pairs the policy uses (at most 33 x 33 for IPv4), not on how many
+entries it has.
+
+Filter. At 100k entries the probe count stays the same but each probe into a large table
+waits for memory, and most probes find nothing. Groups with at least FILTER_MIN keys are
+therefore put behind a filter: a key's addresses are cut to the shortest destination and
+source prefix lengths among those groups, and that cut pair, hashed into a bytes table of
+FILTER_SLOTS slots per key, names the list of groups the key can match (the small groups
+plus the large ones holding an entry whose prefixes, cut the same way, equal the key's).
+One read from a table a few bytes per entry replaces the misses in the large tables; a
+shared slot only costs a wasted probe, never a wrong answer. Small groups are not filtered:
+their tables sit in the CPU caches, and their short prefixes would cut the pair to nothing.
+
+Entries whose two prefixes are of different versions can never match a flow key (both
+addresses of a key have the same version) and are left out; a key whose address lengths do
+not fit its version is answered by a plain scan.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -53,6 +64,8 @@ class SpdEntry:
 NO_MATCH: SpdEntry | None = None
 FLOW_CACHE_MAX = 65536  # decisions kept at most (two generations of half this size)
 LEAF_SCAN = 8  # a leaf with more entries than this is split by protocol and port
+FILTER_MIN = 64  # a group with at least this many keys is only probed when the filter says so
+FILTER_SLOTS = 8  # filter slots per key of the filtered groups
 
 _NEVER = 1 << 62  # a rank no entry has
 
@@ -149,28 +162,89 @@ def _build(entries: tuple[SpdEntry, ...], version: int) -> list[_Group]:
     return groups
 
 
+def _prime_at_least(n: int) -> int:
+    """The smallest prime >= ``n`` (trial division; ``n`` is at most a few million)."""
+    n = max(n, 2)
+    while True:
+        if n == 2 or (n % 2 and all(n % f for f in range(3, int(n**0.5) + 1, 2))):
+            return n
+        n += 1
+
+
+# (dst shift, src length, src shift, modulus, slot -> variant, variants): the groups a key can
+# match are variants[slots[(((dst >> dshift) << slen) | (src >> sshift)) % modulus]]
+_Filter = tuple[int, int, int, int, "bytes | array[int]", list[list[_Group]]]
+
+
+def _filter(groups: list[_Group], bits: int) -> _Filter | None:
+    """A filter that tells, from a key's addresses cut to the shortest prefix lengths of the
+    large groups, which large groups may hold an entry for it; None when no group is large.
+
+    An entry can only match a key whose addresses, cut to those lengths, equal its own prefixes
+    cut the same way, so the slot of that cut pair has the entry's group among its groups: the
+    filter skips probes that cannot hit, never one that can. Two cut pairs may share a slot
+    (a wasted probe, not a wrong answer)."""
+    large = [g for g in groups if len(g[4]) >= FILTER_MIN]
+    if not large:
+        return None
+    dlen = min(bits - g[1] for g in large)
+    slen = min(g[3] for g in large)
+    modulus = _prime_at_least(FILTER_SLOTS * sum(len(g[4]) for g in large))
+    masks: dict[int, int] = {}  # slot -> bit set of the large groups with a key there
+    for bit, (_, dshift, _, glen, table) in enumerate(large):
+        dcut, scut, smask = bits - dshift - dlen, glen - slen, (1 << glen) - 1
+        for k in table:
+            slot = (((k >> glen) >> dcut) << slen | (k & smask) >> scut) % modulus
+            masks[slot] = masks.get(slot, 0) | 1 << bit
+    variant_of: dict[int, int] = {0: 0}
+    for mask in masks.values():
+        variant_of.setdefault(mask, len(variant_of))
+    if len(variant_of) > 0xFFFF:
+        return None  # too many combinations of large groups to name in a slot
+    slots: bytes | array[int]
+    if len(variant_of) <= 0x100:
+        buf = bytearray(modulus)
+        for slot, mask in masks.items():
+            buf[slot] = variant_of[mask]
+        slots = bytes(buf)
+    else:
+        slots = array("H", bytes(2 * modulus))
+        for slot, mask in masks.items():
+            slots[slot] = variant_of[mask]
+    ids = {id(g): bit for bit, g in enumerate(large)}
+    variants = [
+        [g for g in groups if id(g) not in ids or mask >> ids[id(g)] & 1] for mask in variant_of
+    ]
+    return bits - dlen, slen, bits - slen, modulus, slots, variants
+
+
 class _Index:
     """First match by (priority, position) without a scan over the entries."""
 
-    __slots__ = ("entries", "v4", "v6")
+    __slots__ = ("entries", "f4", "f6", "v4", "v6")
 
     def __init__(self, entries: tuple[SpdEntry, ...]) -> None:
         self.entries = entries
         self.v4 = _build(entries, 4)
         self.v6 = _build(entries, 6)
+        self.f4 = _filter(self.v4, 32)
+        self.f6 = _filter(self.v6, 128)
 
     def first_match(self, key: FlowKey) -> SpdEntry | None:
         version, src, dst, proto, sport, dport = key
         if version == 4:
-            groups, size = self.v4, 4
+            groups, size, f = self.v4, 4, self.f4
         elif version == 6:
-            groups, size = self.v6, 16
+            groups, size, f = self.v6, 16, self.f6
         else:
             return None  # no prefix has another version
         if len(src) != size or len(dst) != size:
             return self.scan(key)
         d = int.from_bytes(dst, "big")
         s = int.from_bytes(src, "big")
+        if f is not None:
+            fd, fl, fs, modulus, slots, variants = f
+            groups = variants[slots[(((d >> fd) << fl) | (s >> fs)) % modulus]]
         best = _NEVER
         found: SpdEntry | None = None
         for low, dshift, sshift, slen, table in groups:

@@ -176,7 +176,9 @@ def test_cpu_per_handshake() -> None:
 
 
 def test_spd_bench_policy_and_section() -> None:
-    from scripts.bench_spd import BROAD, Row, realistic_policy, spd_section
+    import random
+
+    from scripts.bench_spd import BROAD, Row, flows, probes, realistic_policy, spd_section
     from services.core.spd import Spd
 
     entries = realistic_policy(40)
@@ -188,6 +190,11 @@ def test_spd_bench_policy_and_section() -> None:
     spd = Spd()
     spd.replace(entries, 1)
     assert [str(e.selector.dst) for e in spd.entries[-len(BROAD) :]] == [b[1] for b in BROAD]
+    assert probes(spd._index, flows(entries, 100, random.Random(1)))[1] == 0  # all groups small
+    large = realistic_policy(3000)
+    spd.replace(large, 2)
+    probed, probed_large = probes(spd._index, flows(large, 500, random.Random(2)))
+    assert 1 <= probed and probed_large < 1.2  # unfiltered, misses probe about 2.4 large tables
 
     def rows(miss_100k: float) -> list[Row]:
         return [

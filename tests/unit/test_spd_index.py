@@ -10,6 +10,8 @@ protocol and port.
 from __future__ import annotations
 
 import ipaddress
+import random
+from array import array
 
 import pytest
 from hypothesis import given, settings
@@ -284,3 +286,95 @@ def test_a_later_group_can_hold_an_earlier_entry() -> None:
         key = (4, bytes([10, 1, 2, 3]), bytes([172, 16, 1, 7]), 6, 1000, 80)
         assert _pid(spd.lookup(key)) == 2
         assert _pid(spd.lookup((4, bytes([10, 1, 2, 3]), bytes([172, 16, 2, 7]), 6, 1, 2))) == 2
+
+
+# --- the filter in front of the large groups --------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_the_group_filter_never_hides_the_first_match(data: st.DataObject) -> None:
+    """With tiny thresholds every group of a random entry set is filtered, with few slots many
+    cut pairs share one; the answer stays the linear first match."""
+    items = data.draw(spec_lists())
+    keys = data.draw(st.lists(flow_keys(items), min_size=1, max_size=40))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(spd_mod, "FILTER_MIN", data.draw(st.sampled_from([1, 2, 4])))
+        mp.setattr(spd_mod, "FILTER_SLOTS", data.draw(st.sampled_from([1, 8])))
+        spd = Spd()
+        spd.replace(_entries(items), 1)
+    for key in keys:
+        assert _pid(spd.lookup(key)) == reference(items, key), key
+
+
+def _ip(text: str) -> bytes:
+    return ipaddress.ip_address(text).packed
+
+
+def test_a_large_policy_is_filtered_and_answers_like_the_scan() -> None:
+    """Thousands of host and subnet rules between 10/8 and 172.16/12 plus broad rules: the large
+    groups sit behind the filter, a key outside all of them probes none of them, and the index
+    agrees with the scan on keys inside every entry and on random ones."""
+    rng = random.Random(7)
+    entries = []
+    for i in range(3000):
+        kind = i % 4
+        src = f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}"
+        dst = f"172.{16 + rng.randrange(16)}.{rng.randrange(256)}.{rng.randrange(256)}"
+        if kind == 0:
+            sel = Selector.make(f"{src}/32", f"{dst}/24")
+        elif kind == 1:
+            sel = Selector.make(f"{src}/32", f"{dst}/32", 6, dport=(443, 443))
+        elif kind == 2:
+            sel = Selector.make(f"{src}/24", f"{dst}/24", 17, dport=(1000, 2000))
+        else:
+            sel = Selector.make(f"2001:db8:{i:x}::/64", f"2001:db8:ffff:{i:x}::/64")
+        entries.append(SpdEntry(i + 1, rng.randrange(100), Action.PROTECT, sel, reqid=i))
+    entries.append(SpdEntry(9001, 200, Action.DISCARD, Selector.make("10.0.0.0/8", "0.0.0.0/0")))
+    entries.append(SpdEntry(9002, 201, Action.BYPASS, Selector.make("::/0", "::/0")))
+    spd = Spd()
+    spd.replace(entries, 1)
+    index = spd._index
+    assert index.f4 is not None and index.f6 is not None
+    _, _, _, _, _, variants = index.f4
+    assert min(len(v) for v in variants) == 1  # only the broad rule's group
+    key = (4, _ip("10.1.2.3"), _ip("192.0.2.1"), 6, 1000, 443)
+    assert _pid(spd.lookup(key)) == 9001
+    keys: list[FlowKey] = []
+    for e in entries:
+        sel = e.selector
+        size = 4 if sel.src.version == 4 else 16
+        for _ in range(2):
+            src = (sel.src.value | rng.getrandbits(8 * size) >> sel.src.length).to_bytes(size)
+            dst = (sel.dst.value | rng.getrandbits(8 * size) >> sel.dst.length).to_bytes(size)
+            keys.append(
+                (sel.src.version, src, dst, rng.choice([6, 17]), 1000, rng.choice([443, 1500]))
+            )
+        keys.append((4, rng.randbytes(4), rng.randbytes(4), 6, 1000, 443))
+    for key in keys:
+        assert index.first_match(key) is index.scan(key), key
+
+
+def test_a_filter_naming_more_than_256_group_combinations() -> None:
+    """Nine large groups (destination /24 to /32) whose entries share cut pairs in 300
+    different combinations: slots name their variant in two bytes, answers stay right."""
+    entries = []
+    for m in range(1, 301):
+        src = f"10.0.{m >> 8}.{m & 0xFF}/32"
+        for b in range(9):
+            if m >> b & 1:
+                dst = f"172.16.{m & 0xFF}.{m >> 8 << 7}/{24 + b}"
+                entries.append(
+                    SpdEntry(len(entries) + 1, 0, Action.BYPASS, Selector.make(src, dst))
+                )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(spd_mod, "FILTER_MIN", 1)
+        spd = Spd()
+        spd.replace(entries, 1)
+    index = spd._index
+    assert index.f4 is not None
+    assert isinstance(index.f4[4], array)
+    for m in range(1, 301):
+        for host in (0, 1, 127, 128, 255):
+            key = (4, bytes([10, 0, m >> 8, m & 0xFF]), bytes([172, 16, m & 0xFF, host]), 6, 1, 2)
+            assert index.first_match(key) is index.scan(key), key
