@@ -50,6 +50,7 @@ from typing import Any
 from scripts import bench_strongswan as bsw
 from services.dataplane.client import DataplaneClient
 from services.dataplane.convert import WorkerStats
+from services.dataplane.demo import _table
 from services.dataplane.lab import ns_tcp_sha256
 from services.runtime import devpki
 
@@ -205,14 +206,6 @@ class DemoError(RuntimeError):
 
 def _say(msg: str = "") -> None:
     print(msg, flush=True)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join("  " + line.rstrip() for line in lines)
 
 
 def _env() -> dict[str, str]:
