@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import pathlib
 import secrets
-from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -20,6 +18,7 @@ from services.keymgr.config import ConfigError, Connection, KeymgrConfig
 from services.keymgr.daemon import Keymgr
 from tests.unit.test_keymgr_lifecycle import DeletingClient
 from tests.unit.test_keymgr_lifetimes import _talk
+from tests.unit.test_keymgr_policymode import InlineKeymgr
 from tests.unit.test_keymgr_responder import NET_A, NET_B, A, B, FakeStream, _initiator
 
 T = TypeVar("T")
@@ -84,18 +83,6 @@ def test_several_workers_get_the_connections_of_their_addresses() -> None:
         _shard_plan([w1, w2], targets, bad, several=True)  # type: ignore[list-item]
     with pytest.raises(ConfigError, match="same node"):
         _shard_plan([w1, w1], [("", "a"), ("", "b")], cfg, several=True)  # type: ignore[list-item]
-
-
-class InlineKeymgr(Keymgr):
-    """submit() runs the call at once (no main loop in these tests)."""
-
-    def submit(self, fn: Callable[[float], T]) -> Future[T]:
-        fut: Future[T] = Future()
-        try:
-            fut.set_result(fn(1.0))
-        except Exception as e:
-            fut.set_exception(e)
-        return fut
 
 
 def _shard(k: int, n: int, *conns: Connection) -> InlineKeymgr:
